@@ -1,0 +1,41 @@
+# The whole set-up on a fresh machine is `make demo` or `make test`.
+# Each creates .venv when missing and (re)installs the project only when pyproject.toml
+# changed since the last install. Numba's on-disk cache lives in build/ (git-ignored).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export NUMBA_CACHE_DIR := $(CURDIR)/build/numba-cache
+export PYTHONDONTWRITEBYTECODE := 1
+
+# pytest options: both cores, per-test timeout. `make test-quick` skips the slow tests.
+PYTEST_ARGS ?= -n 2 -q
+
+.PHONY: demo test test-quick bench clean install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/balloonlab demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
+
+bench: $(STAMP)
+	$(VENV)/bin/balloonlab bench reclaim
+	$(VENV)/bin/balloonlab bench kernels
+
+clean:
+	rm -rf build $(VENV) *.egg-info

@@ -1,0 +1,639 @@
+"""Guest memory manager: buddy allocator, page tables, guest swap, reclaim, OOM, balloon list.
+
+Units: pages are 4096 bytes; gpfn = guest page frame number (index into guest RAM), vpn =
+virtual page number inside one task's address space, slot = guest swap slot (4096 bytes in
+the swap file).  Stats amounts are bytes, as virtio's.
+
+Page-table entries (int64): ``gpfn >= 0`` present, ``-1`` never touched, ``-(slot + 2)``
+swapped out to guest swap ``slot``.
+
+The memory manager is synchronous except where it must ask the host to back a page before it
+copies its bytes (swap-out of a page the host swapped, swap-in into a page not yet backed)
+or ask the balloon driver to deflate before an OOM kill: those paths take the async callbacks
+``ensure_present(gpfns)`` and ``oom_notify(pages)`` supplied by the process
+(:mod:`guest.kernel`).  Copying after ``ensure_present`` is safe because no ``shootdown_ack``
+can be sent between the EPT check and the copy (no ``await`` in between): the host does not
+touch a revoked page's bytes before the ack.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from guest import kernels as K
+from guest.kernels import (
+    MAX_ORDER,
+    NR_ORDERS,
+    PAGE_SIZE,
+    PAGE_WORDS,
+    PG_ANON,
+    PG_BALLOON,
+    PG_FREE,
+    PG_ISOLATED,
+    PG_KERNEL,
+)
+
+#: Pages reclaimed per direct-reclaim attempt (Linux's SWAP_CLUSTER_MAX).
+SWAP_CLUSTER_MAX = 32
+#: kswapd reclaims at most this many pages per scheduler round, so tasks keep running.
+KSWAPD_BATCH = 256
+
+EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
+OomNotify = Callable[[int], Awaitable[bool]]
+
+
+class RunError(ValueError):
+    """A run batch that names pages it may not: ``gpfn`` is the first offending page."""
+
+    def __init__(self, code: str, message: str, gpfn: int = -1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.gpfn = gpfn
+
+
+class OutOfPuff(Exception):
+    """Memory is short: the kernel refuses to give pages to the balloon."""
+
+
+def validate_runs(runs: np.ndarray, npages: int) -> np.ndarray:
+    """Check a (k, 2) run array: non-empty runs inside guest RAM, no overlaps.
+
+    Returns an int64 copy; raises :class:`RunError` naming the problem."""
+    r = np.asarray(runs)
+    if r.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if r.ndim != 2 or r.shape[1] != 2:
+        raise RunError("bad_field", f"runs must have shape (k, 2), got {r.shape}")
+    r64 = r.astype(np.uint64)
+    starts, counts = r64[:, 0], r64[:, 1]
+    bad = np.flatnonzero(counts == 0)
+    if bad.size:
+        raise RunError("bad_field", f"run {bad[0]} has a page count of zero", int(starts[bad[0]]))
+    # compare without overflow: start < npages and count <= npages - start
+    bad = np.flatnonzero((starts >= npages) | (counts > np.uint64(npages) - np.minimum(
+        starts, np.uint64(npages))))
+    if bad.size:
+        i = int(bad[0])
+        raise RunError("pfn_out_of_range",
+                       f"run {i} ({int(starts[i])}, {int(counts[i])}) lies beyond guest RAM "
+                       f"of {npages} pages", int(starts[i]))
+    out = r64.astype(np.int64)
+    order = np.argsort(out[:, 0], kind="stable")
+    s = out[order]
+    overlap = np.flatnonzero(s[1:, 0] < s[:-1, 0] + s[:-1, 1])
+    if overlap.size:
+        g = int(s[overlap[0] + 1, 0])
+        raise RunError("duplicate_pfn", f"runs overlap at page {g}", g)
+    return out
+
+
+class BuddyAllocator:
+    """Typed wrapper around the buddy kernels: owns the arrays, validates arguments."""
+
+    def __init__(self, npages: int) -> None:
+        if npages <= 0:
+            raise ValueError(f"npages must be positive, got {npages}")
+        self.npages = npages
+        self.nxt = np.empty(npages, np.int64)
+        self.prv = np.empty(npages, np.int64)
+        self.forder = np.empty(npages, np.int8)
+        self.state = np.empty(npages, np.uint8)
+        self.head = np.empty(NR_ORDERS, np.int64)
+        self.tail = np.empty(NR_ORDERS, np.int64)
+        self.nfree = np.empty(NR_ORDERS, np.int64)
+        self.cnt = np.zeros(3, np.int64)
+        K.buddy_init(npages, *self._arrays())
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.nxt, self.prv, self.forder, self.state, self.head, self.tail, self.nfree,
+                self.cnt)
+
+    @property
+    def free_pages(self) -> int:
+        """Pages on the free lists (reported ones included, isolated ones not)."""
+        return int(self.cnt[K.CNT_FREE])
+
+    @property
+    def reported_pages(self) -> int:
+        return int(self.cnt[K.CNT_REPORTED])
+
+    @property
+    def isolated_pages(self) -> int:
+        return int(self.cnt[K.CNT_ISOLATED])
+
+    def free_blocks(self) -> list[tuple[int, int]]:
+        """(gpfn, order) of every free block, in list order (for tests and debugging)."""
+        out = []
+        for o in range(NR_ORDERS):
+            g = int(self.head[o])
+            while g >= 0:
+                out.append((g, o))
+                g = int(self.nxt[g])
+        return out
+
+    def alloc_block(self, order: int, new_state: int) -> int:
+        """One block of ``order``: its first gpfn, or -1 when none is free."""
+        if not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"order must be in 0..{MAX_ORDER}, got {order}")
+        return int(K.alloc_block(order, np.uint8(new_state), *self._arrays()))
+
+    def alloc_many(self, count: int, max_order: int, new_state: int) -> np.ndarray:
+        """Up to ``count`` pages as runs (int64 (k, 2)), highest orders first."""
+        if count < 0:
+            raise ValueError(f"count must be non-negative, got {count}")
+        if not 0 <= max_order <= MAX_ORDER:
+            raise ValueError(f"max_order must be in 0..{MAX_ORDER}, got {max_order}")
+        count = min(count, self.free_pages)
+        out = np.empty((max(1, count >> max_order) + NR_ORDERS * 2, 2), np.int64)
+        # Each order contributes at most one block below max_order once the big ones run
+        # out... except when memory is fragmented, so retry with more room if out filled up.
+        runs: list[np.ndarray] = []
+        while count > 0:
+            n, got = K.alloc_many(count, max_order, np.uint8(new_state), out, *self._arrays())
+            if n:
+                runs.append(out[:n].copy())
+            count -= got
+            if got == 0 or n < out.shape[0]:
+                break
+        if not runs:
+            return np.empty((0, 2), np.int64)
+        return _coalesce(np.concatenate(runs))
+
+    def free_gpfns(self, gpfns: np.ndarray) -> None:
+        """Free single pages (caller guarantees they are allocated)."""
+        if len(gpfns):
+            K.free_pages(np.ascontiguousarray(gpfns, np.int64), self.npages, *self._arrays())
+
+    def free_runs(self, runs: np.ndarray, *, want_state: int) -> None:
+        """Free validated runs whose pages are all in ``want_state``; else RunError, no change."""
+        r = validate_runs(runs, self.npages)
+        bad = int(K.first_not_in_state(r, np.uint8(want_state), self.state))
+        if bad >= 0:
+            raise RunError("not_in_use", f"page {bad} is not in the expected state "
+                           f"(it is {_STATE_NAMES[int(self.state[bad])]})", bad)
+        K.free_runs(r, want_state == PG_ISOLATED, self.npages, *self._arrays())
+
+    def isolate_free(self, min_order: int, max_runs: int) -> np.ndarray:
+        """Isolate unreported free blocks of order >= ``min_order`` (at most ``max_runs``)."""
+        if not 0 <= min_order <= MAX_ORDER:
+            raise ValueError(f"min_order must be in 0..{MAX_ORDER}, got {min_order}")
+        if max_runs < 0:
+            raise ValueError(f"max_runs must be non-negative, got {max_runs}")
+        cap = min(max_runs, self.free_pages >> min_order)
+        out = np.empty((cap, 2), np.int64)
+        n = int(K.isolate_free(min_order, cap, out, *self._arrays()))
+        return out[:n]
+
+    def count_state(self, st: int) -> int:
+        return int(np.count_nonzero(self.state == st))
+
+
+_STATE_NAMES = {K.PG_FREE: "free", K.PG_KERNEL: "kernel", K.PG_ANON: "anon",
+                K.PG_CACHE: "cache", K.PG_BALLOON: "balloon", K.PG_REPORTED: "reported",
+                K.PG_ISOLATED: "isolated"}
+
+
+def _coalesce(runs: np.ndarray) -> np.ndarray:
+    if runs.shape[0] < 2:
+        return runs
+    r = runs[np.argsort(runs[:, 0], kind="stable")]
+    joined = r[1:, 0] != r[:-1, 0] + r[:-1, 1]
+    starts = np.concatenate(([0], np.flatnonzero(joined) + 1))
+    ends = np.concatenate((starts[1:], [r.shape[0]]))
+    out = np.empty((starts.size, 2), np.int64)
+    out[:, 0] = r[starts, 0]
+    out[:, 1] = np.add.reduceat(r[:, 1], starts)
+    del ends
+    return out
+
+
+class SwapDevice:
+    """The guest swap device: a file of 4096-byte slots and a free-slot stack."""
+
+    def __init__(self, path: str, size_bytes: int) -> None:
+        if size_bytes < 0:
+            raise ValueError(f"guest_swap must be >= 0 bytes, got {size_bytes}")
+        self.path = path
+        self.nslots = size_bytes // PAGE_SIZE
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.nslots * PAGE_SIZE)
+        # slots handed out lowest first: a stack with slot 0 on top
+        self._stack = np.arange(self.nslots - 1, -1, -1, dtype=np.int64)
+        self._top = self.nslots
+        self.used = np.zeros(self.nslots, np.uint8)
+
+    @property
+    def free_slots(self) -> int:
+        return self._top
+
+    def alloc(self) -> int:
+        if self._top == 0:
+            return -1
+        self._top -= 1
+        s = int(self._stack[self._top])
+        self.used[s] = 1
+        return s
+
+    def free(self, slots: np.ndarray) -> None:
+        for s in np.asarray(slots, np.int64).tolist():
+            if not self.used[s]:
+                raise RuntimeError(f"guest swap slot {s} freed twice")
+            self.used[s] = 0
+            self._stack[self._top] = s
+            self._top += 1
+
+    def write(self, slot: int, data: memoryview | bytes) -> None:
+        os.pwrite(self.fd, data, slot * PAGE_SIZE)
+
+    def read_into(self, slot: int, buf: memoryview) -> None:
+        n = os.preadv(self.fd, [buf], slot * PAGE_SIZE)
+        if n != PAGE_SIZE:
+            raise OSError(f"short read from guest swap slot {slot}: {n} bytes")
+
+    def close(self, unlink: bool = True) -> None:
+        try:
+            os.close(self.fd)
+        finally:
+            if unlink:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+
+
+@dataclass
+class TaskMem:
+    """One task's address space: page table and per-vpn write counts (for the stamps)."""
+
+    tid: int
+    npages: int
+    pt: np.ndarray = field(init=False)
+    wcount: np.ndarray = field(init=False)
+    resident: int = 0
+    swapped: int = 0
+
+    def __post_init__(self) -> None:
+        self.pt = np.full(self.npages, -1, np.int64)
+        self.wcount = np.zeros(self.npages, np.int64)
+
+
+@dataclass
+class VmStats:
+    """Cumulative counters with virtio meaning (bytes for swap, counts otherwise)."""
+
+    swap_in: int = 0
+    swap_out: int = 0
+    major_faults: int = 0
+    minor_faults: int = 0
+    oom_kills: int = 0
+    alloc_stalls: int = 0
+    async_scan: int = 0
+    direct_scan: int = 0
+    async_reclaim: int = 0
+    direct_reclaim: int = 0
+    corrupted_reads: int = 0
+    ops: int = 0
+    ept_exits: int = 0
+    guest_faults: int = 0
+    out_of_puff: int = 0
+    stall_ns_ept: int = 0
+    stall_ns_guest: int = 0
+
+
+class MemoryManager:
+    """Page states, task page tables, guest swap, reclaim and OOM over guest RAM.
+
+    ``ram`` is guest RAM as uint64 words (the RAM memfd mmap'd), ``ept`` and ``host_acc``
+    the shared EPT and accessed byte arrays (one byte per gpfn)."""
+
+    def __init__(self, ram: np.ndarray, ept: np.ndarray, host_acc: np.ndarray,
+                 swap: SwapDevice, *, ensure_present: EnsurePresent,
+                 oom_notify: OomNotify | None = None, kernel_pages: int | None = None) -> None:
+        npages = ept.shape[0]
+        if ram.dtype != np.uint64 or ram.shape[0] != npages * PAGE_WORDS:
+            raise ValueError("ram must be a uint64 array of pages * 512 words")
+        if host_acc.shape[0] != npages:
+            raise ValueError("accessed array must have one byte per page")
+        self.npages = npages
+        self.ram = ram
+        self.ram_bytes = memoryview(ram).cast("B")
+        self.ept = ept
+        self.host_acc = host_acc
+        self.swap = swap
+        self.ensure_present = ensure_present
+        self.oom_notify = oom_notify
+        self.buddy = BuddyAllocator(npages)
+        self.guest_acc = np.zeros(npages, np.uint8)
+        self.needs_zero = np.zeros(npages, np.uint8)
+        self.rmap_task = np.full(npages, -1, np.int64)
+        self.rmap_vpn = np.full(npages, -1, np.int64)
+        self.tasks: dict[int, TaskMem] = {}
+        self.stats = VmStats()
+        self.clock_hand = 0
+        self.kswapd_active = False
+        self._victims = np.empty(KSWAPD_BATCH, np.int64)
+        # Watermarks as Linux sets them: min from a min_free_kbytes-like share, low/high
+        # min + distance, distance = max(min/4, 0.1 % of memory) (watermark_scale_factor=10).
+        self.wmark_min = max(8, min(npages // 128, 16384))
+        dist = max(self.wmark_min // 4, npages // 1000, 1)
+        self.wmark_low = self.wmark_min + dist
+        self.wmark_high = self.wmark_min + 2 * dist
+        if kernel_pages is None:
+            kernel_pages = max(1, npages // 256)  # the guest kernel's own text and data
+        self.kernel_runs = self.buddy.alloc_many(kernel_pages, MAX_ORDER, PG_KERNEL)
+        self.kernel_pages = int(self.kernel_runs[:, 1].sum()) if len(self.kernel_runs) else 0
+
+    # ------------------------------------------------------------------ tasks
+
+    def add_task(self, tid: int, npages: int) -> TaskMem:
+        if tid in self.tasks:
+            raise ValueError(f"task {tid} already exists")
+        if npages <= 0:
+            raise ValueError(f"task {tid}: size must be at least one page")
+        t = TaskMem(tid, npages)
+        self.tasks[tid] = t
+        return t
+
+    def unmap_range(self, t: TaskMem, lo: int, hi: int) -> int:
+        """Drop vpns [lo, hi) of ``t``: free their pages and swap slots, reset write counts.
+
+        Returns the pages freed."""
+        pte = t.pt[lo:hi]
+        present = pte[pte >= 0]
+        swapped = pte[pte <= -2]
+        if present.size:
+            self.rmap_task[present] = -1
+            self.rmap_vpn[present] = -1
+            self.needs_zero[present] = 0
+            self.buddy.free_gpfns(present)
+        if swapped.size:
+            self.swap.free(-swapped - 2)
+        t.resident -= int(present.size)
+        t.swapped -= int(swapped.size)
+        pte[:] = -1
+        t.wcount[lo:hi] = 0
+        return int(present.size)
+
+    def remove_task(self, tid: int) -> None:
+        t = self.tasks.pop(tid)
+        self.unmap_range(t, 0, t.npages)
+
+    def oom_kill(self, exclude: int | None = None) -> int | None:
+        """Kill (reset) the task with the most resident pages; return its id or None."""
+        cands = [t for t in self.tasks.values() if t.resident > 0 and t.tid != exclude]
+        if not cands:
+            return None
+        victim = max(cands, key=lambda t: (t.resident, t.tid))
+        self.unmap_range(victim, 0, victim.npages)
+        self.stats.oom_kills += 1
+        return victim.tid
+
+    # ------------------------------------------------------------------ faults
+
+    async def handle_fault(self, t: TaskMem, vpn: int) -> bool:
+        """Guest page fault on ``t``/``vpn``: map a fresh zero page (minor) or swap in (major).
+
+        Returns False when the faulting task itself was OOM-killed."""
+        if not 0 <= vpn < t.npages:
+            raise IndexError(f"task {t.tid}: vpn {vpn} outside its {t.npages} pages")
+        if t.pt[vpn] >= 0:
+            return True  # raced with nothing: already present
+        g = await self.alloc_anon(t)
+        if g < 0:
+            return False
+        pte = int(t.pt[vpn])
+        if pte <= -2:
+            slot = -pte - 2
+            while self.ept[g] == 0:
+                await self.ensure_present(np.array([g], np.int64))
+            # No await from the EPT check above to the copy below: the host cannot have
+            # reclaimed the page in between (it waits for our shootdown_ack).
+            self.swap.read_into(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            self.swap.free(np.array([slot]))
+            t.swapped -= 1
+            self.needs_zero[g] = 0
+            self.stats.major_faults += 1
+            self.stats.swap_in += PAGE_SIZE
+        else:
+            self.needs_zero[g] = 1  # zeroed lazily by the vCPU loop, after its EPT check
+            self.stats.minor_faults += 1
+        t.pt[vpn] = g
+        t.resident += 1
+        self.rmap_task[g] = t.tid
+        self.rmap_vpn[g] = vpn
+        self.guest_acc[g] = 1
+        return True
+
+    async def alloc_anon(self, t: TaskMem) -> int:
+        """One anon page for ``t``: reclaim, deflate-on-OOM and OOM-kill as needed.
+
+        Returns -1 when ``t`` itself was killed to make room."""
+        while True:
+            if self.buddy.free_pages > self.wmark_min:
+                g = self.buddy.alloc_block(0, PG_ANON)
+                if g >= 0:
+                    return g
+            self.stats.alloc_stalls += 1
+            if await self.reclaim(SWAP_CLUSTER_MAX, direct=True) > 0:
+                continue
+            if self.oom_notify is not None:
+                want = self.wmark_high - self.buddy.free_pages + SWAP_CLUSTER_MAX
+                before = self.buddy.free_pages
+                if await self.oom_notify(max(want, 1)) and self.buddy.free_pages > before:
+                    continue
+            killed = self.oom_kill(exclude=t.tid)
+            if killed is None:
+                if self.buddy.free_pages > 0:
+                    # nothing else to kill: dip into the reserve rather than kill the caller
+                    g = self.buddy.alloc_block(0, PG_ANON)
+                    if g >= 0:
+                        return g
+                if t.resident == 0:
+                    return -1
+                self.unmap_range(t, 0, t.npages)
+                self.stats.oom_kills += 1
+                return -1
+
+    # ------------------------------------------------------------------ reclaim
+
+    async def reclaim(self, nr: int, *, direct: bool) -> int:
+        """Swap out up to ``nr`` cold anon pages; returns pages reclaimed."""
+        if self.swap.free_slots == 0:
+            return 0  # anon memory is only reclaimable to swap
+        nr = min(nr, self.swap.free_slots, self._victims.shape[0])
+        n, self.clock_hand, scanned = K.clock_scan(
+            self.buddy.state, self.guest_acc, self.clock_hand, 2 * self.npages, nr,
+            self._victims)
+        if direct:
+            self.stats.direct_scan += int(scanned)
+        else:
+            self.stats.async_scan += int(scanned)
+        if n == 0:
+            return 0
+        victims = self._victims[:n].copy()
+        absent = victims[(self.ept[victims] == 0) & (self.needs_zero[victims] == 0)]
+        if absent.size:
+            # double paging: the host swapped these out; it must back them before we copy
+            await self.ensure_present(absent)
+        done = 0
+        zero = bytes(PAGE_SIZE)
+        for g in victims.tolist():
+            # re-check after the await: still the same anon mapping, and backed or zero
+            tid = int(self.rmap_task[g])
+            if tid < 0 or self.buddy.state[g] != PG_ANON or tid not in self.tasks:
+                continue
+            if self.ept[g] == 0 and self.needs_zero[g] == 0:
+                continue
+            slot = self.swap.alloc()
+            if slot < 0:
+                break
+            t = self.tasks[tid]
+            vpn = int(self.rmap_vpn[g])
+            if self.needs_zero[g]:
+                self.swap.write(slot, zero)
+            else:
+                self.swap.write(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            t.pt[vpn] = -(slot + 2)
+            t.resident -= 1
+            t.swapped += 1
+            self.rmap_task[g] = -1
+            self.rmap_vpn[g] = -1
+            self.needs_zero[g] = 0
+            self.buddy.free_gpfns(np.array([g], np.int64))
+            self.stats.swap_out += PAGE_SIZE
+            done += 1
+        if direct:
+            self.stats.direct_reclaim += done
+        else:
+            self.stats.async_reclaim += done
+        return done
+
+    async def kswapd(self) -> int:
+        """Background reclaim: wake below the low watermark, work until the high one.
+
+        Does at most KSWAPD_BATCH pages per call (the scheduler calls it every round)."""
+        free = self.buddy.free_pages
+        if free < self.wmark_low:
+            self.kswapd_active = True
+        if not self.kswapd_active:
+            return 0
+        if free >= self.wmark_high:
+            self.kswapd_active = False
+            return 0
+        want = min(KSWAPD_BATCH, self.wmark_high - free)
+        got = await self.reclaim(want, direct=False)
+        if got == 0:
+            self.kswapd_active = False  # nothing reclaimable: go back to sleep
+        return got
+
+    # ------------------------------------------------------------------ balloon
+
+    def balloon_alloc(self, count: int, max_order: int) -> np.ndarray:
+        """Pages for the balloon, highest orders first; never below the low watermark.
+
+        Raises :class:`OutOfPuff` when nothing can be given without reclaim."""
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        if count > self.npages:
+            raise ValueError(f"count {count} exceeds guest RAM of {self.npages} pages")
+        if not 0 <= max_order <= MAX_ORDER:
+            raise ValueError(f"max_order must be in 0..{MAX_ORDER}, got {max_order}")
+        room = self.buddy.free_pages - self.wmark_low
+        if room <= 0:
+            self.stats.out_of_puff += 1
+            raise OutOfPuff(f"free memory ({self.buddy.free_pages} pages) is at or below the "
+                            f"low watermark ({self.wmark_low} pages)")
+        return self.buddy.alloc_many(min(count, room), max_order, PG_BALLOON)
+
+    def balloon_free(self, runs: np.ndarray) -> int:
+        """Return balloon pages to the allocator; all must be in the balloon (RunError)."""
+        r = validate_runs(runs, self.npages)
+        self.buddy.free_runs(r, want_state=PG_BALLOON)
+        return int(r[:, 1].sum()) if len(r) else 0
+
+    def balloon_list(self) -> np.ndarray:
+        from protocol.pfn import runs_of_set
+
+        return runs_of_set((self.buddy.state == PG_BALLOON).view(np.uint8)).astype(np.int64)
+
+    @property
+    def balloon_pages(self) -> int:
+        return self.buddy.count_state(PG_BALLOON)
+
+    def report_isolate(self, min_order: int, max_runs: int) -> np.ndarray:
+        return self.buddy.isolate_free(min_order, max_runs)
+
+    def report_done(self, runs: np.ndarray) -> int:
+        r = validate_runs(runs, self.npages)
+        self.buddy.free_runs(r, want_state=PG_ISOLATED)
+        return int(r[:, 1].sum()) if len(r) else 0
+
+    # ------------------------------------------------------------------ stats
+
+    def anon_pages(self) -> int:
+        return self.buddy.count_state(PG_ANON)
+
+    def stats_map(self, tasks_running: int = 0) -> dict[int, int]:
+        """Virtio stats (tags 0–15) and project extensions (>= 256), bytes for memory."""
+        from protocol.features import StatTag as T
+
+        s = self.stats
+        free = self.buddy.free_pages
+        balloon = self.balloon_pages
+        return {
+            T.SWAP_IN: s.swap_in,
+            T.SWAP_OUT: s.swap_out,
+            T.MAJFLT: s.major_faults,
+            T.MINFLT: s.minor_faults,
+            T.MEMFREE: free * PAGE_SIZE,
+            # As Linux without DEFLATE_ON_OOM: ballooned pages leave MemTotal.
+            T.MEMTOT: (self.npages - balloon) * PAGE_SIZE,
+            # si_mem_available() without page cache: free minus the reserve (high wmark)
+            T.AVAIL: max(0, free - self.wmark_high) * PAGE_SIZE,
+            T.CACHES: 0,  # no file-backed workloads: no page cache
+            T.OOM_KILL: s.oom_kills,
+            T.ALLOC_STALL: s.alloc_stalls,
+            T.ASYNC_SCAN: s.async_scan,
+            T.DIRECT_SCAN: s.direct_scan,
+            T.ASYNC_RECLAIM: s.async_reclaim,
+            T.DIRECT_RECLAIM: s.direct_reclaim,
+            T.CORRUPTED_READS: s.corrupted_reads,
+            T.OPS: s.ops,
+            T.GUEST_SWAP_TOTAL: self.swap.nslots * PAGE_SIZE,
+            T.GUEST_SWAP_FREE: self.swap.free_slots * PAGE_SIZE,
+            T.OOM_KILLS_TOTAL: s.oom_kills,
+            T.BALLOON_PAGES: balloon,
+            T.REPORTED_PAGES: self.buddy.reported_pages,
+            T.ANON_PAGES: self.anon_pages(),
+            T.KERNEL_PAGES: self.kernel_pages,
+            T.TASKS_RUNNING: tasks_running,
+            T.EPT_EXITS: s.ept_exits,
+            T.GUEST_FAULTS: s.guest_faults,
+            T.OUT_OF_PUFF: s.out_of_puff,
+            T.STALL_NS_EPT: s.stall_ns_ept,
+            T.STALL_NS_GUEST: s.stall_ns_guest,
+        }
+
+    def check_invariants(self) -> None:
+        """Conservation: free + isolated + allocated == total; page tables match rmap."""
+        st = self.buddy.state
+        free = int(np.count_nonzero((st == PG_FREE) | (st == K.PG_REPORTED)))
+        if free != self.buddy.free_pages:
+            raise AssertionError(f"free count {self.buddy.free_pages} != pages free {free}")
+        resident = 0
+        for t in self.tasks.values():
+            p = t.pt[t.pt >= 0]
+            resident += p.size
+            if p.size and not (np.all(st[p] == PG_ANON) and np.all(self.rmap_task[p] == t.tid)):
+                raise AssertionError(f"task {t.tid}: mapped pages not anon/rmapped to it")
+            if p.size != t.resident:
+                raise AssertionError(f"task {t.tid}: resident {t.resident} != mapped {p.size}")
+        if resident != int(np.count_nonzero(st == PG_ANON)):
+            raise AssertionError("anon pages not all mapped exactly once")
+        used = int(self.swap.used.sum())
+        if used != sum(t.swapped for t in self.tasks.values()):
+            raise AssertionError("swap slots in use != swapped ptes")

@@ -1,0 +1,156 @@
+"""Parsing and formatting of the sizes and durations used in topology files and on the CLI.
+
+Units: sizes are bytes (``int``), durations are seconds (``float``), pages are 4096 bytes.
+
+Accepted size forms (DESIGN §10): a non-negative integer (bytes), or a string holding a
+number followed by one of ``B``, ``KiB``, ``MiB``, ``GiB`` (binary multiples; optional space
+between number and unit, e.g. ``"512MiB"``, ``"1.5 GiB"``), or a plain integer string
+(``"4096"``, ``"0"``). Decimal SI units (``MB``) and bare ``K``/``M``/``G`` are rejected on
+purpose: in a memory emulator "1G" is ambiguous and silently picking one reading hides bugs.
+
+Accepted duration forms: a non-negative number (seconds), or a string holding a number
+followed by ``ms``, ``s`` or ``m`` (``"250ms"``, ``"10s"``, ``"2m"``), or a plain number string.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+__all__ = [
+    "PAGE_SIZE",
+    "SIZE_UNITS",
+    "DURATION_UNITS",
+    "parse_size",
+    "parse_duration",
+    "format_size",
+    "format_size_exact",
+    "format_pages",
+    "format_duration",
+]
+
+PAGE_SIZE = 4096
+
+#: Multipliers of the accepted size units, in bytes.
+SIZE_UNITS: dict[str, int] = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+#: Multipliers of the accepted duration units, in seconds.
+DURATION_UNITS: dict[str, Fraction] = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60)}
+
+_NUMBER_UNIT = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
+
+_SIZE_FORMS = "a non-negative integer (bytes) or a string like '4096', '64KiB', '512MiB', '1GiB' (units: B, KiB, MiB, GiB)"
+_DURATION_FORMS = "a non-negative number (seconds) or a string like '250ms', '10s', '2m' (units: ms, s, m)"
+
+
+def parse_size(value: str | int, *, field: str = "size") -> int:
+    """Return *value* as a whole number of bytes.
+
+    Raises ``ValueError`` naming *field*, the offending value and the accepted forms when the
+    value is malformed, negative, uses an unknown unit, or is not a whole number of bytes.
+    """
+    if isinstance(value, bool):  # bool is an int subclass; `memory = true` is a typo, not 1 byte
+        raise ValueError(f"{field}: {value!r} is not a size; expected {_SIZE_FORMS}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{field}: {value!r} is negative; expected {_SIZE_FORMS}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{field}: {value!r} ({type(value).__name__}) is not a size; expected {_SIZE_FORMS}"
+        )
+    m = _NUMBER_UNIT.match(value)
+    if m is None:
+        raise ValueError(f"{field}: {value!r} is not a size; expected {_SIZE_FORMS}")
+    unit = m.group("unit") or "B"
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"{field}: {value!r} has unknown unit {unit!r}; expected {_SIZE_FORMS}")
+    # Fraction keeps "1.5GiB" exact; floats would round large byte counts.
+    nbytes = Fraction(m.group("num")) * SIZE_UNITS[unit]
+    if nbytes.denominator != 1:
+        raise ValueError(f"{field}: {value!r} is not a whole number of bytes")
+    return int(nbytes)
+
+
+def parse_duration(value: str | int | float, *, field: str = "duration") -> float:
+    """Return *value* as seconds (``float``).
+
+    Raises ``ValueError`` naming *field*, the offending value and the accepted forms when the
+    value is malformed, negative, not finite, or uses an unknown unit.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: {value!r} is not a duration; expected {_DURATION_FORMS}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(
+                f"{field}: {value!r} is not a non-negative finite duration; "
+                f"expected {_DURATION_FORMS}"
+            )
+        return seconds
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{field}: {value!r} ({type(value).__name__}) is not a duration; "
+            f"expected {_DURATION_FORMS}"
+        )
+    m = _NUMBER_UNIT.match(value)
+    if m is None:
+        raise ValueError(f"{field}: {value!r} is not a duration; expected {_DURATION_FORMS}")
+    unit = m.group("unit") or "s"
+    if unit not in DURATION_UNITS:
+        raise ValueError(
+            f"{field}: {value!r} has unknown unit {unit!r}; expected {_DURATION_FORMS}"
+        )
+    return float(Fraction(m.group("num")) * DURATION_UNITS[unit])
+
+
+def format_size(nbytes: int) -> str:
+    """Human-readable size with one decimal in the largest fitting binary unit: ``"512.0 MiB"``.
+
+    Sizes under 1 KiB are shown in bytes (``"100 B"``); negative values keep their sign (used
+    for deltas).
+    """
+    sign = "-" if nbytes < 0 else ""
+    n = abs(int(nbytes))
+    if n < SIZE_UNITS["KiB"]:
+        return f"{sign}{n} B"
+    for unit in ("GiB", "MiB", "KiB"):
+        if n >= SIZE_UNITS[unit]:
+            return f"{sign}{n / SIZE_UNITS[unit]:.1f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_size_exact(nbytes: int) -> str:
+    """Exact size string that ``parse_size`` reads back: the largest unit dividing *nbytes*.
+
+    ``536870912 -> "512MiB"``, ``3072 -> "3KiB"``, ``1536 -> "1536B"``, ``0 -> "0"``. Used when
+    writing topology files.
+    """
+    if nbytes < 0:
+        raise ValueError(f"size: {nbytes!r} is negative")
+    if nbytes == 0:
+        return "0"
+    for unit in ("GiB", "MiB", "KiB"):
+        if nbytes % SIZE_UNITS[unit] == 0:
+            return f"{nbytes // SIZE_UNITS[unit]}{unit}"
+    return f"{nbytes}B"
+
+
+def format_pages(pages: int) -> str:
+    """Page count with its size in bytes: ``"131072 pages (512.0 MiB)"``."""
+    unit = "page" if abs(pages) == 1 else "pages"
+    return f"{pages} {unit} ({format_size(pages * PAGE_SIZE)})"
+
+
+def format_duration(seconds: float) -> str:
+    """Short duration string for humans: ``"250ms"``, ``"10s"``, ``"2m"``, else ``"1.25s"``."""
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"duration: {seconds!r} is not a non-negative finite duration")
+    if seconds and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    ms = seconds * 1000
+    if float(ms).is_integer():
+        return f"{int(ms)}ms"
+    return f"{seconds:g}s"

@@ -1,0 +1,140 @@
+"""Framing (DESIGN §4): a 4-byte big-endian length N (1 ≤ N ≤ 8 MiB), then N bytes holding
+exactly one msgpack map with string keys.
+
+:class:`FrameBuffer` is the receive side: ``feed(data)`` then ``next_frame()`` until it
+returns ``None``. The length prefix is checked *before* any payload is buffered, so an
+oversize announcement costs four bytes, not eight megabytes. :func:`decode_payload` unpacks
+with strict limits (no ext types, bounded string/bin/array/map sizes, no trailing bytes).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from .errors import ErrorCode, LocalProtocolError
+from .features import MAX_FRAME
+
+_LEN = struct.Struct(">I")
+HEADER_SIZE = _LEN.size
+
+# Limits on what one decoded payload may hold. Strings are names and messages; binaries
+# are PFN sets (bounded by the frame); containers are small everywhere except the
+# control channel's event lists.
+MAX_STR = 64 * 1024
+MAX_ARRAY = 1 << 20
+MAX_MAP = 1 << 16
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise LocalProtocolError(ErrorCode.BAD_MSGPACK, f"msgpack ext type {code} is not allowed")
+
+
+def encode_frame(payload: dict[str, Any]) -> bytes:
+    """Pack one map into a length-prefixed frame."""
+    body = msgpack.packb(payload, use_bin_type=True)
+    n = len(body)
+    if n > MAX_FRAME:
+        raise LocalProtocolError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit; split the batch",
+            length=n,
+        )
+    return _LEN.pack(n) + body
+
+
+def decode_payload(body: bytes | memoryview) -> dict[str, Any]:
+    """Unpack one frame body: exactly one map with string keys, nothing after it."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,  # nested stats maps use integer tags
+            ext_hook=_no_ext,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_FRAME,
+            max_array_len=MAX_ARRAY,
+            max_map_len=MAX_MAP,
+            max_ext_len=0,
+        )
+    except LocalProtocolError:
+        raise
+    except msgpack.ExtraData as e:
+        raise LocalProtocolError(
+            ErrorCode.BAD_MSGPACK, "trailing bytes after the msgpack map in a frame"
+        ) from e
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise LocalProtocolError(ErrorCode.BAD_MSGPACK, f"undecodable msgpack: {e}") from e
+    if not isinstance(obj, dict):
+        raise LocalProtocolError(
+            ErrorCode.NOT_A_MAP, f"a frame must hold a msgpack map, got {type(obj).__name__}"
+        )
+    for key in obj:
+        if not isinstance(key, str):
+            raise LocalProtocolError(
+                ErrorCode.BAD_MSGPACK, f"message keys must be strings, got {key!r}"
+            )
+    return obj
+
+
+class FrameBuffer:
+    """Receive buffer that splits a byte stream into frame bodies.
+
+    ``feed()`` appends bytes; ``next_frame()`` returns the next complete body, or ``None``
+    when more bytes are needed. A bad length prefix raises :class:`LocalProtocolError`
+    and leaves the buffer as it was (the caller closes the connection).
+    """
+
+    __slots__ = ("_buf", "_pos", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._need = -1  # body length once the header is read
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def __len__(self) -> int:
+        """Bytes buffered and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> bytes | None:
+        avail = len(self._buf) - self._pos
+        if self._need < 0:
+            if avail < HEADER_SIZE:
+                return None
+            (n,) = _LEN.unpack_from(self._buf, self._pos)
+            if n == 0:
+                raise LocalProtocolError(ErrorCode.BAD_FRAME, "zero-length frame")
+            if n > self.max_frame:
+                raise LocalProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"frame length {n} exceeds the {self.max_frame}-byte limit",
+                    length=n,
+                )
+            self._pos += HEADER_SIZE
+            self._need = n
+            avail -= HEADER_SIZE
+        if avail < self._need:
+            return None
+        start = self._pos
+        end = start + self._need
+        body = bytes(self._buf[start:end])
+        self._pos = end
+        self._need = -1
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        return body
+
+    def at_frame_boundary(self) -> bool:
+        """True when no partial frame is buffered (EOF here is a clean close)."""
+        return self._need < 0 and len(self._buf) == self._pos

@@ -1,0 +1,357 @@
+"""PFN-set encodings used on the wire, and batch validation, as Numba kernels.
+
+Units: a pfn is a guest page number (4 KiB pages). Two wire encodings (DESIGN §4):
+
+* ``pfns``: little-endian uint32 page numbers, virtio style, any order;
+* ``runs``: little-endian uint64 pairs ``(first pfn, page count)``, with RANGES.
+
+Kernels are small, array-in/array-out and private (``_name``); the public wrappers check
+dtypes and shapes. Validation works in one pass over the batch against a per-page state
+bitmap (uint8, 1 = in the set) plus a scratch bitmap the caller owns and that is left all
+zero on return, so that checking a batch costs O(batch), never O(guest RAM).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from .errors import ErrorCode
+
+RUN_DTYPE = np.dtype("<u8")
+PFN_DTYPE = np.dtype("<u4")
+
+# Kernel status codes (mapped to ErrorCode by the wrappers).
+OK = 0
+OUT_OF_RANGE = 1
+DUPLICATE = 2
+STATE = 3  # page already in the set (want_clear=False) / not in it (want_clear=True)
+EMPTY_RUN = 4
+
+_STATUS_CODES = {
+    OUT_OF_RANGE: ErrorCode.PFN_OUT_OF_RANGE,
+    DUPLICATE: ErrorCode.DUPLICATE_PFN,
+    EMPTY_RUN: ErrorCode.BAD_FIELD,
+}
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _is_sorted_unique(a):
+    for i in range(1, a.shape[0]):
+        if a[i] <= a[i - 1]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _runs_from_sorted(a, out):
+    """Compress a sorted array (duplicates allowed) into runs; returns the run count."""
+    n = a.shape[0]
+    if n == 0:
+        return 0
+    k = 0
+    start = np.uint64(a[0])
+    prev = start
+    for i in range(1, n):
+        v = np.uint64(a[i])
+        if v == prev:
+            continue
+        if v == prev + np.uint64(1):
+            prev = v
+            continue
+        out[k, 0] = start
+        out[k, 1] = prev - start + np.uint64(1)
+        k += 1
+        start = v
+        prev = v
+    out[k, 0] = start
+    out[k, 1] = prev - start + np.uint64(1)
+    return k + 1
+
+
+@njit(cache=True, nogil=True)
+def _expand_runs(runs, out):
+    k = 0
+    for r in range(runs.shape[0]):
+        first = np.int64(runs[r, 0])
+        cnt = np.int64(runs[r, 1])
+        for j in range(cnt):
+            out[k] = first + j
+            k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _check_pfns(pfns, limit, state, scratch, want_clear):
+    """Validate a pfn batch; returns (status, index of first bad entry).
+
+    Range is checked first for the whole batch so that ``state``/``scratch`` are never
+    indexed out of bounds; ``scratch`` is left all zero.
+    """
+    n = pfns.shape[0]
+    for i in range(n):
+        if np.int64(pfns[i]) >= limit:
+            return OUT_OF_RANGE, i
+    status = OK
+    bad = -1
+    end = n
+    for i in range(n):
+        p = np.int64(pfns[i])
+        if scratch[p]:
+            status = DUPLICATE
+            bad = i
+            end = i
+            break
+        scratch[p] = 1
+        if (state[p] != 0) != want_clear:
+            status = STATE
+            bad = i
+            end = i + 1
+            break
+    for j in range(end):
+        scratch[np.int64(pfns[j])] = 0
+    return status, bad
+
+
+@njit(cache=True, nogil=True)
+def _check_runs(runs, limit, state, scratch, want_clear):
+    """Validate a run batch; returns (status, index of first bad run)."""
+    n = runs.shape[0]
+    for r in range(n):
+        first = np.int64(runs[r, 0])
+        cnt = np.int64(runs[r, 1])
+        if runs[r, 1] == 0:
+            return EMPTY_RUN, r
+        if runs[r, 0] >= np.uint64(limit) or runs[r, 1] > np.uint64(limit) - runs[r, 0]:
+            return OUT_OF_RANGE, r
+    status = OK
+    bad = -1
+    r_done = n
+    p_done = 0
+    for r in range(n):
+        first = np.int64(runs[r, 0])
+        cnt = np.int64(runs[r, 1])
+        for j in range(cnt):
+            p = first + j
+            if scratch[p]:
+                status = DUPLICATE
+                p_done = j
+                break
+            scratch[p] = 1
+            if (state[p] != 0) != want_clear:
+                status = STATE
+                p_done = j + 1
+                break
+        if status != OK:
+            bad = r
+            r_done = r
+            break
+    for r in range(r_done):
+        first = np.int64(runs[r, 0])
+        cnt = np.int64(runs[r, 1])
+        for j in range(cnt):
+            scratch[first + j] = 0
+    if status != OK:
+        first = np.int64(runs[r_done, 0])
+        for j in range(p_done):
+            scratch[first + j] = 0
+    return status, bad
+
+
+@njit(cache=True, nogil=True)
+def _set_pfns(state, pfns, value):
+    for i in range(pfns.shape[0]):
+        state[np.int64(pfns[i])] = value
+
+
+@njit(cache=True, nogil=True)
+def _set_runs(state, runs, value):
+    for r in range(runs.shape[0]):
+        first = np.int64(runs[r, 0])
+        state[first : first + np.int64(runs[r, 1])] = value
+
+
+@njit(cache=True, nogil=True)
+def _count_nonzero(a):
+    c = 0
+    for i in range(a.shape[0]):
+        if a[i] != 0:
+            c += 1
+    return c
+
+
+@njit(cache=True, nogil=True)
+def _runs_of_set(state, out):
+    """Runs of nonzero entries of a byte map, in order; returns the run count."""
+    n = state.shape[0]
+    k = 0
+    i = 0
+    while i < n:
+        if state[i] != 0:
+            j = i + 1
+            while j < n and state[j] != 0:
+                j += 1
+            out[k, 0] = i
+            out[k, 1] = j - i
+            k += 1
+            i = j
+        else:
+            i += 1
+    return k
+
+
+# --------------------------------------------------------------------------------------
+# public wrappers
+# --------------------------------------------------------------------------------------
+
+
+class BatchCheck(NamedTuple):
+    """Result of validating a batch: ``ok``, an error ``code`` and the offending index."""
+
+    ok: bool
+    code: ErrorCode | None = None
+    index: int = -1
+    message: str = ""
+
+
+def as_pfns(pfns: np.ndarray | bytes | list[int]) -> np.ndarray:
+    """A 1-D uint32 array view of pfns (bytes are read as little-endian uint32)."""
+    if isinstance(pfns, (bytes, bytearray, memoryview)):
+        return np.frombuffer(pfns, dtype=PFN_DTYPE)
+    a = np.asarray(pfns)
+    if a.ndim != 1:
+        raise ValueError(f"pfns must be 1-D, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() > 0xFFFFFFFF):
+        raise ValueError("pfns must fit in uint32")
+    return np.ascontiguousarray(a, dtype=PFN_DTYPE)
+
+
+def as_runs(runs: np.ndarray | bytes | list[tuple[int, int]]) -> np.ndarray:
+    """A (k, 2) uint64 array view of runs (bytes are read as little-endian uint64 pairs)."""
+    if isinstance(runs, (bytes, bytearray, memoryview)):
+        return np.frombuffer(runs, dtype=RUN_DTYPE).reshape(-1, 2)
+    a = np.asarray(runs)
+    if a.size == 0:
+        return np.empty((0, 2), dtype=RUN_DTYPE)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"runs must have shape (k, 2), got {a.shape}")
+    if a.min() < 0:
+        raise ValueError("runs must be non-negative")
+    return np.ascontiguousarray(a, dtype=RUN_DTYPE)
+
+
+def pfns_to_wire(pfns: np.ndarray | list[int]) -> bytes:
+    return as_pfns(pfns).tobytes()
+
+
+def runs_to_wire(runs: np.ndarray | list[tuple[int, int]]) -> bytes:
+    return as_runs(runs).tobytes()
+
+
+def pfns_to_runs(pfns: np.ndarray | bytes | list[int]) -> np.ndarray:
+    """Sorted, de-duplicated, maximal runs covering ``pfns``: shape (k, 2) uint64."""
+    a = pfns if isinstance(pfns, np.ndarray) and pfns.dtype == np.int64 else as_pfns(pfns)
+    if a.shape[0] == 0:
+        return np.empty((0, 2), dtype=RUN_DTYPE)
+    if not _is_sorted_unique(a):
+        a = np.sort(a, kind="stable")
+    out = np.empty((a.shape[0], 2), dtype=RUN_DTYPE)
+    k = _runs_from_sorted(a, out)
+    return out[:k].copy() if k < a.shape[0] // 2 else out[:k]
+
+
+def runs_to_pfns(runs: np.ndarray | bytes | list[tuple[int, int]]) -> np.ndarray:
+    """Every page the runs name, in run order: 1-D uint32."""
+    r = as_runs(runs)
+    total = int(r[:, 1].sum()) if r.shape[0] else 0
+    out = np.empty(total, dtype=PFN_DTYPE)
+    if total:
+        _expand_runs(r, out)
+    return out
+
+
+def runs_total(runs: np.ndarray | bytes) -> int:
+    r = as_runs(runs)
+    return int(r[:, 1].sum()) if r.shape[0] else 0
+
+
+def split_runs(runs: np.ndarray, max_pages: int) -> list[np.ndarray]:
+    """Split runs into consecutive chunks of at most ``max_pages`` pages each."""
+    r = as_runs(runs)
+    chunks: list[np.ndarray] = []
+    cur: list[tuple[int, int]] = []
+    room = max_pages
+    for first, count in r.tolist():
+        while count:
+            take = min(count, room)
+            cur.append((first, take))
+            first += take
+            count -= take
+            room -= take
+            if room == 0:
+                chunks.append(np.array(cur, dtype=RUN_DTYPE))
+                cur, room = [], max_pages
+    if cur:
+        chunks.append(np.array(cur, dtype=RUN_DTYPE))
+    return chunks
+
+
+def _result(status: int, index: int, want_clear: bool, what: str) -> BatchCheck:
+    if status == OK:
+        return BatchCheck(True)
+    if status == STATE:
+        code = ErrorCode.NOT_BALLOONED if want_clear else ErrorCode.ALREADY_BALLOONED
+        text = f"{what} {index}: page is {'not ' if want_clear else 'already '}in the set"
+        return BatchCheck(False, code, index, text)
+    code = _STATUS_CODES[status]
+    text = {
+        OUT_OF_RANGE: f"{what} {index} lies beyond guest RAM",
+        DUPLICATE: f"{what} {index} repeats a page named earlier in the batch",
+        EMPTY_RUN: f"{what} {index} has a page count of zero",
+    }[status]
+    return BatchCheck(False, code, index, text)
+
+
+def check_pfns(
+    pfns: np.ndarray, limit: int, state: np.ndarray, scratch: np.ndarray, *, want_clear: bool
+) -> BatchCheck:
+    """Validate a pfn batch: all < ``limit``, no duplicates, and every page's ``state``
+    nonzero when ``want_clear`` (deflate: must be in the set) or zero otherwise (inflate).
+    ``scratch`` is a zeroed uint8 array of at least ``limit`` entries, left zeroed."""
+    status, idx = _check_pfns(as_pfns(pfns), np.int64(limit), state, scratch, want_clear)
+    return _result(int(status), int(idx), want_clear, "pfn at index")
+
+
+def check_runs(
+    runs: np.ndarray, limit: int, state: np.ndarray, scratch: np.ndarray, *, want_clear: bool
+) -> BatchCheck:
+    """Validate a run batch (non-empty runs inside ``limit``, no overlap, state as in
+    :func:`check_pfns`)."""
+    status, idx = _check_runs(as_runs(runs), np.int64(limit), state, scratch, want_clear)
+    return _result(int(status), int(idx), want_clear, "run at index")
+
+
+def set_pfns(state: np.ndarray, pfns: np.ndarray, value: int) -> None:
+    _set_pfns(state, as_pfns(pfns), np.uint8(value))
+
+
+def set_runs(state: np.ndarray, runs: np.ndarray, value: int) -> None:
+    _set_runs(state, as_runs(runs), np.uint8(value))
+
+
+def count_set(state: np.ndarray) -> int:
+    return int(_count_nonzero(state))
+
+
+def runs_of_set(state: np.ndarray) -> np.ndarray:
+    """Runs of the nonzero entries of a byte map (e.g. the pages of a balloon)."""
+    out = np.empty(((state.shape[0] + 1) // 2, 2), dtype=RUN_DTYPE)
+    k = _runs_of_set(state, out)
+    return out[:k].copy()

@@ -1,0 +1,73 @@
+"""Blocking adapter: a connected socket driven by a sans-IO connection.
+
+For short-lived clients (the CLI's control client) and for the one exchange that carries
+file descriptors (``boot`` → ``boot_ok`` with memfds over SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Sequence
+
+from .connection import CLOSED, NEED_DATA, Connection
+from .errors import RemoteProtocolError
+from .messages import Message
+
+READ_CHUNK = 1 << 20
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection."""
+
+
+class SyncChannel:
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.fds: list[int] = []  # descriptors received and not yet taken
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            try:
+                self.sock.sendall(out)
+            except OSError:
+                pass
+
+    def send(self, msg: Message, *, fds: Sequence[int] = ()) -> None:
+        data = self.conn.send(msg)
+        self._flush()
+        if fds:
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        else:
+            self.sock.sendall(data)
+
+    def recv(self, *, maxfds: int = 0) -> Any:
+        """The next message (blocking; honours the socket's timeout). With ``maxfds``,
+        descriptors that arrive are appended to ``self.fds``."""
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError:
+                self._flush()
+                raise
+            self._flush()
+            if ev is NEED_DATA:
+                if maxfds:
+                    data, fds, _flags, _addr = socket.recv_fds(self.sock, READ_CHUNK, maxfds)
+                    self.fds.extend(fds)
+                else:
+                    data = self.sock.recv(READ_CHUNK)
+                self.conn.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise PeerClosed("peer closed the connection")
+            return ev
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
