@@ -236,12 +236,13 @@ def free_range(start, count, putback_reported, npages, nxt, prv, forder, state, 
 
 
 @njit(cache=True)
-def free_runs(runs, putback_isolated, npages, nxt, prv, forder, state, head, tail, nfree, cnt):
+def free_runs(runs, from_isolated, mark_reported, npages, nxt, prv, forder, state, head, tail,
+              nfree, cnt):
     """Free every run of ``runs`` (int64[n, 2]).  Caller has validated them."""
     for i in range(runs.shape[0]):
-        if putback_isolated:
+        if from_isolated:
             cnt[CNT_ISOLATED] -= runs[i, 1]
-        free_range(runs[i, 0], runs[i, 1], putback_isolated, npages, nxt, prv, forder, state,
+        free_range(runs[i, 0], runs[i, 1], mark_reported, npages, nxt, prv, forder, state,
                    head, tail, nfree, cnt)
 
 

@@ -19,6 +19,7 @@ touch a revoked page's bytes before the ack.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -39,6 +40,10 @@ from guest.kernels import (
 
 #: Pages reclaimed per direct-reclaim attempt (Linux's SWAP_CLUSTER_MAX).
 SWAP_CLUSTER_MAX = 32
+#: Fault-around: on a guest fault, map up to this many further absent pages of the quantum.
+FAULT_AROUND = 512
+#: Most pages named by one ``ept_fault`` (docs/internals.md).
+EPT_BATCH = 4096
 #: kswapd reclaims at most this many pages per scheduler round, so tasks keep running.
 KSWAPD_BATCH = 256
 
@@ -168,14 +173,19 @@ class BuddyAllocator:
         if len(gpfns):
             K.free_pages(np.ascontiguousarray(gpfns, np.int64), self.npages, *self._arrays())
 
-    def free_runs(self, runs: np.ndarray, *, want_state: int) -> None:
-        """Free validated runs whose pages are all in ``want_state``; else RunError, no change."""
+    def free_runs(self, runs: np.ndarray, *, want_state: int,
+                  reported: bool | None = None) -> None:
+        """Free runs whose pages are all in ``want_state``; else RunError, no change.
+
+        Isolated pages come back marked reported unless ``reported=False``."""
         r = validate_runs(runs, self.npages)
         bad = int(K.first_not_in_state(r, np.uint8(want_state), self.state))
         if bad >= 0:
             raise RunError("not_in_use", f"page {bad} is not in the expected state "
                            f"(it is {_STATE_NAMES[int(self.state[bad])]})", bad)
-        K.free_runs(r, want_state == PG_ISOLATED, self.npages, *self._arrays())
+        from_isolated = want_state == PG_ISOLATED
+        mark = from_isolated if reported is None else reported
+        K.free_runs(r, from_isolated, mark, self.npages, *self._arrays())
 
     def isolate_free(self, min_order: int, max_runs: int) -> np.ndarray:
         """Isolate unreported free blocks of order >= ``min_order`` (at most ``max_runs``)."""
@@ -282,6 +292,15 @@ class TaskMem:
 
 
 @dataclass
+class QuantumResult:
+    ops: int = 0
+    corrupted: int = 0
+    stall_ns_ept: int = 0
+    stall_ns_guest: int = 0
+    killed: bool = False  # the task was OOM-killed while faulting
+
+
+@dataclass
 class VmStats:
     """Cumulative counters with virtio meaning (bytes for swap, counts otherwise)."""
 
@@ -336,6 +355,8 @@ class MemoryManager:
         self.clock_hand = 0
         self.kswapd_active = False
         self._victims = np.empty(KSWAPD_BATCH, np.int64)
+        self._mark = np.zeros(npages, np.uint8)  # look-ahead scratch, kept zeroed
+        self._ahead = np.empty(EPT_BATCH, np.int64)
         # Watermarks as Linux sets them: min from a min_free_kbytes-like share, low/high
         # min + distance, distance = max(min/4, 0.1 % of memory) (watermark_scale_factor=10).
         self.wmark_min = max(8, min(npages // 128, 16384))
@@ -458,6 +479,62 @@ class MemoryManager:
                 self.stats.oom_kills += 1
                 return -1
 
+    # ------------------------------------------------------------------ vCPU
+
+    async def run_quantum(self, t: TaskMem, vpns: np.ndarray, writes: np.ndarray) -> QuantumResult:
+        """Run one quantum of ``t``'s access stream, handling guest faults (with fault-around)
+        and EPT exits (batched with look-ahead) until the stream is done or ``t`` is killed."""
+        res = QuantumResult()
+        i, n = 0, len(vpns)
+        st = self.stats
+        while i < n:
+            code, i, arg, ops, corrupted = K.vcpu_run(
+                self.ram, t.pt, t.wcount, vpns, writes, i, n, self.ept, self.host_acc,
+                self.guest_acc, self.needs_zero, t.tid)
+            res.ops += ops
+            st.ops += ops
+            res.corrupted += corrupted
+            st.corrupted_reads += corrupted
+            if code == K.EXIT_DONE:
+                break
+            s = time.perf_counter_ns()
+            if code == K.EXIT_GUEST_FAULT:
+                st.guest_faults += 1
+                ok = await self._fault_around(t, vpns, i)
+                dt = time.perf_counter_ns() - s
+                res.stall_ns_guest += dt
+                st.stall_ns_guest += dt
+                if not ok:
+                    res.killed = True
+                    break
+            else:
+                k = K.lookahead_not_present(t.pt, vpns, i, n, self.ept, self._mark,
+                                            self._ahead)
+                if k:
+                    st.ept_exits += 1
+                    await self.ensure_present(self._ahead[:k].copy())
+                dt = time.perf_counter_ns() - s
+                res.stall_ns_ept += dt
+                st.stall_ns_ept += dt
+        return res
+
+    async def _fault_around(self, t: TaskMem, vpns: np.ndarray, i: int) -> bool:
+        """Fault in vpns[i] and up to FAULT_AROUND further absent vpns of this quantum, so
+        that the EPT exits that follow can be batched."""
+        # Only from memory above the high watermark: fault-around must never cause reclaim
+        # (it would evict the pages it just mapped when the working set exceeds RAM).
+        extra = min(FAULT_AROUND, self.buddy.free_pages - self.wmark_high)
+        if extra <= 0:
+            return await self.handle_fault(t, int(vpns[i]))
+        ahead = vpns[i:i + 4 * FAULT_AROUND]
+        absent = ahead[t.pt[ahead] < 0]
+        _, first = np.unique(absent, return_index=True)
+        todo = absent[np.sort(first)][:extra + 1]
+        for v in todo.tolist():
+            if not await self.handle_fault(t, v):
+                return False
+        return True
+
     # ------------------------------------------------------------------ reclaim
 
     async def reclaim(self, nr: int, *, direct: bool) -> int:
@@ -566,6 +643,15 @@ class MemoryManager:
 
     def report_isolate(self, min_order: int, max_runs: int) -> np.ndarray:
         return self.buddy.isolate_free(min_order, max_runs)
+
+    def report_abort(self) -> int:
+        """Put every isolated page back on the free lists, unreported (driver went away)."""
+        from protocol.pfn import runs_of_set
+
+        r = runs_of_set((self.buddy.state == PG_ISOLATED).view(np.uint8)).astype(np.int64)
+        if len(r):
+            self.buddy.free_runs(r, want_state=PG_ISOLATED, reported=False)
+        return int(r[:, 1].sum()) if len(r) else 0
 
     def report_done(self, runs: np.ndarray) -> int:
         r = validate_runs(runs, self.npages)

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,15 +35,23 @@ __all__ = [
     "Snapshot",
     "snapshot_from",
     "rates",
+    "RateWindow",
+    "RATE_WINDOW",
     "RunSummary",
     "Recorder",
     "TIMESERIES_COLUMNS",
     "RecordingError",
+    "read_timeseries",
+    "read_events",
+    "summary_table_rows",
+    "SUMMARY_HEADERS",
+    "snapshot_to_json",
 ]
 
-#: Bytes per unit of the virsh-named guest amounts in ``dommemstat`` (``actual``, ``unused``,
-#: ``available``, ``usable``, ``disk_caches``, ``rss``): KiB, as ``virsh dommemstat`` reports.
-DOMMEMSTAT_UNIT = 1024
+#: Bytes per unit of the guest amounts in ``dommemstat`` (``unused``, ``usable``,
+#: ``swap_in``, ``swap_out``): this host reports the guest's virtio stats as they arrive, in
+#: bytes (virsh would print KiB; ``balloonlab dommemstat`` prints the host's values as is).
+DOMMEMSTAT_UNIT = 1
 
 
 class RecordingError(ValueError):
@@ -157,7 +165,8 @@ def snapshot_from(
                 backed_pages=_int(st, "backed_pages"),
                 host_swapped_pages=_int(st, "host_swapped_pages"),
                 guest_free_bytes=_opt_bytes(st, "unused", DOMMEMSTAT_UNIT),
-                guest_available_bytes=_opt_bytes(st, "available", DOMMEMSTAT_UNIT),
+                # virsh `usable` is the guest's MemAvailable; `available` is its MemTotal.
+                guest_available_bytes=_opt_bytes(st, "usable", DOMMEMSTAT_UNIT),
                 guest_swap_used_bytes=_guest_swap_used(st),
                 swap_in_bytes=_int(st, "swap_in") * DOMMEMSTAT_UNIT,
                 swap_out_bytes=_int(st, "swap_out") * DOMMEMSTAT_UNIT,
@@ -191,6 +200,30 @@ def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, tuple[float, float]
     return out
 
 
+#: Seconds of history rates are computed over. Guests send stats every ``stats_interval``
+#: (1 s by default) while the dashboard polls 4 times a second, so a rate between two
+#: consecutive polls would read 0, 0, 0, then 4x the truth; a window longer than the stats
+#: interval smooths that out.
+RATE_WINDOW = 2.0
+
+
+class RateWindow:
+    """Rates over the last ``window`` seconds of snapshots (see ``RATE_WINDOW``)."""
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self.window = window
+        self._history: deque[Snapshot] = deque()
+
+    def update(self, snap: Snapshot) -> dict[str, tuple[float, float]]:
+        """Add *snap*; return per-VM ``(ops/s, faults/s)`` against the oldest snapshot that is
+        still inside the window (at least the previous one)."""
+        self._history.append(snap)
+        while len(self._history) > 2 and snap.time - self._history[1].time >= self.window:
+            self._history.popleft()
+        base = self._history[0] if len(self._history) > 1 else None
+        return rates(base, snap)
+
+
 # --------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------
@@ -198,7 +231,6 @@ def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, tuple[float, float]
 
 @dataclass
 class _VmTotals:
-    first_ops: int | None = None
     last: VmSnapshot | None = None
     peak_backed_pages: int = 0
     min_backed_pages: int | None = None
@@ -233,7 +265,8 @@ class RunSummary:
             t = self._vms.setdefault(vm.name, _VmTotals())
             if t.last is not None:
                 # A restart resets the guest's counters: count only forward progress.
-                t.ops_done += max(vm.ops - t.last.ops, 0) if vm.ops >= t.last.ops else vm.ops
+                delta = vm.ops - t.last.ops
+                t.ops_done += delta if delta >= 0 else vm.ops
             t.last = vm
             t.peak_backed_pages = max(t.peak_backed_pages, vm.backed_pages)
             t.min_backed_pages = (
@@ -358,7 +391,7 @@ class Recorder:
         if not self.directory.is_dir():
             raise RecordingError(f"{self.directory} is not a directory")
         self.summary = RunSummary(source=topology.source)
-        self._prev: Snapshot | None = None
+        self._rates = RateWindow()
         self._t0: float | None = None
         (self.directory / "topology.toml").write_text(topology.to_toml(), encoding="utf-8")
         self._csv_file: IO[str] = open(self.directory / "timeseries.csv", "w", newline="", encoding="utf-8")
@@ -372,7 +405,7 @@ class Recorder:
         """Append one row per VM of *snap* and fold it into the summary."""
         if self._t0 is None:
             self._t0 = snap.time
-        r = rates(self._prev, snap)
+        r = self._rates.update(snap)
         h = snap.host
         for vm in snap.vms:
             ops_s, faults_s = r[vm.name]
@@ -406,7 +439,6 @@ class Recorder:
                 ]
             )
         self._csv_file.flush()
-        self._prev = snap
         self.summary.add(snap)
 
     def event(self, event: Mapping[str, Any]) -> None:

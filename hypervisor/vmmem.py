@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from protocol import pfn as P
+
 PAGE_SIZE = 4096
 EPT_NOT_PRESENT = 0
 EPT_PRESENT = 1
@@ -44,14 +46,9 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def runs_of(sorted_gpfns: np.ndarray) -> np.ndarray:
-    """Coalesce ascending unique gpfns into an (n, 2) int64 array of (first, count) runs."""
+    """Coalesce gpfns into an (n, 2) array of (first, count) runs (``protocol.pfn``'s kernel)."""
     g = np.asarray(sorted_gpfns, dtype=np.int64)
-    if g.size == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    breaks = np.nonzero(np.diff(g) != 1)[0] + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [g.size]))
-    return np.stack((g[starts], ends - starts), axis=1)
+    return P.pfns_to_runs(g)
 
 
 class VmMemory:
@@ -135,9 +132,12 @@ class VmMemory:
                 os.close(fd)
             except OSError:
                 pass
+        self.ram_fd = self.ept_fd = self.acc_fd = -1
 
     def close(self) -> None:
-        """Unmap and close. Arrays handed out earlier must no longer be used."""
+        """Unmap and close (idempotent). Arrays handed out earlier must no longer be used."""
+        if self.ram_fd < 0:
+            return
         del self.ept, self.accessed
         for m in (self._ept_map, self._acc_map):
             try:

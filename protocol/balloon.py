@@ -42,6 +42,9 @@ from .features import (
     Feature,
 )
 
+#: Largest ballooned set (in runs) the welcome describes: 4 MiB of the 8 MiB frame.
+WELCOME_MAX_RUNS = 256 * 1024
+
 # Per-page states in the driver's view.
 PG_NONE = 0
 PG_INFLATING = 1
@@ -212,6 +215,7 @@ class BalloonDevice(Connection):
             )
         self.features = msg.features & self.supported
         self.state = State.OPEN  # so that _queue accepts the welcome
+        runs = P.runs_of_set(self.ballooned) if self.balloon_pages else None
         self._queue(
             m.Welcome(
                 version=PROTOCOL_VERSION,
@@ -220,6 +224,11 @@ class BalloonDevice(Connection):
                 actual=self.balloon_pages,
                 stats_interval_ms=self.stats_interval_ms,
                 guest_pages=self.guest_pages,
+                balloon_runs=(
+                    runs.tobytes()
+                    if runs is not None and runs.shape[0] <= WELCOME_MAX_RUNS
+                    else None
+                ),
             )
         )
         return msg
@@ -230,7 +239,8 @@ class BalloonDevice(Connection):
 
     def _check_batch(self, msg: m.Message, *, want_clear: bool) -> BatchRejected | None:
         pfns = getattr(msg, "pfns", None)
-        if pfns is None and not self.has(Feature.RANGES):
+        # Reports are always run-encoded (virtio's reporting passes address ranges too).
+        if pfns is None and msg.TYPE != "report" and not self.has(Feature.RANGES):
             return self._reject(
                 msg, ErrorCode.FEATURE_NOT_NEGOTIATED, "'runs' needs the RANGES feature (bit 40)"
             )
@@ -365,12 +375,30 @@ class BalloonDriver(Connection):
     def _pages_of(self, msg: m.Message) -> np.ndarray:
         if getattr(msg, "pfns", None) is not None:
             return msg.pfn_array.astype(np.int64)  # type: ignore[attr-defined]
-        return P.runs_to_pfns(msg.run_array).astype(np.int64)  # type: ignore[attr-defined]
+        runs = msg.run_array  # type: ignore[attr-defined]
+        # Bound the runs before expanding them: a bad run must not cost its page count.
+        limit = self.guest_pages or MAX_GUEST_PAGES
+        first, count = runs[:, 0], runs[:, 1]
+        lim = np.uint64(limit)
+        bad = (count == 0) | (first >= lim) | (count > lim - np.minimum(first, lim))
+        if bad.any():
+            i = int(np.argmax(bad))
+            f, c = int(first[i]), int(count[i])
+            if c == 0:
+                raise LocalProtocolError(
+                    ErrorCode.BAD_FIELD, f"{msg.TYPE}: run at pfn {f} has a page count of 0"
+                )
+            raise LocalProtocolError(
+                ErrorCode.PFN_OUT_OF_RANGE,
+                f"{msg.TYPE}: run ({f}, {c}) lies beyond guest RAM ({limit} pages)", pfn=f,
+            )
+        return P.runs_to_pfns(runs).astype(np.int64)
 
     def _claim(self, msg: m.Message, expect: int, new: int, what: str) -> None:
         if self.state is not State.OPEN:
             raise LocalProtocolError(ErrorCode.BAD_STATE, f"{msg.TYPE} before welcome")
-        if getattr(msg, "runs", None) is not None and not self.has(Feature.RANGES):
+        if (getattr(msg, "runs", None) is not None and msg.TYPE != "report"
+                and not self.has(Feature.RANGES)):
             raise LocalProtocolError(
                 ErrorCode.FEATURE_NOT_NEGOTIATED, "'runs' needs the RANGES feature"
             )
@@ -418,6 +446,13 @@ class BalloonDriver(Connection):
                 ErrorCode.BAD_FIELD,
                 f"device negotiated features {msg.features:#x} beyond those offered "
                 f"{self.offered:#x}",
+            )
+        if msg.guest_pages is not None and msg.guest_pages > MAX_GUEST_PAGES:
+            # Checked before _grow() sizes the page-state map from it.
+            raise LocalProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"welcome.guest_pages {msg.guest_pages} exceeds the {MAX_GUEST_PAGES}-page "
+                f"limit of uint32 pfns",
             )
         self.features = msg.features
         self.target = msg.num_pages

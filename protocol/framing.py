@@ -91,20 +91,32 @@ class FrameBuffer:
     __slots__ = ("_buf", "_pos", "_need", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
+        # bytes while it holds one fed chunk by reference, else a bytearray
+        self._buf: bytes | bytearray = bytearray()
         self._pos = 0
         self._need = -1  # body length once the header is read
         self.max_frame = max_frame
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
+        if not data:
+            return
+        if self._pos == len(self._buf) and type(data) is bytes:
+            # Empty buffer (the common case: a read returns whole frames): hold the
+            # immutable bytes by reference instead of copying them into the bytearray.
+            self._buf = data
+            self._pos = 0
+            return
+        if type(self._buf) is bytes:
+            self._buf = bytearray(memoryview(self._buf)[self._pos:])
+            self._pos = 0
+        elif self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
-        self._buf += data
+        self._buf += data  # type: ignore[operator]
 
     def __len__(self) -> int:
-        """Bytes buffered and not yet returned as frames."""
-        return len(self._buf) - self._pos
+        """Bytes buffered and not yet returned as frames (a parsed header counts)."""
+        return len(self._buf) - self._pos + (HEADER_SIZE if self._need >= 0 else 0)
 
     def next_frame(self) -> bytes | None:
         avail = len(self._buf) - self._pos
@@ -127,11 +139,16 @@ class FrameBuffer:
             return None
         start = self._pos
         end = start + self._need
-        body = bytes(self._buf[start:end])
+        buf = self._buf
+        if type(buf) is bytes:
+            body = buf[start:end]  # one copy (none when the frame is the whole buffer)
+        else:
+            with memoryview(buf) as mv:  # one copy, and the export ends before any resize
+                body = bytes(mv[start:end])
         self._pos = end
         self._need = -1
-        if self._pos == len(self._buf):
-            self._buf.clear()
+        if self._pos == len(buf):
+            self._buf = bytearray()
             self._pos = 0
         return body
 

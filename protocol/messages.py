@@ -237,7 +237,8 @@ class Welcome(Message):
     TYPE: ClassVar[str] = "welcome"
     SPEC = _spec(("version", Kind.U32), ("features", Kind.U64), ("num_pages", Kind.U64),
                  ("actual", Kind.U64), ("stats_interval_ms", Kind.U32),
-                 ("poison_val", Kind.U32, False), ("guest_pages", Kind.U64, False))
+                 ("poison_val", Kind.U32, False), ("guest_pages", Kind.U64, False),
+                 ("balloon_runs", Kind.RUNS, False))
     version: int
     features: int
     num_pages: int
@@ -246,6 +247,9 @@ class Welcome(Message):
     poison_val: int | None = None
     #: Extension: pages of guest RAM (bounds for pfn validation on the driver side).
     guest_pages: int | None = None
+    #: Extension: the pages the device holds as ballooned, as runs, so that a restarted
+    #: driver can reconcile exactly (omitted when empty or too large for one frame).
+    balloon_runs: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

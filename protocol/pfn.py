@@ -284,6 +284,9 @@ def runs_total(runs: np.ndarray | bytes) -> int:
 
 def split_runs(runs: np.ndarray, max_pages: int) -> list[np.ndarray]:
     """Split runs into consecutive chunks of at most ``max_pages`` pages each."""
+    if max_pages < 1:
+        # A zero-page chunk can never make progress: refuse instead of looping forever.
+        raise ValueError(f"max_pages must be at least 1, got {max_pages}")
     r = as_runs(runs)
     chunks: list[np.ndarray] = []
     cur: list[tuple[int, int]] = []

@@ -195,6 +195,22 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} must override decide()")
 
+    def param_float(self, key: str) -> float:
+        """A resolved numeric parameter as float (ints were accepted for float defaults)."""
+        value = self.params[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), key
+        return float(value)
+
+    def param_int(self, key: str) -> int:
+        value = self.params[key]
+        assert isinstance(value, int) and not isinstance(value, bool), key
+        return value
+
+    def param_bool(self, key: str) -> bool:
+        value = self.params[key]
+        assert isinstance(value, bool), key
+        return value
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
 

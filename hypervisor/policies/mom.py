@@ -25,6 +25,7 @@ The full derivation, with citations, is in docs/policies.md.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from .base import (
     Decision,
@@ -47,7 +48,7 @@ class MomPolicy(Policy):
     """oVirt MoM's balloon.rules plus the shared stall / guest-pressure guard."""
 
     name = "mom"
-    DEFAULTS: Mapping[str, object] = {
+    DEFAULTS: ClassVar[Mapping[str, object]] = {
         # Constants of MoM's doc/balloon.rules, same names and values.
         "pressure_threshold": 0.20,
         "pressure_critical": 0.05,
@@ -70,26 +71,27 @@ class MomPolicy(Policy):
         p = self.params
         for key in ("pressure_threshold", "min_guest_free_percent"):
             check_range(self.name, p, key, 0.0, 1.0)
-        check_range(self.name, p, "pressure_critical", 0.0, float(p["pressure_threshold"]))  # type: ignore[arg-type]
+        check_range(self.name, p, "pressure_critical", 0.0,
+                    self.param_float("pressure_threshold"))
         check_range(self.name, p, "max_balloon_change_percent", 0.0, 1.0, lo_open=True,
                     hi_open=True)
         check_range(self.name, p, "min_balloon_change_percent", 0.0,
-                    float(p["max_balloon_change_percent"]), hi_open=True)  # type: ignore[arg-type]
+                    self.param_float("max_balloon_change_percent"), hi_open=True)
         check_range(self.name, p, "critical_guest_free_offset", -1.0, 0.0)
         check_range(self.name, p, "stat_avg_samples", 1, 10_000)
         check_range(self.name, p, "stall_backoff", 0.0, 1e9)
         check_range(self.name, p, "pressure_deflate_factor", 0.0, 1.0, hi_open=True)
-        self.pressure_threshold = float(p["pressure_threshold"])  # type: ignore[arg-type]
-        self.pressure_critical = float(p["pressure_critical"])  # type: ignore[arg-type]
-        self.min_guest_free = float(p["min_guest_free_percent"])  # type: ignore[arg-type]
-        self.max_change = float(p["max_balloon_change_percent"])  # type: ignore[arg-type]
-        self.min_change = float(p["min_balloon_change_percent"])  # type: ignore[arg-type]
-        self.critical_offset = float(p["critical_guest_free_offset"])  # type: ignore[arg-type]
-        self.avg_samples = int(p["stat_avg_samples"])  # type: ignore[call-overload]
-        self.swap_debt = bool(p["swap_debt"])
+        self.pressure_threshold = self.param_float("pressure_threshold")
+        self.pressure_critical = self.param_float("pressure_critical")
+        self.min_guest_free = self.param_float("min_guest_free_percent")
+        self.max_change = self.param_float("max_balloon_change_percent")
+        self.min_change = self.param_float("min_balloon_change_percent")
+        self.critical_offset = self.param_float("critical_guest_free_offset")
+        self.avg_samples = self.param_int("stat_avg_samples")
+        self.swap_debt = self.param_bool("swap_debt")
         self.guard = GuestGuard(
-            backoff=float(p["stall_backoff"]),  # type: ignore[arg-type]
-            deflate_factor=float(p["pressure_deflate_factor"]),  # type: ignore[arg-type]
+            backoff=self.param_float("stall_backoff"),
+            deflate_factor=self.param_float("pressure_deflate_factor"),
         )
 
     def host_free(self, host: HostSample, vms: Sequence[VmSample], history: History) -> float:
@@ -148,7 +150,7 @@ class MomPolicy(Policy):
         recent = [s for s in recent_vm_samples(vm, history, self.avg_samples)
                   if s.free_pages is not None]
         avg_cur = sum(s.usable_pages for s in recent) / len(recent)
-        avg_free = sum(s.free_pages for s in recent) / len(recent)  # type: ignore[misc]
+        avg_free = sum(s.free_pages or 0 for s in recent) / len(recent)
         used = avg_cur - avg_free
         free_now = vm.free_pages / cur if cur else 0.0
         floor = max(float(vm.min_pages), used + goal * cur)
@@ -156,7 +158,7 @@ class MomPolicy(Policy):
             size = cur * (1.0 - self.max_change)
             step = f"step capped at {self.max_change:.0%}"
             if size < floor:
-                size, step = floor, f"floor used {used:.0f} + {goal:.1%} of {cur}"
+                size, step = floor, f"floor = used {used:.0f} + ({goal:.1%} x {cur})"
             # MoM only ever shrinks under pressure.
             if size > cur:
                 return None

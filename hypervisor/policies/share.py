@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import (
     Decision,
@@ -65,7 +66,7 @@ class SharePolicy(Policy):
     """ESX-style proportional shares with an idle memory tax."""
 
     name = "share"
-    DEFAULTS: Mapping[str, object] = {
+    DEFAULTS: ClassVar[Mapping[str, object]] = {
         "tax_rate": 0.75,  # ESX Mem.IdleTax default
         "low_free": 0.10,
         "high_free": 0.20,
@@ -87,28 +88,28 @@ class SharePolicy(Policy):
         # tau = 1 would make k infinite: every idle page infinitely expensive.
         check_range(self.name, p, "tax_rate", 0.0, 1.0, hi_open=True)
         check_range(self.name, p, "low_free", 0.0, 1.0)
-        check_range(self.name, p, "high_free", float(p["low_free"]), 1.0)  # type: ignore[arg-type]
+        check_range(self.name, p, "high_free", self.param_float("low_free"), 1.0)
         check_range(self.name, p, "max_step_percent", 0.0, 1.0, lo_open=True)
         check_range(self.name, p, "min_step_percent", 0.0,
-                    float(p["max_step_percent"]))  # type: ignore[arg-type]
+                    self.param_float("max_step_percent"))
         check_range(self.name, p, "slow_gain", 0.0, 1.0, lo_open=True)
         check_range(self.name, p, "fast_gain", 0.0, 1.0, lo_open=True)
         check_range(self.name, p, "initial_active", 0.0, 1.0)
         check_range(self.name, p, "stall_backoff", 0.0, 1e9)
         check_range(self.name, p, "pressure_deflate_factor", 0.0, 1.0, hi_open=True)
-        self.tax_rate = float(p["tax_rate"])  # type: ignore[arg-type]
+        self.tax_rate = self.param_float("tax_rate")
         self.k = 1.0 / (1.0 - self.tax_rate)
-        self.low_free = float(p["low_free"])  # type: ignore[arg-type]
-        self.high_free = float(p["high_free"])  # type: ignore[arg-type]
-        self.max_step = float(p["max_step_percent"])  # type: ignore[arg-type]
-        self.min_step = float(p["min_step_percent"])  # type: ignore[arg-type]
-        self.slow_gain = float(p["slow_gain"])  # type: ignore[arg-type]
-        self.fast_gain = float(p["fast_gain"])  # type: ignore[arg-type]
-        self.initial_active = float(p["initial_active"])  # type: ignore[arg-type]
-        self.swap_debt = bool(p["swap_debt"])
+        self.low_free = self.param_float("low_free")
+        self.high_free = self.param_float("high_free")
+        self.max_step = self.param_float("max_step_percent")
+        self.min_step = self.param_float("min_step_percent")
+        self.slow_gain = self.param_float("slow_gain")
+        self.fast_gain = self.param_float("fast_gain")
+        self.initial_active = self.param_float("initial_active")
+        self.swap_debt = self.param_bool("swap_debt")
         self.guard = GuestGuard(
-            backoff=float(p["stall_backoff"]),  # type: ignore[arg-type]
-            deflate_factor=float(p["pressure_deflate_factor"]),  # type: ignore[arg-type]
+            backoff=self.param_float("stall_backoff"),
+            deflate_factor=self.param_float("pressure_deflate_factor"),
         )
         self._activity: dict[str, _Activity] = {}
 

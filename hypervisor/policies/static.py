@@ -9,6 +9,7 @@ Targets are clamped to the VM's min/max bounds like every policy's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from .base import (
     Decision,
@@ -26,7 +27,7 @@ class StaticPolicy(Policy):
     """Set each VM's balloon once, from ``params["targets"]`` or from its ``max_pages``."""
 
     name = "static"
-    DEFAULTS: Mapping[str, object] = {"targets": {}}
+    DEFAULTS: ClassVar[Mapping[str, object]] = {"targets": {}}
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         super().__init__(params)

@@ -58,7 +58,7 @@ class BuddyMachine(RuleBasedStateMachine):
         want = self.model.alloc_many(count, max_order, PG_BALLOON)
         # the real wrapper returns coalesced runs sorted by address
         assert _pages(runs) == _pages(want)
-        assert int(runs[:, 1].sum()) if len(runs) else 0 == sum(c for _, c in want)
+        assert (int(runs[:, 1].sum()) if len(runs) else 0) == sum(c for _, c in want)
         self.balloon.extend((int(a), int(b)) for a, b in runs)
 
     @precondition(lambda self: self.balloon)

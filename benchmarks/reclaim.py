@@ -1,0 +1,376 @@
+"""``balloonlab bench reclaim``: end-to-end balloon inflate/deflate through real processes.
+
+Units: pages of 4096 bytes, sizes in bytes, times in seconds, rates in GiB/s and pages/s.
+
+One run (a *trial*) boots a fresh host (``python -m hypervisor --topology FILE``) with one VM
+in its own temporary run dir, and drives it through the control client:
+
+1. the guest's task touches most of its RAM and frees it again (an ``idle`` task with a
+   ``duration``), so every page the balloon will take is backed by a host frame;
+2. **inflate**: ``set_balloon`` to ~95 % of the VM (capped at what the guest has free), timed
+   until ``dommemstat`` shows ``balloon_pages`` at the target;
+3. **deflate**: ``set_balloon`` to 0, timed until ``balloon_pages`` is 0;
+4. **refault**: a second task (started by the topology at a fixed time) touches the memory
+   again; timed from the first rise of ``backed_pages`` until it stops rising.
+
+Scenarios: ``ranges`` and ``virtio`` wire modes on an unfragmented guest, and ``fragmented``
+(ranges mode, a uniform task over ~50 % of RAM stays alive while an idle task interleaved
+with it is freed, so the free pages the balloon takes are scattered). Free page reporting is
+switched off: it would release the freed memory before the balloon could, and the inflate
+would then measure nothing but bookkeeping.
+
+The same run measures the references (:mod:`benchmarks.references`) at the VM's size; the
+result carries the ratios end-to-end / limit and ranges / virtio (medians over repeats).
+The time split is read from the host's ``counters`` call where the host exposes it
+(punch calls, batches, released frames); see :data:`SPLIT_GAPS` for what it does not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import references
+from hypervisor.client import ControlClient, ControlError, HostNotRunning
+
+PAGE_SIZE = 4096
+GIB = float(1 << 30)
+MIB = 1 << 20
+SCENARIOS = ("ranges", "virtio", "fragmented")
+#: How often dommemstat is polled while a phase runs: the timing resolution of a phase.
+POLL_S = 0.005
+#: Give up on a phase after this long (a stuck balloon is a failure, not a slow result).
+PHASE_TIMEOUT_S = 180.0
+#: The host and the driver do not (yet) report these parts of the time split.
+SPLIT_GAPS = ("guest allocation time (driver: balloon_alloc round trips)",
+              "protocol time (driver: inflate/ack round trips)",
+              "release time (host: BalloonBackend.release_seconds is kept but not in `counters`)")
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run (host failed to boot, a phase timed out, ...)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and timings of one trial, derived from the VM size."""
+
+    vm_bytes: int
+    scenario: str
+    touch_fraction: float = 0.9  # of RAM touched then freed (unfragmented)
+    inflate_fraction: float = 0.95
+
+    @property
+    def pages(self) -> int:
+        return self.vm_bytes // PAGE_SIZE
+
+    @property
+    def wire(self) -> str:
+        return "virtio" if self.scenario == "virtio" else "ranges"
+
+    @property
+    def gib(self) -> float:
+        return self.vm_bytes / GIB
+
+    @property
+    def free_at(self) -> float:
+        """Seconds after boot at which the touch-then-free task ends (its memory is freed)."""
+        return 3.0 + 6.0 * self.gib
+
+    @property
+    def refault_at(self) -> float:
+        """Seconds after boot at which the refault task starts (after inflate + deflate;
+        virtio mode is the slow one: 256 pages a message)."""
+        slack = 40.0 if self.scenario == "virtio" else 12.0
+        return self.free_at + 2.0 + slack * max(self.gib, 0.05)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{max(1, nbytes // MIB)}MiB"
+
+
+def topology_toml(plan: Plan, host_name: str, run_dir: Path) -> str:
+    """The topology of one trial (DESIGN §10)."""
+    size = plan.vm_bytes
+    host_mem = size + max(64 * MIB, size // 4)  # every guest page fits: no host swap path
+    lines = [
+        "[host]", f'name = "{host_name}"', f'memory = "{_mib(host_mem)}"', 'swap = "0"',
+        'policy = "none"', f'run_dir = "{run_dir}"', "",
+        "[[vm]]", 'name = "bench"', f'memory = "{_mib(size)}"',
+        'features = ["must_tell_host", "stats", "deflate_on_oom", "ranges"]',
+        f'wire = "{plan.wire}"', 'stats_interval = "200ms"', 'guest_swap = "16MiB"',
+        'on_crash = "destroy"', "",
+    ]
+    if plan.scenario == "fragmented":
+        keep = _mib(size // 2)
+        freed = _mib(int(size * 0.4))
+        lines += ["[[vm.task]]", 'workload = "uniform"', f'size = "{keep}"', "rate = 400000",
+                  "write_ratio = 0.5", ""]
+        refault = _mib(int(size * 0.35))
+    else:
+        freed = _mib(int(size * plan.touch_fraction))
+        refault = freed
+    lines += ["[[vm.task]]", 'workload = "idle"', f'size = "{freed}"',
+              f'duration = "{plan.free_at:.1f}s"', "",
+              "[[vm.task]]", 'workload = "idle"', f'size = "{refault}"',
+              f'start = "{plan.refault_at:.1f}s"', ""]
+    return "\n".join(lines)
+
+
+class Host:
+    """A hypervisor subprocess in a private run dir; stopped and cleaned up on exit."""
+
+    def __init__(self, plan: Plan, workdir: Path, trial: int) -> None:
+        self.dir = workdir / f"t{trial}"
+        self.run_dir = self.dir / "run"
+        self.dir.mkdir(parents=True)
+        self.name = f"bench{os.getpid()}t{trial}"
+        self.topo = self.dir / "topology.toml"
+        self.topo.write_text(topology_toml(plan, self.name, self.run_dir))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client: ControlClient | None = None
+
+    def __enter__(self) -> Host:
+        log = open(self.dir / "host.out", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hypervisor", "--topology", str(self.topo),
+             "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.boot_time = time.monotonic()
+        deadline = self.boot_time + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the host exited with status {self.proc.returncode} while "
+                                 f"booting; see {self.dir / 'host.out'}")
+            try:
+                self.client = ControlClient(self.run_dir, timeout=10.0)
+                break
+            except (HostNotRunning, OSError):
+                if time.monotonic() > deadline:
+                    raise BenchError("the host's control socket did not appear in 60 s") from None
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            try:
+                self.client.call("shutdown")
+            except (ControlError, HostNotRunning, OSError, TimeoutError):
+                pass
+            self.client.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
+                self.proc.wait()
+
+    def call(self, method: str, **params: Any) -> Any:
+        assert self.client is not None
+        return self.client.call(method, **params)
+
+    def stat(self) -> dict[str, Any]:
+        return self.call("dommemstat", vm="bench")  # type: ignore[no-any-return]
+
+    def wait(self, what: str, cond: Callable[[dict[str, Any]], bool],
+             timeout: float = PHASE_TIMEOUT_S) -> tuple[float, dict[str, Any]]:
+        """Poll dommemstat until ``cond``; returns (monotonic time it held, the stat)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stat()
+            now = time.monotonic()
+            if cond(s):
+                return now, s
+            if s.get("state") not in (None, "running", "booting"):
+                raise BenchError(f"VM left the running state ({s.get('state')}) while "
+                                 f"waiting for {what}")
+            if now > deadline:
+                raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} "
+                                 f"(last dommemstat: {s})")
+            time.sleep(POLL_S)
+
+
+def _driver_ready(h: Host) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        vms = h.call("list_vms")
+        if vms and vms[0].get("driver") == "connected" and vms[0].get("state") == "running":
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"the VM's driver did not connect in 60 s: {vms}")
+        time.sleep(0.05)
+
+
+def run_trial(plan: Plan, workdir: Path, trial: int) -> dict[str, Any]:
+    """One fresh host, one inflate, one deflate, one refault. Returns the measured phases."""
+    pages = plan.pages
+    with Host(plan, workdir, trial) as h:
+        _driver_ready(h)
+        # 1. touched: backed_pages climbs; then the idle task's duration ends and frees it.
+        touched_goal = int(pages * (0.85 if plan.scenario != "fragmented" else 0.8))
+        _, s = h.wait("the guest to touch its memory",
+                      lambda s: s["backed_pages"] >= touched_goal * 0.95)
+        free_wait = plan.free_at - (time.monotonic() - h.boot_time) + 0.5
+        if free_wait > 0:
+            time.sleep(free_wait)
+        _, s = h.wait("the task's memory to be freed",
+                      lambda s: s["unused"] is not None
+                      and s["unused"] // PAGE_SIZE >= pages * 0.35)
+        time.sleep(0.5)  # one more stats interval: a settled `unused`
+        s = h.stat()
+        unused = (s["unused"] or 0) // PAGE_SIZE
+        target = int(min(plan.inflate_fraction * pages, unused - pages * 0.01))
+        if target <= 0:
+            raise BenchError(f"the guest has only {unused} free pages: nothing to inflate")
+        before = h.call("counters", vm="bench")
+        backed0 = s["backed_pages"]
+        rss0 = s["rss"]
+        # 2. inflate
+        t0 = time.monotonic()
+        h.call("set_balloon", vm="bench", pages=target)
+        t1, s = h.wait("inflate", lambda s: s["balloon_pages"] >= target)
+        after = h.call("counters", vm="bench")
+        backed1, rss1 = s["backed_pages"], s["rss"]
+        # 3. deflate
+        t2 = time.monotonic()
+        h.call("set_balloon", vm="bench", pages=0)
+        t3, s = h.wait("deflate", lambda s: s["balloon_pages"] == 0)
+        if time.monotonic() - h.boot_time > plan.refault_at:
+            late = True  # the refault task started during the phases: refault is mixed in
+        else:
+            late = False
+        # 4. refault: the second task starts at refault_at and touches its memory again.
+        base = s["backed_pages"]
+        t4, s = h.wait("the refault to start", lambda s: s["backed_pages"] > base)
+        last_b, last_t = s["backed_pages"], t4
+        stable_since = time.monotonic()
+        while time.monotonic() - stable_since < 0.5:  # until backed_pages stops rising
+            s = h.stat()
+            if s["backed_pages"] > last_b:
+                last_b, last_t, stable_since = s["backed_pages"], time.monotonic(), time.monotonic()
+            time.sleep(POLL_S)
+        corrupted = s.get("corrupted_reads") or 0
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in
+             ("inflate_batches", "punch_calls", "released_frames", "inflated")
+             if isinstance(after.get(k), int)}
+    refault_pages = last_b - base
+    return {
+        "scenario": plan.scenario, "wire": plan.wire, "pages": pages, "target_pages": target,
+        "backed_before": backed0, "backed_after_inflate": backed1,
+        "released_pages": backed0 - backed1, "rss_released_bytes": rss0 - rss1,
+        "inflate_s": t1 - t0, "deflate_s": t3 - t2, "refault_s": max(last_t - t4, POLL_S),
+        "refault_pages": refault_pages, "refault_overlapped_phases": late,
+        "host_counters": delta, "corrupted_reads": corrupted,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarise_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates of one scenario over its repeats (min/median/max)."""
+    inflate = [t["target_pages"] * PAGE_SIZE / GIB / t["inflate_s"] for t in trials]
+    released = [t["released_pages"] * PAGE_SIZE / GIB / t["inflate_s"] for t in trials]
+    deflate = [t["target_pages"] * PAGE_SIZE / GIB / t["deflate_s"] for t in trials]
+    dr = [t["target_pages"] * PAGE_SIZE / GIB / (t["deflate_s"] + t["refault_s"]
+          * t["target_pages"] / max(t["refault_pages"], 1)) for t in trials]
+    refault = [t["refault_pages"] * PAGE_SIZE / GIB / t["refault_s"] for t in trials]
+    return {
+        "inflate_gib_s": _summary(inflate),
+        "inflate_pages_s": _summary([x * GIB / PAGE_SIZE for x in inflate]),
+        "released_gib_s": _summary(released),
+        "deflate_gib_s": _summary(deflate),
+        "refault_gib_s": _summary(refault),
+        "deflate_refault_gib_s": _summary(dr),
+        "trials": trials,
+    }
+
+
+def run_reclaim(*, vm_bytes: int = 1 << 30, repeats: int = 3,
+                scenarios: tuple[str, ...] = SCENARIOS, ref_repeats: int = 3,
+                progress: Callable[[str], None] | None = None,
+                keep_dir: Path | None = None) -> dict[str, Any]:
+    """The whole reclaim benchmark; returns the JSON-ready result."""
+    if vm_bytes < 16 * MIB or vm_bytes % PAGE_SIZE:
+        raise ValueError(f"--vm-size must be a multiple of 4096 bytes and at least 16 MiB, "
+                         f"got {vm_bytes}")
+    if repeats < 1:
+        raise ValueError(f"--repeat must be at least 1, got {repeats}")
+    bad = [s for s in scenarios if s not in SCENARIOS]
+    if bad or not scenarios:
+        raise ValueError(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+    say = progress or (lambda _m: None)
+    say("references")
+    refs = references.all_references(vm_bytes, ref_repeats, read_bytes=min(vm_bytes, 256 * MIB))
+    results: dict[str, Any] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="blbench-", dir="/tmp"))
+    try:
+        for sc in scenarios:
+            trials = []
+            for i in range(repeats):
+                say(f"{sc}: trial {i + 1}/{repeats}")
+                trials.append(run_trial(Plan(vm_bytes, sc), workdir, len(results) * 100 + i))
+            results[sc] = summarise_trials(trials)
+    finally:
+        if keep_dir is not None:
+            shutil.copytree(workdir, keep_dir, dirs_exist_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return build_result(vm_bytes, repeats, refs, results)
+
+
+def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
+                 results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object: flat headline medians first (the keys other tools read), then detail."""
+    def med(sc: str, key: str) -> float | None:
+        r = results.get(sc)
+        return None if r is None else r[key]["median"]
+
+    e2e = med("ranges", "inflate_gib_s")
+    virtio = med("virtio", "inflate_gib_s")
+    limit = refs["punch_limit"].gib_s
+    first_touch = refs["first_touch"].gib_s
+    dr = med("ranges", "deflate_refault_gib_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    return {
+        "benchmark": "reclaim",
+        "e2e_gib_s": e2e,
+        "virtio_gib_s": virtio,
+        "fragmented_gib_s": med("fragmented", "inflate_gib_s"),
+        "limit_punch_gib_s": limit,
+        "per_page_punch_gib_s": refs["per_page_punch"].gib_s,
+        "refault_gib_s": med("ranges", "refault_gib_s"),
+        "deflate_refault_gib_s": dr,
+        "limit_first_touch_gib_s": first_touch,
+        "fallocate_populate_gib_s": refs["fallocate_populate"].gib_s,
+        "read_gib_s": refs["read_bandwidth"].gib_s,
+        "ratio_e2e_to_limit": ratio(e2e, limit),
+        "ratio_ranges_to_virtio": ratio(e2e, virtio),
+        "ratio_e2e_to_per_page": ratio(e2e, refs["per_page_punch"].gib_s),
+        "ratio_deflate_refault_to_first_touch": ratio(dr, first_touch),
+        "targets": {
+            "e2e_ge_0.7_limit": None if ratio(e2e, limit) is None else ratio(e2e, limit) >= 0.7,
+            "e2e_ge_5_virtio": (None if ratio(e2e, virtio) is None
+                                else ratio(e2e, virtio) >= 5),
+            "deflate_refault_ge_0.5_first_touch": (None if ratio(dr, first_touch) is None
+                                                   else ratio(dr, first_touch) >= 0.5),
+        },
+        "vm_bytes": vm_bytes, "repeats": repeats,
+        "references": {k: v.as_dict() for k, v in refs.items()},
+        "scenarios": results,
+        "split_missing": list(SPLIT_GAPS),
+    }

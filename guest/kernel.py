@@ -1,0 +1,516 @@
+"""The guest kernel process: ``python -m guest.kernel --vm NAME --machine-sock PATH
+--kernel-sock PATH --config JSON``.
+
+One asyncio loop, one thread.  It boots over the machine channel (receives the RAM, EPT and
+accessed-bit memfds), serves the balloon driver on ``<vm>.kernel.sock`` and runs its tasks
+round-robin in short quanta of the Numba vCPU loop, yielding to the loop between quanta.
+
+Safe points.  The vCPU loop runs synchronously inside one quantum and the memory manager
+never awaits between an EPT check and the copy that depends on it, so whenever the machine
+reader coroutine runs, no access to guest RAM is in flight: it acknowledges ``shootdown``
+at once.  That covers "between quanta" and "while waiting for ``resume``" alike.
+
+Units: pages of 4096 bytes, times in seconds (monotonic), stall times in ns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, RunError, SwapDevice, TaskMem
+from guest.workloads import SpecError, Workload, WorkloadSpec
+from protocol import messages as m
+from protocol.aio import Channel, PeerClosed
+from protocol.connection import KernelServer, MachineGuest
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
+from protocol.pfn import pfns_to_wire, runs_to_wire
+from protocol.sync import SyncChannel
+
+#: Accesses per quantum when no rate limits the task: ~1 ms of vCPU time at tens of
+#: millions of accesses/s, small enough that shootdowns and the driver are served promptly.
+QUANTUM = 32768
+#: A rate-limited task runs once it has earned this many seconds of accesses.
+RATE_BATCH = 0.005
+#: Scheduler sleep when no task could run (all throttled, sleeping or done).
+IDLE_TICK = 0.003
+#: Seconds an OOM-killed task waits before it restarts with a fresh address space.
+OOM_RESTART_DELAY = 1.0
+#: Seconds a second driver connection waits for the first one to go away before refusal.
+DRIVER_HANDOVER = 2.0
+#: Seconds to wait for the driver's answer to ``oom_notify``.
+OOM_NOTIFY_TIMEOUT = 5.0
+
+
+class ConfigError(ValueError):
+    """Bad ``--config``: the message names the field."""
+
+
+@dataclass
+class Task:
+    tid: int
+    spec: WorkloadSpec
+    wl: Workload
+    mem: TaskMem
+    started: float | None = None
+    done: bool = False
+    sleeping_until: float = 0.0
+    tokens: float = 0.0
+    last: float = 0.0
+    mapped_hi: int = 0  # vpns >= this are guaranteed unmapped (working-set shrink)
+    ops: int = 0
+    ops_window: list[tuple[float, int]] = field(default_factory=list)
+    stall_ns_ept: int = 0
+    stall_ns_guest: int = 0
+    oom_kills: int = 0
+
+
+def parse_config(raw: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError("--config must be a JSON object")
+    tasks = cfg.get("tasks", [])
+    if not isinstance(tasks, list):
+        raise ConfigError("config.tasks: expected a list")
+    for key in ("guest_swap", "memory"):
+        v = cfg.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"config.{key}: expected a non-negative integer of bytes, got {v!r}")
+    si = cfg.get("stats_interval", 1.0)
+    if isinstance(si, bool) or not isinstance(si, (int, float)) or not 0 < si <= 3600:
+        raise ConfigError(f"config.stats_interval: expected seconds in (0, 3600], got {si!r}")
+    seed = cfg.get("seed", 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"config.seed: expected an integer, got {seed!r}")
+    try:
+        cfg["_specs"] = [WorkloadSpec.from_dict(t, f"config.tasks[{i}]")
+                         for i, t in enumerate(tasks)]
+    except SpecError as e:
+        raise ConfigError(str(e)) from e
+    return cfg
+
+
+class GuestKernel:
+    def __init__(self, vm: str, machine_sock: str, kernel_sock: str, cfg: dict[str, Any]) -> None:
+        self.vm = vm
+        self.machine_sock = machine_sock
+        self.kernel_sock = kernel_sock
+        self.cfg = cfg
+        self.stopping = asyncio.Event()
+        self.machine: Channel | None = None
+        self.driver: Channel | None = None
+        self._driver_free = asyncio.Event()
+        self._driver_free.set()
+        self._resumes: dict[int, asyncio.Future[None]] = {}
+        self.shootdowns_acked = 0
+        self._oom_acks: dict[int, asyncio.Future[bool]] = {}
+        self._oom_ids = 1
+        self.tasks: list[Task] = []
+        self.mm: MemoryManager | None = None
+        self.halt_reason = ""
+
+    # ------------------------------------------------------------------ boot
+
+    def _boot(self) -> tuple[MachineGuest, socket.socket, int, list[int]]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30.0)
+        sock.connect(self.machine_sock)
+        conn = MachineGuest()
+        ch = SyncChannel(sock, conn)
+        ch.send(m.Boot(vm=self.vm, version=PROTOCOL_VERSION))
+        reply = ch.recv(maxfds=3)
+        if isinstance(reply, m.Halt):
+            raise SystemExit(f"halted during boot: {reply.reason}")
+        if not isinstance(reply, m.BootOk):
+            raise RuntimeError(f"expected boot_ok, got {reply.TYPE}")
+        if reply.page_size != PAGE_SIZE:
+            raise RuntimeError(f"host page size {reply.page_size} != {PAGE_SIZE}")
+        if len(ch.fds) != 3:
+            raise RuntimeError(f"boot_ok carried {len(ch.fds)} descriptors, expected 3")
+        sock.settimeout(None)
+        sock.setblocking(False)
+        return conn, sock, reply.pages, ch.fds
+
+    async def run(self) -> int:
+        # The kernel socket exists before boot, so the driver can connect once we booted.
+        if os.path.exists(self.kernel_sock):
+            os.unlink(self.kernel_sock)
+        server = await asyncio.start_unix_server(self._serve_driver, path=self.kernel_sock,
+                                                 limit=1 << 20)
+        os.chmod(self.kernel_sock, 0o600)
+        swap: SwapDevice | None = None
+        maps: list[mmap.mmap] = []
+        try:
+            conn, sock, pages, fds = self._boot()
+            ram_fd, ept_fd, acc_fd = fds
+            ram_map = mmap.mmap(ram_fd, pages * PAGE_SIZE, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+            ept_map = mmap.mmap(ept_fd, pages, mmap.MAP_SHARED, mmap.PROT_READ)
+            acc_map = mmap.mmap(acc_fd, pages, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+            maps = [ram_map, ept_map, acc_map]
+            for fd in fds:
+                os.close(fd)
+            run_dir = os.path.dirname(os.path.abspath(self.kernel_sock))
+            swap = SwapDevice(os.path.join(run_dir, f"{self.vm}.guest-swap"),
+                              int(self.cfg.get("guest_swap", 0)))
+            self.mm = MemoryManager(
+                np.frombuffer(ram_map, dtype=np.uint64),
+                np.frombuffer(ept_map, dtype=np.uint8),
+                np.frombuffer(acc_map, dtype=np.uint8),
+                swap, ensure_present=self.ensure_present, oom_notify=self._oom_notify)
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+            self.machine = Channel(conn, reader, writer)
+            self._make_tasks()
+            self._log(f"booted: {pages} pages, {len(self.tasks)} tasks, guest swap "
+                      f"{swap.nslots} slots, watermarks min/low/high "
+                      f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}")
+            machine_task = asyncio.create_task(self._machine_reader())
+            stats_task = asyncio.create_task(self._stats_logger())
+            sched = asyncio.create_task(self._scheduler())
+            stop = asyncio.create_task(self.stopping.wait())
+            done, _ = await asyncio.wait({sched, stop, machine_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for t in (sched, stop, machine_task, stats_task):
+                t.cancel()
+            for t in (sched, machine_task, stats_task):
+                try:
+                    await t
+                except (asyncio.CancelledError, PeerClosed):
+                    pass
+            if sched in done and not sched.cancelled():
+                exc = sched.exception()
+                if exc is not None and not isinstance(exc, PeerClosed):
+                    raise exc  # a bug: let it show (PeerClosed is the host going away)
+            self._log(f"stopping: {self.halt_reason or 'done'}; "
+                      f"corrupted reads {self.mm.stats.corrupted_reads}")
+            return 0
+        finally:
+            server.close()
+            try:
+                os.unlink(self.kernel_sock)
+            except FileNotFoundError:
+                pass
+            if self.machine is not None:
+                await self.machine.close()
+            if self.driver is not None:
+                await self.driver.close()
+            if swap is not None:
+                swap.close(unlink=True)
+            self.mm = None
+            for mp in maps:
+                try:
+                    mp.close()
+                except BufferError:
+                    pass  # numpy views still alive; the process is exiting anyway
+
+    def _make_tasks(self) -> None:
+        assert self.mm is not None
+        seed = int(self.cfg.get("seed", 1))
+        for i, spec in enumerate(self.cfg["_specs"]):
+            mem = self.mm.add_task(i, spec.pages)
+            self.tasks.append(Task(i, spec, Workload(spec, seed * 1000003 + i), mem))
+
+    def _log(self, text: str) -> None:
+        print(f"[{self.vm} kernel] {text}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ machine channel
+
+    async def _machine_reader(self) -> None:
+        assert self.machine is not None
+        ch = self.machine
+        try:
+            while True:
+                msg = await ch.recv()
+                if isinstance(msg, m.Shootdown):
+                    # Always a safe point here: see the module docstring.
+                    await ch.send(m.ShootdownAck(id=msg.id))
+                    self.shootdowns_acked += 1
+                elif isinstance(msg, m.Resume):
+                    fut = self._resumes.pop(msg.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif isinstance(msg, m.Halt):
+                    self.halt_reason = f"halt ({msg.reason or 'no reason'})"
+                    break
+                elif isinstance(msg, (m.Bye, m.Error)):
+                    self.halt_reason = f"hypervisor said {msg.TYPE}"
+                    break
+        except PeerClosed:
+            self.halt_reason = "hypervisor vanished (EOF)"
+        except ProtocolError as e:
+            self.halt_reason = f"machine channel protocol error: {e}"
+        finally:
+            for fut in self._resumes.values():
+                if not fut.done():
+                    fut.set_exception(PeerClosed("machine channel closed"))
+            self.stopping.set()
+
+    async def ensure_present(self, gpfns: np.ndarray) -> None:
+        """EPT fault for every not-present page of ``gpfns``; returns when all resumed."""
+        assert self.machine is not None and self.mm is not None
+        ept = self.mm.ept
+        g = np.unique(np.asarray(gpfns, np.int64))
+        g = g[ept[g] == 0]
+        while g.size:
+            futs = []
+            for i in range(0, g.size, EPT_BATCH):
+                chunk = g[i:i + EPT_BATCH]
+                mid = self.machine.conn.new_id()
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._resumes[mid] = fut
+                self.machine.send_nowait(m.EptFault(id=mid, pfns=pfns_to_wire(
+                    chunk.astype(np.uint32))))
+                futs.append(fut)
+            await self.machine.drain()
+            for fut in futs:
+                await fut
+            g = g[ept[g] == 0]  # a shootdown may have raced with the resume: fault again
+
+    # ------------------------------------------------------------------ scheduler
+
+    async def _scheduler(self) -> None:
+        assert self.mm is not None
+        mm = self.mm
+        t0 = time.monotonic()
+        for t in self.tasks:
+            t.last = t0
+        while not self.stopping.is_set():
+            ran = False
+            now = time.monotonic()
+            for t in self.tasks:
+                if t.done or now < t.sleeping_until:
+                    continue
+                if t.started is None:
+                    if now - t0 < t.spec.start:
+                        continue
+                    t.started = now
+                    t.last = now
+                tt = now - t.started
+                if t.spec.duration is not None and tt >= t.spec.duration:
+                    mm.unmap_range(t.mem, 0, t.mem.npages)
+                    t.done = True
+                    self._log(f"task {t.tid} finished after {tt:.1f}s ({t.ops} ops)")
+                    continue
+                wp = t.wl.working_pages(tt)
+                if wp < t.mapped_hi:
+                    mm.unmap_range(t.mem, wp, t.mapped_hi)  # working set shrank: free it
+                t.mapped_hi = wp
+                if t.wl.sleeping(tt):
+                    continue
+                if t.spec.rate is not None:
+                    t.tokens = min(QUANTUM, t.tokens + t.spec.rate * (now - t.last))
+                    t.last = now
+                    n = int(t.tokens)
+                    # batch a throttled task's accesses (>= RATE_BATCH s worth) instead of
+                    # spinning the loop on tiny quanta
+                    if n < min(QUANTUM, max(1.0, t.spec.rate * RATE_BATCH)):
+                        continue
+                else:
+                    n = QUANTUM
+                    t.last = now
+                vpns, writes = t.wl.quantum(n, tt)
+                if t.spec.rate is not None:
+                    t.tokens -= len(vpns)
+                if len(vpns):
+                    ran = True
+                    await self._run_quantum(t, vpns, writes)
+                    if self.stopping.is_set():
+                        return
+            await mm.kswapd()
+            # Yield to the loop: serve shootdowns and the driver between quanta.
+            await asyncio.sleep(0 if ran else IDLE_TICK)
+
+    async def _run_quantum(self, t: Task, vpns: np.ndarray, writes: np.ndarray) -> None:
+        assert self.mm is not None
+        res = await self.mm.run_quantum(t.mem, vpns, writes)
+        t.ops += res.ops
+        t.stall_ns_ept += res.stall_ns_ept
+        t.stall_ns_guest += res.stall_ns_guest
+        if res.corrupted:
+            self._log(f"task {t.tid}: {res.corrupted} CORRUPTED READS")
+        if res.killed:
+            t.oom_kills += 1
+            t.sleeping_until = time.monotonic() + OOM_RESTART_DELAY
+            self._log(f"task {t.tid} OOM-killed; restarts in {OOM_RESTART_DELAY}s")
+
+    # ------------------------------------------------------------------ driver channel
+
+    async def _serve_driver(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        ch = Channel(KernelServer(), reader, writer)
+        if self.driver is not None:
+            # A restarting driver may reconnect before we noticed its old connection close.
+            try:
+                await asyncio.wait_for(self._driver_free.wait(), DRIVER_HANDOVER)
+            except asyncio.TimeoutError:
+                pass
+        if self.driver is not None or self.mm is None:
+            # one driver at a time, and only once booted
+            try:
+                ch.send_nowait(m.Error(code=ErrorCode.BAD_STATE,
+                                       message="a balloon driver is already connected"
+                                       if self.mm else "the guest has not booted yet"))
+            finally:
+                await ch.close()
+            return
+        self.driver = ch
+        self._driver_free.clear()
+        try:
+            while True:
+                msg = await ch.recv()
+                reply = self._driver_request(msg)
+                if reply is not None:
+                    await ch.send(reply)
+                if isinstance(msg, (m.Bye, m.Error)):
+                    break
+        except (PeerClosed, ProtocolError, ConnectionError):
+            pass
+        finally:
+            if self.mm is not None:
+                # reports still in flight die with the driver: pages go back unreported
+                self.mm.report_abort()
+            for fut in self._oom_acks.values():
+                if not fut.done():
+                    fut.set_result(False)
+            if self.driver is ch:
+                self.driver = None
+                self._driver_free.set()
+            await ch.close()
+
+    def _driver_request(self, msg: m.Message) -> m.Message | None:
+        mm = self.mm
+        assert mm is not None
+
+        def fail(code: str, text: str) -> m.Ack:
+            return m.Ack(id=msg.id, ok=False, code=str(code), message=text)  # type: ignore
+
+        if isinstance(msg, m.BalloonAlloc):
+            if msg.count == 0 or msg.count > mm.npages:
+                return fail(ErrorCode.BAD_FIELD, f"balloon_alloc.count: {msg.count} is not in "
+                            f"1..{mm.npages} (guest RAM pages)")
+            try:
+                runs = mm.balloon_alloc(msg.count, msg.max_order)
+            except OutOfPuff as e:
+                return fail(ErrorCode.OUT_OF_PUFF, str(e))
+            return m.Pages(id=msg.id, runs=runs_to_wire(runs))
+        if isinstance(msg, m.BalloonFree):
+            try:
+                mm.balloon_free(msg.run_array)
+            except RunError as e:
+                return fail(e.code if e.code != "not_in_use" else ErrorCode.NOT_BALLOONED,
+                            f"balloon_free: {e}")
+            return m.Ack(id=msg.id, ok=True)
+        if isinstance(msg, m.BalloonList):
+            return m.Pages(id=msg.id, runs=runs_to_wire(mm.balloon_list()))
+        if isinstance(msg, m.Meminfo):
+            return m.Stats(id=msg.id, stats={int(k): int(v) for k, v in self._stats().items()})
+        if isinstance(msg, m.ReportIsolate):
+            if msg.max_runs == 0 or msg.max_runs > MAX_BATCH_RUNS:
+                return fail(ErrorCode.BAD_FIELD, f"report_isolate.max_runs: {msg.max_runs} is "
+                            f"not in 1..{MAX_BATCH_RUNS}")
+            runs = mm.report_isolate(msg.min_order, msg.max_runs)
+            return m.Pages(id=msg.id, runs=runs_to_wire(runs))
+        if isinstance(msg, m.ReportDone):
+            try:
+                mm.report_done(msg.run_array)
+            except RunError as e:
+                return fail(e.code if e.code != "not_in_use" else ErrorCode.BAD_FIELD,
+                            f"report_done: {e} (only isolated pages can be reported)")
+            return m.Ack(id=msg.id, ok=True)
+        if isinstance(msg, m.Ack):
+            fut = self._oom_acks.pop(msg.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(bool(msg.ok))
+        return None
+
+    async def _oom_notify(self, pages: int) -> bool:
+        ch = self.driver
+        if ch is None:
+            return False
+        mid = self._oom_ids
+        self._oom_ids += 1
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._oom_acks[mid] = fut
+        try:
+            await ch.send(m.OomNotify(id=mid, pages=pages))
+            return await asyncio.wait_for(fut, OOM_NOTIFY_TIMEOUT)
+        except (asyncio.TimeoutError, PeerClosed, ProtocolError):
+            return False
+        finally:
+            self._oom_acks.pop(mid, None)
+
+    # ------------------------------------------------------------------ stats
+
+    def _stats(self) -> dict[int, int]:
+        assert self.mm is not None
+        running = sum(1 for t in self.tasks if t.started is not None and not t.done)
+        return self.mm.stats_map(tasks_running=running)
+
+    async def _stats_logger(self) -> None:
+        interval = float(self.cfg.get("stats_interval", 1.0))
+        last_ops = {t.tid: 0 for t in self.tasks}
+        while True:
+            await asyncio.sleep(interval)
+            mm = self.mm
+            if mm is None:
+                return
+            parts = []
+            for t in self.tasks:
+                rate = (t.ops - last_ops[t.tid]) / interval
+                last_ops[t.tid] = t.ops
+                parts.append(f"t{t.tid}:{rate / 1e6:.2f}Mops/s,ept={t.stall_ns_ept / 1e9:.2f}s,"
+                             f"gf={t.stall_ns_guest / 1e9:.2f}s")
+            s = mm.stats
+            self._log(f"free={mm.buddy.free_pages} anon={mm.anon_pages()} "
+                      f"balloon={mm.balloon_pages} swap_out={s.swap_out // PAGE_SIZE} "
+                      f"swap_in={s.swap_in // PAGE_SIZE} oom={s.oom_kills} "
+                      f"corrupted={s.corrupted_reads} ept_waiting={len(self._resumes)} "
+                      f"shootdowns={self.shootdowns_acked} " + " ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m guest.kernel", description=__doc__.split("\n")[0])
+    ap.add_argument("--vm", required=True)
+    ap.add_argument("--machine-sock", required=True)
+    ap.add_argument("--kernel-sock", required=True)
+    ap.add_argument("--config", required=True, help="JSON object (docs/internals.md)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = parse_config(args.config)
+    except ConfigError as e:
+        print(f"guest.kernel: {e}", file=sys.stderr)
+        return 2
+    kernel = GuestKernel(args.vm, args.machine_sock, args.kernel_sock, cfg)
+
+    async def amain() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, kernel.stopping.set)
+        return await kernel.run()
+
+    try:
+        return asyncio.run(amain())
+    except (ConnectionRefusedError, FileNotFoundError) as e:
+        print(f"guest.kernel: cannot reach the hypervisor at {args.machine_sock}: {e}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Task workloads: seeded generators of memory-access streams, one quantum at a time.
+
+A workload produces ``(vpns, is_write)`` arrays (int64 virtual page numbers inside the task,
+uint8 write flags) for the next quantum, in vectorised numpy; the vCPU loop
+(:func:`guest.kernels.vcpu_run`) consumes them.  Units: sizes in bytes in the spec, pages
+(4096 bytes) inside; durations and times in seconds; ``rate`` in accesses per second.
+
+Kinds (``docs/internals.md``): ``uniform``, ``zipf`` (``skew``), ``scan``, ``hotcold``
+(``hot_fraction``, ``hot_prob``), ``phases`` (a list of specs, each with a ``duration``; the
+list repeats, so working sets grow and shrink periodically), ``idle`` (touch ``size`` once,
+then sleep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from guest.kernels import PAGE_SIZE
+
+KINDS = ("uniform", "zipf", "scan", "hotcold", "phases", "idle")
+
+
+class SpecError(ValueError):
+    """A workload spec with a bad value; the message names the field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadSpec:
+    workload: str
+    size: int  # bytes
+    write_ratio: float = 0.3
+    rate: float | None = None
+    skew: float = 0.9
+    hot_fraction: float = 0.1
+    hot_prob: float = 0.9
+    duration: float | None = None
+    start: float = 0.0
+    phases: tuple["WorkloadSpec", ...] = field(default_factory=tuple)
+
+    @property
+    def pages(self) -> int:
+        """Address-space size in pages: the largest working set over all phases."""
+        if self.workload == "phases":
+            return max(p.pages for p in self.phases)
+        return -(-self.size // PAGE_SIZE)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "task") -> "WorkloadSpec":
+        """Validate a spec map (``--config`` JSON); raise :class:`SpecError` naming the field."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"{where}: expected an object, got {type(d).__name__}")
+
+        def num(name: str, default: Any, lo: float, hi: float, *, allow_none: bool = False,
+                integer: bool = False) -> Any:
+            v = d.get(name, default)
+            if v is None:
+                if allow_none:
+                    return None
+                raise SpecError(f"{where}.{name}: is required")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                    integer and not isinstance(v, int)):
+                raise SpecError(f"{where}.{name}: expected a number, got {v!r}")
+            if not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
+                raise SpecError(f"{where}.{name}: {v!r} is outside [{lo}, {hi}]")
+            return v
+
+        kind = d.get("workload")
+        if kind not in KINDS:
+            raise SpecError(f"{where}.workload: {kind!r} is not one of {', '.join(KINDS)}")
+        phases: tuple[WorkloadSpec, ...] = ()
+        if kind == "phases":
+            raw = d.get("phases")
+            if not isinstance(raw, list) or not raw:
+                raise SpecError(f"{where}.phases: a 'phases' workload needs a non-empty list")
+            phases = tuple(cls.from_dict(p, f"{where}.phases[{i}]") for i, p in enumerate(raw))
+            for i, p in enumerate(phases):
+                if p.workload == "phases":
+                    raise SpecError(f"{where}.phases[{i}].workload: phases do not nest")
+                if p.duration is None:
+                    raise SpecError(f"{where}.phases[{i}].duration: every phase needs one")
+            size = max(p.size for p in phases)
+        else:
+            size = num("size", None, PAGE_SIZE, 1 << 44, integer=True)
+        rate = num("rate", None, 1e-3, 1e12, allow_none=True)
+        return cls(
+            workload=kind,
+            size=size,
+            write_ratio=float(num("write_ratio", 0.3, 0.0, 1.0)),
+            rate=None if rate is None else float(rate),
+            skew=float(num("skew", 0.9, 0.0, 10.0)),
+            hot_fraction=float(num("hot_fraction", 0.1, 1e-9, 1.0)),
+            hot_prob=float(num("hot_prob", 0.9, 0.0, 1.0)),
+            duration=num("duration", None, 1e-3, 1e9, allow_none=True),
+            start=float(num("start", 0.0, 0.0, 1e9)),
+            phases=phases,
+        )
+
+
+class Workload:
+    """Stateful generator for one task.  ``quantum(n, t)`` gives the next accesses at task
+    time ``t`` (seconds since the task started)."""
+
+    def __init__(self, spec: WorkloadSpec, seed: int) -> None:
+        self.spec = spec
+        self.rng = np.random.default_rng(seed)
+        self._scan_pos = 0
+        self._touched = 0  # idle: pages touched so far
+        self._phase: tuple[int, int] = (0, 0)  # (cycle, phase index) in force
+        self._zipf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def active(self, t: float) -> WorkloadSpec:
+        """The spec in force at task time ``t`` (phases repeat)."""
+        s = self.spec
+        if s.workload != "phases":
+            return s
+        cycle = sum(p.duration for p in s.phases)  # type: ignore[misc]
+        n = int(t // cycle)
+        x = t - n * cycle
+        i = len(s.phases) - 1
+        for k, p in enumerate(s.phases):
+            if x < p.duration:  # type: ignore[operator]
+                i = k
+                break
+            x -= p.duration  # type: ignore[operator]
+        key = (n, i)
+        if key != self._phase:
+            # a new phase starts afresh: an idle phase touches its set again, a scan restarts
+            self._phase = key
+            self._touched = 0
+            self._scan_pos = 0
+        return s.phases[i]
+
+    def working_pages(self, t: float) -> int:
+        return self.active(t).pages
+
+    def sleeping(self, t: float) -> bool:
+        a = self.active(t)
+        return a.workload == "idle" and self._touched >= a.pages
+
+    def quantum(self, n: int, t: float) -> tuple[np.ndarray, np.ndarray]:
+        a = self.active(t)
+        p = a.pages
+        rng = self.rng
+        if a.workload == "uniform":
+            vpns = rng.integers(0, p, n, dtype=np.int64)
+        elif a.workload == "zipf":
+            cdf, perm = self._zipf_tables(a)
+            ranks = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+            np.minimum(ranks, p - 1, out=ranks)
+            vpns = perm[ranks]
+        elif a.workload == "scan":
+            vpns = (self._scan_pos + np.arange(n, dtype=np.int64)) % p
+            self._scan_pos = int((self._scan_pos + n) % p)
+        elif a.workload == "hotcold":
+            hot = max(1, int(p * a.hot_fraction))
+            is_hot = rng.random(n) < a.hot_prob
+            if hot >= p:
+                is_hot[:] = True
+            vpns = np.where(is_hot, rng.integers(0, hot, n), rng.integers(hot, max(p, hot + 1), n))
+            vpns = vpns.astype(np.int64)
+        elif a.workload == "idle":
+            # touch every page once (writes, so the memory is really populated), then sleep
+            k = max(0, min(n, p - self._touched))
+            vpns = np.arange(self._touched, self._touched + k, dtype=np.int64)
+            self._touched += k
+            return vpns, np.ones(k, np.uint8)
+        else:  # pragma: no cover - specs are validated
+            raise AssertionError(a.workload)
+        writes = (rng.random(n) < a.write_ratio).view(np.uint8)
+        return vpns, writes
+
+    def _zipf_tables(self, a: WorkloadSpec) -> tuple[np.ndarray, np.ndarray]:
+        p = a.pages
+        key = id(a)
+        tab = self._zipf.get(key)
+        if tab is None:
+            w = 1.0 / np.power(np.arange(1, p + 1, dtype=np.float64), a.skew)
+            cdf = np.cumsum(w)
+            # hot pages scattered over the address space, as a real heap's would be
+            perm = np.random.default_rng(p).permutation(p).astype(np.int64)
+            tab = (cdf, perm)
+            self._zipf[key] = tab
+        return tab

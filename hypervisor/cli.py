@@ -1,0 +1,742 @@
+"""The ``balloonlab`` command line (console script ``balloonlab = hypervisor.cli:main``).
+
+``up`` launches the hypervisor (``python -m hypervisor --topology FILE``), waits until every
+VM runs and its balloon driver has negotiated, then shows the dashboard, records, or
+returns (``--detach``). Every other host command is a control-channel client of a running
+host (``--host NAME``, default: the only one running). ``validate``, ``topologies`` and
+``plot`` work offline. Sizes take B/KiB/MiB/GiB, durations ms/s/m (docs/cli.md).
+
+Errors are one line on stderr and exit status 1 (2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from hypervisor.recording import SUMMARY_HEADERS, RecordingError, Recorder, summary_table_rows
+from hypervisor.topology import (
+    Topology,
+    TopologyError,
+    default_topology,
+    example_path,
+    list_examples,
+    load_topology,
+)
+from hypervisor.units import PAGE_SIZE, format_duration, format_size, parse_duration, parse_size
+
+__all__ = ["cli", "main"]
+
+#: How long `up` waits for every VM to boot and its driver to negotiate.
+DEFAULT_BOOT_TIMEOUT = "60s"
+#: How long `down`/the end of `up` waits for the hypervisor to exit after `shutdown`.
+SHUTDOWN_TIMEOUT = 20.0
+
+
+class CliError(click.ClickException):
+    """One-line user-facing error (exit status 1)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"balloonlab: error: {self.format_message()}", err=True)
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def _host_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "no usable host": mapped to one-line errors."""
+    errs: list[type[BaseException]] = [ConnectionError, FileNotFoundError, TimeoutError]
+    try:
+        from hypervisor.rundir import RunDirError
+
+        errs.append(RunDirError)
+    except ImportError:  # pragma: no cover - rundir is part of the package
+        pass
+    try:
+        from hypervisor import client as _client
+
+        for name in ("HostNotRunning", "ControlError"):
+            if hasattr(_client, name):
+                errs.append(getattr(_client, name))
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _describe_error(e: BaseException) -> str:
+    code = getattr(e, "code", None)
+    msg = getattr(e, "message", None) or str(e) or type(e).__name__
+    if type(e).__name__ == "ControlError" and code:
+        return f"host refused: {msg} [{code}]"
+    if isinstance(e, ConnectionRefusedError | FileNotFoundError):
+        return f"no running host answers ({msg}); start one with `balloonlab up`"
+    return str(msg)
+
+
+class _Group(click.Group):
+    """Turns the project's expected errors into one line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except TopologyError as e:
+            raise CliError(str(e)) from None
+        except RecordingError as e:
+            raise CliError(str(e)) from None
+        except _host_errors() as e:
+            raise CliError(_describe_error(e)) from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# Host connection helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _client_module() -> Any:
+    try:
+        from hypervisor import client
+    except ImportError as e:  # the control client module is missing from this install
+        _fail(f"the control client is not available ({e})")
+    return client
+
+
+def _run_dir_for(host: str | None) -> Path:
+    from hypervisor.rundir import find_host
+
+    return find_host(host)
+
+
+@contextmanager
+def _connect(host: str | None, timeout: float = 5.0) -> Iterator[Any]:
+    run_dir = _run_dir_for(host)
+    client = _client_module().ControlClient(run_dir, timeout=timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+host_option = click.option(
+    "--host", "host", default=None, metavar="NAME",
+    help="Host to talk to (default: the only running host).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _size_arg(value: str, field: str) -> int:
+    try:
+        return parse_size(value, field=field)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _duration_arg(value: str | None, field: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, field=field)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The group
+# --------------------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="balloonlab", prog_name="balloonlab")
+def cli() -> None:
+    """balloonlab: an emulated hypervisor for studying memory ballooning.
+
+    Start with `balloonlab demo`, or `balloonlab up FILE` with a topology
+    (`balloonlab topologies` lists the shipped ones).
+    """
+
+
+# ---- offline commands -----------------------------------------------------------------------
+
+
+def _topology_text(topo: Topology) -> str:
+    h = topo.host
+    vm_total = sum(v.memory for v in topo.vms)
+    lines = [
+        f"{topo.source}: ok",
+        f"host {h.name}: memory {format_size(h.memory)} ({h.frames} frames), "
+        f"swap {format_size(h.swap) if h.swap else 'off'}, policy {h.policy} "
+        f"every {format_duration(h.policy_interval)}",
+        f"{len(topo.vms)} VM{'s' if len(topo.vms) != 1 else ''}, "
+        f"{format_size(vm_total)} of guest RAM: overcommit {vm_total / h.memory:.2f}x",
+    ]
+    for v in topo.vms:
+        tasks = ", ".join(f"{t.workload} {format_size(t.size)}" for t in v.tasks) or "no tasks"
+        lines.append(
+            f"  {v.name}: {format_size(v.memory)}, wire {v.wire}, "
+            f"features {','.join(v.features) or '-'}; {tasks}"
+        )
+    return "\n".join(lines)
+
+
+def _topology_json(topo: Topology) -> dict[str, Any]:
+    h = topo.host
+    return {
+        "source": topo.source,
+        "host": {
+            "name": h.name, "memory": h.memory, "swap": h.swap, "frames": h.frames,
+            "policy": h.policy, "policy_params": dict(h.policy_params),
+            "policy_interval": h.policy_interval, "run_dir": h.run_dir,
+        },
+        "vms": [
+            {
+                "name": v.name, "memory": v.memory, "pages": v.pages, "features": list(v.features),
+                "wire": v.wire, "stats_interval": v.stats_interval, "guest_swap": v.guest_swap,
+                "on_crash": v.on_crash, "min_memory": v.min_memory, "max_memory": v.max_memory,
+                "shares": v.shares, "initial_balloon": v.initial_balloon,
+                "tasks": [t.to_json() for t in v.tasks],
+            }
+            for v in topo.vms
+        ],
+    }
+
+
+def _resolve_topology(file: str | None) -> Topology:
+    """FILE, or a shipped example's name, or the default topology."""
+    if file is None:
+        return default_topology()
+    path = Path(file)
+    if not path.exists() and os.sep not in file and file in {n for n, _ in list_examples()}:
+        return load_topology(example_path(file))
+    return load_topology(path)
+
+
+@cli.command()
+@click.argument("file")
+@json_option
+@click.option("--resolved", is_flag=True, help="Print the topology with every default spelled out (TOML).")
+def validate(file: str, as_json: bool, resolved: bool) -> None:
+    """Check a topology FILE (or a shipped example's name) without starting anything."""
+    topo = _resolve_topology(file)
+    if resolved:
+        click.echo(topo.to_toml(), nl=False)
+    elif as_json:
+        _print_json(_topology_json(topo))
+    else:
+        click.echo(_topology_text(topo))
+
+
+@cli.command()
+@json_option
+def topologies(as_json: bool) -> None:
+    """List the shipped example topologies (use a name wherever a FILE is expected)."""
+    items = [(n, d, str(example_path(n))) for n, d in list_examples()]
+    if as_json:
+        _print_json([{"name": n, "description": d, "path": p} for n, d, p in items])
+        return
+    width = max(len(n) for n, _, _ in items)
+    for n, d, _p in items:
+        click.echo(f"{n:<{width}}  {d}")
+    click.echo(f"\n(files in {example_path(items[0][0]).parent})")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the PNGs (default: DIRECTORY).")
+def plot(directory: Path, out_dir: Path | None) -> None:
+    """Plot a run recorded with `up --record DIRECTORY`: memory.png and host.png."""
+    from hypervisor.plot import plot_run
+
+    for p in plot_run(directory, out_dir):
+        click.echo(str(p))
+
+
+# ---- reading commands -------------------------------------------------------------------------
+
+
+@cli.command()
+@host_option
+@json_option
+def host(host: str | None, as_json: bool) -> None:
+    """Show the host's frames, swap and policy."""
+    with _connect(host) as c:
+        info = c.call("host_info")
+    if as_json:
+        _print_json(info)
+        return
+    used = info["frames_total"] - info["frames_free"]
+    swap_total, swap_free = info.get("swap_slots_total", 0), info.get("swap_slots_free", 0)
+    click.echo(f"host      {info.get('name')} (pid {info.get('pid')})")
+    click.echo(f"frames    {used} used / {info['frames_total']} "
+               f"({format_size(used * PAGE_SIZE)} of {format_size(info['frames_total'] * PAGE_SIZE)}), "
+               f"{info['frames_free']} free")
+    if swap_total:
+        click.echo(f"swap      {swap_total - swap_free} used / {swap_total} slots "
+                   f"({format_size((swap_total - swap_free) * PAGE_SIZE)} of "
+                   f"{format_size(swap_total * PAGE_SIZE)})")
+    else:
+        click.echo("swap      off")
+    click.echo(f"policy    {info.get('policy')}")
+    for k in sorted(set(info) - {"name", "pid", "frames_total", "frames_free", "swap_slots_total",
+                                 "swap_slots_free", "policy"}):
+        click.echo(f"{k:<9} {info[k]}")
+
+
+@cli.command("list")
+@host_option
+@json_option
+def list_(host: str | None, as_json: bool) -> None:
+    """List the VMs of the running host."""
+    with _connect(host) as c:
+        vms = c.call("list_vms")
+    if as_json:
+        _print_json(vms)
+        return
+    click.echo(f"{'name':<16} {'state':<12} {'driver':<12} {'memory':>12}")
+    for vm in vms:
+        click.echo(
+            f"{vm['name']:<16} {vm.get('state', '?'):<12} {str(vm.get('driver', '-')):<12} "
+            f"{format_size(int(vm.get('memory_pages', 0)) * PAGE_SIZE):>12}"
+        )
+
+
+@cli.command()
+@click.argument("vm")
+@host_option
+@json_option
+def dommemstat(vm: str, host: str | None, as_json: bool) -> None:
+    """Memory statistics of VM (virsh dommemstat names, plus the host's view)."""
+    with _connect(host) as c:
+        stats = c.call("dommemstat", vm=vm)
+    if as_json:
+        _print_json(stats)
+        return
+    for k, v in stats.items():
+        human = ""
+        if isinstance(v, int) and k.endswith("_pages"):
+            human = f"  ({format_size(v * PAGE_SIZE)})"
+        click.echo(f"{k:<20} {v}{human}")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
+@host_option
+@json_option
+def events(follow: bool, host: str | None, as_json: bool) -> None:
+    """Print the host's events (JSON lines with --json)."""
+    from hypervisor.dashboard import _event_line
+
+    with _connect(host, timeout=None if follow else 5.0) as c:  # type: ignore[arg-type]
+        for ev in c.events(follow):
+            click.echo(json.dumps(ev, sort_keys=True, default=str) if as_json else _event_line(ev))
+
+
+# ---- acting commands --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("vm")
+@click.argument("size")
+@host_option
+def setmem(vm: str, size: str, host: str | None) -> None:
+    """Set VM's logical memory size to SIZE (as QEMU's `balloon`): the balloon takes the rest."""
+    nbytes = _size_arg(size, "SIZE")
+    with _connect(host) as c:
+        c.call("setmem", vm=vm, bytes=nbytes)
+    click.echo(f"{vm}: memory target {format_size(nbytes)}")
+
+
+@cli.command("set-balloon")
+@click.argument("vm")
+@click.argument("size")
+@host_option
+def set_balloon(vm: str, size: str, host: str | None) -> None:
+    """Set VM's balloon target to SIZE (a multiple of 4096 bytes)."""
+    nbytes = _size_arg(size, "SIZE")
+    if nbytes % PAGE_SIZE:
+        raise click.BadParameter(f"{size!r} is not a multiple of the {PAGE_SIZE}-byte page size",
+                                 param_hint="SIZE")
+    with _connect(host) as c:
+        c.call("set_balloon", vm=vm, pages=nbytes // PAGE_SIZE)
+    click.echo(f"{vm}: balloon target {format_size(nbytes)} ({nbytes // PAGE_SIZE} pages)")
+
+
+def _param_value(text: str) -> Any:
+    """``k=v`` values: JSON when they parse as JSON (numbers, booleans, lists), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+              help="Policy parameter (repeatable); VALUE is JSON or a plain string.")
+@host_option
+def policy(name: str, params: tuple[str, ...], host: str | None) -> None:
+    """Switch the running host to policy NAME (none, static, mom, share, or pkg.mod:Class)."""
+    parsed: dict[str, Any] = {}
+    for p in params:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{p!r} is not KEY=VALUE", param_hint="--param")
+        parsed[key] = _param_value(value)
+    with _connect(host) as c:
+        c.call("set_policy", name=name, params=parsed)
+    suffix = f" with {json.dumps(parsed, sort_keys=True)}" if parsed else ""
+    click.echo(f"policy {name}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while *pid* runs. A zombie counts as gone: when this process started the host
+    (`up --detach` inside a long-lived process, e.g. tests) it is our child, so reap it."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: its parent (or init) reaps it
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Ask the host in *run_dir* to shut down and wait for its process to exit; escalate to
+    SIGTERM, then SIGKILL, only for a process this CLI started or that the pid file names."""
+    from hypervisor.rundir import read_pid
+
+    pid = proc.pid if proc is not None else read_pid(run_dir)
+    client_mod = _client_module()
+    try:
+        c = client_mod.ControlClient(run_dir, timeout=5.0)
+        try:
+            c.call("shutdown")
+        finally:
+            c.close()
+    except Exception:  # already going away: fall through to waiting for the process
+        pass
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        elif not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            if (proc.poll() is not None) if proc is not None else not _pid_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+@cli.command()
+@host_option
+@click.option("--timeout", default="20s", show_default=True, help="How long to wait for the host to exit.")
+def down(host: str | None, timeout: str) -> None:
+    """Stop the running host and all its VMs."""
+    wait = _duration_arg(timeout, "--timeout")
+    assert wait is not None
+    run_dir = _run_dir_for(host)
+    _shutdown(run_dir, wait)
+    click.echo(f"host {run_dir.name} stopped")
+
+
+# ---- up / demo --------------------------------------------------------------------------------
+
+
+def _host_run_dir(topo: Topology) -> Path:
+    from hypervisor.rundir import default_run_dir
+
+    return Path(topo.host.run_dir) if topo.host.run_dir else default_run_dir(topo.host.name)
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def _launch(topo: Topology, topo_file: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    from hypervisor.rundir import is_live
+
+    run_dir = _host_run_dir(topo)
+    if is_live(run_dir):
+        _fail(f"host {topo.host.name!r} is already running in {run_dir}; stop it with "
+              f"`balloonlab down --host {topo.host.name}`")
+    log = open(log_path, "ab")
+    try:
+        # A new session: Ctrl-C in this terminal reaches only the CLI, which then shuts the
+        # host down in order (drivers, kernels, host) instead of everything dying at once.
+        return subprocess.Popen(
+            [sys.executable, "-m", "hypervisor", "--topology", str(topo_file)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        log.close()
+
+
+def _wait_ready(topo: Topology, proc: subprocess.Popen[bytes], log_path: Path, timeout: float,
+                progress: Any = None) -> Path:
+    """Wait until every VM is `running` with its driver `connected`; returns the run dir."""
+    from hypervisor.rundir import is_live
+
+    run_dir = _host_run_dir(topo)
+    deadline = time.monotonic() + timeout
+    client_mod = _client_module()
+    expected = {v.name for v in topo.vms}
+    last_state = ""
+    while True:
+        if proc.poll() is not None:
+            tail = _log_tail(log_path)
+            _fail(f"the hypervisor exited with status {proc.returncode} before its VMs were up"
+                  + (f"; last output ({log_path}):\n{tail}" if tail else f"; see {log_path}"))
+        if time.monotonic() > deadline:
+            _shutdown(run_dir, 5.0, proc)
+            _fail(f"VMs not ready after {format_duration(timeout)} ({last_state or 'no control socket'}); "
+                  f"host stopped; see {log_path} and {run_dir}")
+        if is_live(run_dir):
+            try:
+                c = client_mod.ControlClient(run_dir, timeout=5.0)
+                try:
+                    vms = c.call("list_vms")
+                finally:
+                    c.close()
+            except Exception:
+                vms = None
+            if vms is not None:
+                ready = {v["name"] for v in vms
+                         if v.get("state") == "running" and v.get("driver") == "connected"}
+                last_state = ", ".join(f"{v['name']} {v.get('state')}/{v.get('driver')}" for v in vms)
+                if progress is not None:
+                    progress(f"booting: {last_state}")
+                if expected <= ready:
+                    return run_dir
+        time.sleep(0.1)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run summary ({summary.get('duration_s', 0):.1f} s)", title_justify="left")
+    for h in SUMMARY_HEADERS:
+        table.add_column(h, justify="left" if h in ("vm", "state") else "right")
+    for row in summary_table_rows(summary):
+        table.add_row(*row)
+    console = Console(file=sys.stdout, width=max(100, Console().width))
+    console.print(table)
+    host = summary.get("host")
+    if host:
+        console.print(
+            f"host {host['name']}: peak frames used {format_size(host['peak_frames_used'] * PAGE_SIZE)} "
+            f"of {format_size(host['frames_total'] * PAGE_SIZE)}, peak host swap "
+            f"{format_size(host['peak_swap_slots_used'] * PAGE_SIZE)}"
+        )
+    if summary.get("events"):
+        console.print("events: " + ", ".join(f"{k} {v}" for k, v in summary["events"].items()))
+    bad = summary.get("corrupted_reads_total", 0)
+    console.print(f"corrupted reads: {bad}" + ("  <-- DATA LOSS" if bad else " (none: nothing was lost)"))
+
+
+def run_up(
+    topo: Topology,
+    *,
+    topo_path: Path | None,
+    for_: float | None,
+    detach: bool,
+    record: Path | None,
+    dashboard: bool,
+    boot_timeout: float,
+) -> dict[str, Any] | None:
+    """`up`: launch, wait, then detach or monitor until *for_* seconds pass, Ctrl-C, or the
+    host exits; shut down and return the run summary (``None`` when detached)."""
+    from rich.console import Console
+
+    from hypervisor.dashboard import Monitor
+
+    recorder = Recorder(record, topo) if record is not None else None
+    if recorder is not None:
+        topo_file = record / "topology.toml"  # the recorded copy is what the host runs
+    elif topo_path is not None:
+        topo_file = topo_path.resolve()
+    else:
+        fd, name = tempfile.mkstemp(prefix=f"balloonlab-{topo.host.name}-", suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(topo.to_toml())
+        topo_file = Path(name)
+    log_dir = record if record is not None else Path(tempfile.gettempdir())
+    log_path = log_dir / f"balloonlab-{topo.host.name}-{os.getpid()}.out"
+
+    err = Console(file=sys.stderr)
+    tty = sys.stdout.isatty()
+    proc = _launch(topo, topo_file, log_path)
+    try:
+        if tty:
+            with err.status("starting host…") as status:
+                run_dir = _wait_ready(topo, proc, log_path, boot_timeout, status.update)
+        else:
+            run_dir = _wait_ready(topo, proc, log_path, boot_timeout)
+    except BaseException:
+        if proc.poll() is None:
+            _shutdown(_host_run_dir(topo), 5.0, proc)
+        if recorder is not None:
+            recorder.close()
+        raise
+    if detach:
+        click.echo(f"host {topo.host.name} is up: {len(topo.vms)} VMs running (pid {proc.pid}, "
+                   f"run dir {run_dir}); `balloonlab down --host {topo.host.name}` stops it")
+        if recorder is not None:
+            recorder.close()
+        return None
+
+    client_mod = _client_module()
+    client = client_mod.ControlClient(run_dir, timeout=5.0)
+    monitor = Monitor(
+        client,
+        events_client_factory=lambda: client_mod.ControlClient(run_dir, timeout=None),
+        recorder=recorder,
+    )
+    until = None if for_ is None else time.monotonic() + for_
+    stop = threading.Event()
+    exited: list[str] = []
+    shutting_down = threading.Event()
+
+    def watch() -> None:  # stop monitoring when the host exits by itself
+        proc.wait()
+        if not shutting_down.is_set():
+            exited.append(f"the hypervisor exited with status {proc.returncode}")
+            stop.set()
+
+    threading.Thread(target=watch, name="balloonlab-watch", daemon=True).start()
+    try:
+        monitor.run(
+            until=until,
+            console=Console() if (tty and dashboard) else None,
+            plain_out=None if (tty and dashboard) else sys.stdout,
+            stop=stop,
+        )
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: stop the host in order and print the summary
+    except _host_errors():
+        if not exited:
+            raise
+    finally:
+        monitor.close()
+        client.close()
+        shutting_down.set()
+        click.echo("stopping host…", err=True)
+        _shutdown(run_dir, SHUTDOWN_TIMEOUT, proc)
+        if topo_path is None and recorder is None:
+            topo_file.unlink(missing_ok=True)
+    summary = recorder.close({"log": str(log_path)}) if recorder is not None else monitor.summary.to_json()
+    _print_summary(summary)
+    if exited:
+        _fail(f"{exited[0]} before the run ended; see {log_path} and {run_dir}")
+    if record is not None:
+        click.echo(f"recorded to {record} (plot with `balloonlab plot {record}`)")
+    return summary
+
+
+@cli.command()
+@click.argument("file", required=False)
+@click.option("--for", "for_", metavar="DURATION", default=None,
+              help="Stop the host after DURATION (e.g. 30s, 2m). Default: until Ctrl-C.")
+@click.option("--detach", is_flag=True, help="Return once every VM is up; `balloonlab down` stops it.")
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Record timeseries.csv, events.jsonl, topology.toml, summary.json.")
+@click.option("--no-dashboard", is_flag=True, help="Plain status lines instead of the live table.")
+@click.option("--boot-timeout", default=DEFAULT_BOOT_TIMEOUT, show_default=True, metavar="DURATION",
+              help="How long to wait for every VM to boot and negotiate.")
+def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no_dashboard: bool,
+       boot_timeout: str) -> None:
+    """Start a host from topology FILE (a path or a shipped example name; default: the
+    built-in three-VM lab) and watch it."""
+    if detach and for_ is not None:
+        raise click.UsageError("--detach and --for exclude each other (the host keeps running)")
+    duration = _duration_arg(for_, "--for")
+    boot = _duration_arg(boot_timeout, "--boot-timeout")
+    assert boot is not None
+    topo = _resolve_topology(file)
+    path = Path(file) if file is not None and Path(file).exists() else None
+    run_up(topo, topo_path=path, for_=duration, detach=detach, record=record,
+           dashboard=not no_dashboard, boot_timeout=boot)
+
+
+@cli.command()
+@click.option("--for", "for_", metavar="DURATION", default="60s", show_default=True,
+              help="How long to run.")
+@click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Where to record (default: a new balloonlab-demo-* directory here).")
+def demo(for_: str, record: Path | None) -> None:
+    """Run the default three-VM lab with the dashboard, then print a summary and plot it."""
+    duration = _duration_arg(for_, "--for")
+    if record is None:
+        record = Path(f"balloonlab-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = run_up(default_topology(), topo_path=None, for_=duration, detach=False, record=record,
+                     dashboard=True, boot_timeout=parse_duration(DEFAULT_BOOT_TIMEOUT))
+    if summary is not None:
+        from hypervisor.plot import plot_run
+
+        for p in plot_run(record):
+            click.echo(f"plot: {p}")
+
+
+def _add_bench() -> None:
+    """`balloonlab bench ...` lives in benchmarks/ (optional: absent in a trimmed install)."""
+    try:
+        from benchmarks.cli import bench  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    if isinstance(bench, click.Command):
+        cli.add_command(bench, "bench")
+
+
+_add_bench()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="balloonlab")

@@ -1,0 +1,229 @@
+"""Control server (``control.sock``, DESIGN §7): the operator's and the CLI's view of the host.
+
+Request ``call {id, method, params}`` → ``result {id, value}`` or ``error {id, code,
+message}``; a failed call never closes the connection and changes nothing. ``events`` with
+``follow: true`` streams ``event {id, event}`` frames (``id`` is the call's) until the client
+disconnects; other calls keep working on the same connection meanwhile.
+
+Units: pages of 4096 bytes, bytes where the name says so (virsh's ``dommemstat`` fields are
+KiB in virsh; here, as the rest of the project, memory amounts are **bytes**), times in UNIX
+seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+from protocol import messages as m
+from protocol.aio import Channel, PeerClosed
+from protocol.connection import ControlServer as ControlConnection
+from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from protocol.features import PAGE_SIZE, StatTag
+
+if TYPE_CHECKING:
+    from hypervisor.host import Host, Vm
+
+log = logging.getLogger(__name__)
+
+#: Events a following client may fall behind by before it is disconnected.
+FOLLOW_BACKLOG = 10_000
+
+
+class CallError(Exception):
+    """A call failed: ``code`` goes on the wire with the message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _int_param(params: dict[str, Any], name: str, *, lo: int = 0, hi: int | None = None) -> int:
+    if name not in params:
+        raise CallError(ErrorCode.BAD_PARAMS, f"missing parameter {name!r}")
+    v = params[name]
+    if type(v) is not int:
+        raise CallError(ErrorCode.BAD_PARAMS, f"{name} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise CallError(ErrorCode.BAD_PARAMS,
+                        f"{name}={v} is outside {lo}..{hi if hi is not None else '∞'}")
+    return v
+
+
+class ControlServer:
+    """Serves control connections for one :class:`~hypervisor.host.Host`."""
+
+    def __init__(self, host: "Host") -> None:
+        self.host = host
+        self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "host_info": self.host_info,
+            "list_vms": self.list_vms,
+            "dommemstat": self.dommemstat,
+            "setmem": self.setmem,
+            "set_balloon": self.set_balloon,
+            "set_policy": self.set_policy,
+            "shutdown": self.shutdown,
+            "counters": self.counters,
+        }
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ch = Channel(ControlConnection(), reader, writer)
+        followers: list[asyncio.Task[None]] = []
+        try:
+            while True:
+                msg = await ch.recv()
+                if isinstance(msg, m.Bye):
+                    break
+                if not isinstance(msg, m.Call):
+                    continue
+                params = msg.params or {}
+                if msg.method == "events":
+                    follow = params.get("follow", False)
+                    if type(follow) is not bool:
+                        ch.send_nowait(m.Error(id=msg.id, code=str(ErrorCode.BAD_PARAMS),
+                                               message="follow must be true or false"))
+                    elif follow:
+                        followers.append(asyncio.create_task(self._follow(ch, msg.id)))
+                        continue
+                    else:
+                        ch.send_nowait(m.Result(id=msg.id, value=list(self.host.events)))
+                else:
+                    ch.send_nowait(self._call(msg.id, msg.method, params))
+                await ch.drain(timeout=10.0)
+        except (RemoteProtocolError, PeerClosed, asyncio.TimeoutError):
+            pass
+        finally:
+            for t in followers:
+                t.cancel()
+            await ch.close()
+
+    def _call(self, cid: int, method: str, params: dict[str, Any]) -> m.Message:
+        fn = self.methods.get(method)
+        if fn is None:
+            known = ", ".join(sorted([*self.methods, "events"]))
+            return m.Error(id=cid, code=str(ErrorCode.UNKNOWN_METHOD),
+                           message=f"unknown method {method!r}; known: {known}")
+        try:
+            return m.Result(id=cid, value=fn(params))
+        except CallError as e:
+            return m.Error(id=cid, code=str(e.code), message=e.message)
+        except (ValueError, ProtocolError) as e:
+            return m.Error(id=cid, code=str(ErrorCode.BAD_PARAMS), message=str(e))
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            log.exception("control method %s failed", method)
+            return m.Error(id=cid, code=str(ErrorCode.INTERNAL), message=f"{type(e).__name__}: {e}")
+
+    async def _follow(self, ch: Channel, cid: int) -> None:
+        q = self.host.subscribe()
+        try:
+            for ev in list(self.host.events):
+                ch.send_nowait(m.Event(id=cid, event=ev))
+            await ch.drain(timeout=10.0)
+            while True:
+                ev = await q.get()
+                ch.send_nowait(m.Event(id=cid, event=ev))
+                await ch.drain(timeout=10.0)
+        except (PeerClosed, asyncio.TimeoutError, ProtocolError, ConnectionError):
+            await ch.close()
+        finally:
+            self.host.unsubscribe(q)
+
+    # ---------------------------------------------------------------- methods
+
+    def _vm(self, params: dict[str, Any]) -> "Vm":
+        name = params.get("vm")
+        if type(name) is not str:
+            raise CallError(ErrorCode.BAD_PARAMS, "parameter 'vm' (a VM name) is required")
+        vm = self.host.vms.get(name)
+        if vm is None:
+            known = ", ".join(self.host.vms) or "none"
+            raise CallError(ErrorCode.UNKNOWN_VM, f"no VM named {name!r} (VMs: {known})")
+        return vm
+
+    def host_info(self, params: dict[str, Any]) -> dict[str, Any]:
+        h, led = self.host, self.host.ledger
+        return {"name": h.name, "pid": os.getpid(), "page_size": PAGE_SIZE,
+                "frames_total": led.frames_total, "frames_free": led.frames_free,
+                "swap_slots_total": led.swap_slots_total, "swap_slots_free": led.slots_free,
+                "policy": h.policy_name, "run_dir": str(h.run_dir),
+                "started": h.started_at, "oom_kills": h.oom_kills}
+
+    def list_vms(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for vm in self.host.vms.values():
+            pid = vm.kernel_proc.pid if vm.kernel_proc is not None else None
+            dpid = vm.driver_proc.pid if vm.driver_proc is not None else None
+            out.append({"name": vm.name, "state": vm.state, "memory_pages": vm.pages,
+                        "driver": "connected" if vm.balloon.connected else "disconnected",
+                        "pid": pid, "driver_pid": dpid, "target_pages": vm.balloon.target,
+                        "balloon_pages": vm.balloon.actual})
+        return out
+
+    def dommemstat(self, params: dict[str, Any]) -> dict[str, Any]:
+        vm = self._vm(params)
+        st = vm.balloon.stats
+        live = vm.led.index in self.host.ledger.vms
+
+        def tag(t: StatTag) -> int | None:
+            return st.get(int(t))
+
+        return {
+            "actual": vm.balloon.actual,
+            "swap_in": tag(StatTag.SWAP_IN), "swap_out": tag(StatTag.SWAP_OUT),
+            "major_fault": tag(StatTag.MAJFLT), "minor_fault": tag(StatTag.MINFLT),
+            "unused": tag(StatTag.MEMFREE), "available": tag(StatTag.MEMTOT),
+            "usable": tag(StatTag.AVAIL), "disk_caches": tag(StatTag.CACHES),
+            "last_update": vm.balloon.last_update,
+            "rss": vm.mem.resident_pages() * PAGE_SIZE,
+            "target_pages": vm.balloon.target, "balloon_pages": vm.balloon.balloon_pages,
+            "backed_pages": vm.led.backed if live else 0,
+            "host_swapped_pages": vm.led.swapped if live else 0,
+            "corrupted_reads": tag(StatTag.CORRUPTED_READS),
+            "ops": tag(StatTag.OPS),
+            "oom_kills": tag(StatTag.OOM_KILLS_TOTAL) or tag(StatTag.OOM_KILL),
+            "state": vm.state,
+        }
+
+    def counters(self, params: dict[str, Any]) -> dict[str, Any]:
+        vm = self._vm(params)
+        return {**vm.balloon.metrics.as_dict(), "balloon_violations": vm.balloon_violations,
+                "host_swap_out": vm.host_swap_out, "host_swap_in": vm.host_swap_in,
+                "faults": vm.faults, "fault_pages": vm.fault_pages,
+                "shootdowns": vm.machine.shootdowns, "restarts": vm.restarts,
+                "driver_restarts": vm.driver_restarts}
+
+    def setmem(self, params: dict[str, Any]) -> dict[str, Any]:
+        vm = self._vm(params)
+        nbytes = _int_param(params, "bytes", lo=0, hi=vm.pages * PAGE_SIZE)
+        # QEMU's `balloon N`: the guest should end up with N bytes, so the balloon holds
+        # the rest (rounded up to whole pages).
+        pages = vm.pages - nbytes // PAGE_SIZE
+        self.host.set_balloon_target(vm, pages, reason="setmem")
+        return {"target_pages": pages}
+
+    def set_balloon(self, params: dict[str, Any]) -> dict[str, Any]:
+        vm = self._vm(params)
+        pages = _int_param(params, "pages", lo=0, hi=vm.pages)
+        self.host.set_balloon_target(vm, pages, reason="set_balloon")
+        return {"target_pages": pages}
+
+    def set_policy(self, params: dict[str, Any]) -> dict[str, Any]:
+        name = params.get("name")
+        if type(name) is not str or not name:
+            raise CallError(ErrorCode.BAD_PARAMS, "parameter 'name' (a policy) is required")
+        pp = params.get("params") or {}
+        if not isinstance(pp, dict):
+            raise CallError(ErrorCode.BAD_PARAMS, "params must be a map")
+        try:
+            self.host.set_policy(name, pp)
+        except (ValueError, ImportError, TypeError) as e:
+            raise CallError(ErrorCode.BAD_PARAMS, f"cannot load policy {name!r}: {e}") from e
+        self.host.emit("policy", None, policy=name, reason="set_policy")
+        return {"policy": name}
+
+    def shutdown(self, params: dict[str, Any]) -> None:
+        self.host.request_shutdown("control shutdown")
+        return None

@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmarks at their smallest sizes: they run, their formulations agree,
+and they write the JSON schema other tools read. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import kernels as K
+from benchmarks import references as R
+from benchmarks.cli import bench
+
+RECLAIM_KEYS = ("e2e_gib_s", "virtio_gib_s", "limit_punch_gib_s", "per_page_punch_gib_s",
+                "refault_gib_s", "limit_first_touch_gib_s", "ratio_e2e_to_limit",
+                "ratio_ranges_to_virtio")
+
+
+@pytest.mark.parametrize("fn", [R.punch_limit, R.per_page_punch, R.first_touch,
+                                R.fallocate_populate])
+def test_reference_moves_memory_and_reports_rates(fn):
+    r = fn(1 << 20, 2)
+    d = r.as_dict()
+    assert d["pages"] == 256
+    assert d["seconds"]["repeats"] == 2
+    assert d["seconds"]["min"] <= d["seconds"]["median"] <= d["seconds"]["max"]
+    assert d["gib_s"] > 0 and d["pages_s"] > 0
+
+
+def test_reference_rejects_bad_size():
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        R.punch_limit(5000, 1)
+    with pytest.raises(ValueError, match="repeats"):
+        R.first_touch(4096, 0)
+
+
+def test_read_bandwidth_reference():
+    r = R.read_bandwidth(1 << 20, 3)
+    assert r.nbytes == 1 << 20 and r.gib_s > 0
+
+
+def test_resident_bytes_tracks_population():
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        assert R.resident_bytes(fd) == 0
+        R.fallocate(fd, 0, 0, 1 << 20)
+        assert R.resident_bytes(fd) >= 1 << 20
+        R.fallocate(fd, R.PUNCH, 0, 1 << 20)
+        assert R.resident_bytes(fd) == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", K.case_names())
+def test_every_kernel_agrees_with_numpy_and_naive(name):
+    case = next(c for c in K.CASES if c.name == name)
+    for seed in (1, 2):
+        K.cross_check(case, 10, seed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.booleans(), max_size=200), st.integers(0, 300), st.integers(0, 250))
+def test_numpy_clock_scan_matches_kernel_in_both_sweeps(acc, hand, want):
+    # `want` up to more than the frames: exercises the second sweep and the empty result.
+    n = len(acc)
+    a1 = np.array(acc, dtype=np.uint8)
+    a2 = a1.copy()
+    s1 = np.ones(n, np.uint8)
+    s2 = s1.copy()
+    vm = np.zeros(n, np.int32)
+    gp = np.arange(n, dtype=np.int64)[::-1].copy()
+    from hypervisor import kernels as HK
+    v1, h1 = HK.clock_scan(s1, vm, gp, HK.make_accessed_list([a1]), hand, want)
+    v2, h2 = K.np_hv_clock_scan(s2, vm, gp, [a2], hand, want)
+    assert v1.tolist() == v2
+    assert np.array_equal(a1, a2) and np.array_equal(s1, s2)
+    if n:
+        assert h1 == h2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 1), max_size=300))
+def test_numpy_run_formulations_match(bits):
+    s = np.array(bits, dtype=np.uint8)
+    from protocol import pfn as P
+    assert K.np_runs_of_set(s).tolist() == P.runs_of_set(s).tolist()
+    runs = P.runs_of_set(s)
+    assert K.np_runs_to_pfns(runs).tolist() == P.runs_to_pfns(runs).tolist()
+    assert np.array_equal(K.np_runs_mask(s.shape[0], runs), s != 0)
+
+
+def test_kernels_cli_writes_schema(tmp_path: Path):
+    res = CliRunner().invoke(bench, ["kernels", "--min-log2", "10", "--max-log2", "10",
+                                     "--repeat", "1", "--naive-max-log2", "10",
+                                     "--only", "pfn.count_set", "--only", "guest.free_runs",
+                                     "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["benchmark"] == "kernels" and out["read_gib_s"] > 0
+    assert [c["name"] for c in out["cases"]] == ["pfn.count_set", "guest.free_runs"]
+    row = out["cases"][0]["sizes"][0]
+    for key in ("kernel_ns_per_elem", "numpy_ns_per_elem", "ratio_kernel_vs_numpy",
+                "ratio_kernel_vs_naive", "ratio_bandwidth_vs_read"):
+        assert key in row
+    assert out["machine"]["nproc"] >= 1
+    assert json.loads((tmp_path / "kernels.json").read_text())["summary"]
+    assert (tmp_path / "kernels.png").stat().st_size > 0
+    assert "pfn.count_set" in (tmp_path / "kernels.md").read_text()
+
+
+def test_kernels_cli_rejects_unknown_kernel():
+    res = CliRunner().invoke(bench, ["kernels", "--only", "nope", "--max-log2", "10",
+                                     "--min-log2", "10"])
+    assert res.exit_code != 0 and "unknown kernel" in res.output
+
+
+@pytest.mark.slow
+def test_reclaim_cli_writes_schema(tmp_path: Path):
+    res = CliRunner().invoke(bench, ["reclaim", "--vm-size", "32MiB", "--repeat", "1",
+                                     "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    for key in RECLAIM_KEYS:
+        assert key in out and out[key] is not None and out[key] > 0, key
+    for sc in ("ranges", "virtio", "fragmented"):
+        t = out["scenarios"][sc]["trials"][0]
+        assert t["target_pages"] > 0 and t["corrupted_reads"] == 0
+    assert json.loads((tmp_path / "reclaim.json").read_text())["benchmark"] == "reclaim"
+
+
+def test_reclaim_rejects_bad_size():
+    res = CliRunner().invoke(bench, ["reclaim", "--vm-size", "1MiB"])
+    assert res.exit_code != 0 and "at least 16 MiB" in res.output

@@ -1,0 +1,140 @@
+"""The `balloonlab` CLI without a running host: validate, topologies, plot, error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hypervisor.cli import cli
+from hypervisor.recording import Recorder
+from hypervisor.topology import example_path, list_examples, load_topology
+from tests.cli import synthetic
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    # An empty runtime dir: no host can be found, whatever else runs on this machine.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    return CliRunner()
+
+
+def test_validate_ok(runner: CliRunner) -> None:
+    res = runner.invoke(cli, ["validate", str(example_path("default"))])
+    assert res.exit_code == 0, res.output
+    assert "ok" in res.output and "overcommit 1.50x" in res.output
+    assert "web: 512.0 MiB" in res.output
+
+
+def test_validate_example_name_and_json(runner: CliRunner) -> None:
+    res = runner.invoke(cli, ["validate", "two-vms-small", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["host"]["frames"] == 48 * 256
+    assert [v["name"] for v in doc["vms"]] == ["a", "b"]
+
+
+def test_validate_resolved_is_loadable(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(cli, ["validate", "overcommit", "--resolved"])
+    assert res.exit_code == 0
+    f = tmp_path / "resolved.toml"
+    f.write_text(res.output)
+    assert load_topology(f).vms == load_topology(example_path("overcommit")).vms
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[host]\nmemory = "1GiB"\n[[vm]]\nname = "a"\nmemroy = "1MiB"\n',
+         "vm[0].memroy: unknown key (allowed: name, memory, features, wire, stats_interval, "
+         "guest_swap, on_crash, task, min_memory, max_memory, shares, initial_balloon) "
+         "(did you mean 'memory'?)"),
+        ('[host]\nmemory = "1GB"\n[[vm]]\nname = "a"\nmemory = "1MiB"\n',
+         "host.memory: '1GB' has unknown unit 'GB'"),
+        ('[host]\nmemory = "1GiB"\n', "vm: no VMs: add at least one [[vm]] table"),
+        ('[host]\nmemory = "1GiB"\nname = \n', "line 3, column 8: TOML syntax error"),
+    ],
+)
+def test_validate_bad_files_one_line_error(runner: CliRunner, tmp_path: Path, text: str, expected: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    res = runner.invoke(cli, ["validate", str(f)])
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"balloonlab: error: {f}: ")
+    assert expected in line
+    assert "Traceback" not in res.output
+
+
+def test_validate_missing_file(runner: CliRunner) -> None:
+    res = runner.invoke(cli, ["validate", "nonexistent-topology"])
+    assert res.exit_code == 1
+    assert "no such file; `balloonlab topologies` lists the shipped examples" in res.stderr
+
+
+def test_topologies(runner: CliRunner) -> None:
+    res = runner.invoke(cli, ["topologies"])
+    assert res.exit_code == 0
+    for name, desc in list_examples():
+        assert name in res.output and desc in res.output
+    res = runner.invoke(cli, ["topologies", "--json"])
+    names = [t["name"] for t in json.loads(res.output)]
+    assert "default" in names and all(Path(t["path"]).is_file() for t in json.loads(res.output))
+
+
+def test_plot_command(runner: CliRunner, tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    with Recorder(rec, load_topology(example_path("two-vms-small"))) as r:
+        for snap in synthetic.run(6):
+            r.tick(snap)
+    res = runner.invoke(cli, ["plot", str(rec), "--out", str(tmp_path / "png")])
+    assert res.exit_code == 0, res.output
+    outs = [Path(p) for p in res.stdout.split()]
+    assert [p.name for p in outs] == ["memory.png", "host.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in outs)
+
+
+def test_plot_missing_recording(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(cli, ["plot", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "timeseries.csv: no such file; record a run with `balloonlab up --record" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list"], ["host"], ["dommemstat", "a"], ["events"], ["down"], ["setmem", "a", "16MiB"],
+     ["policy", "mom"], ["list", "--host", "nosuch"], ["list", "--json"]],
+)
+def test_no_running_host_is_one_line(runner: CliRunner, args: list[str]) -> None:
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("balloonlab: error: ")
+    assert "running host" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["setmem", "a", "16MB"], "unknown unit 'MB'"),
+        (["set-balloon", "a", "1000"], "not a multiple of the 4096-byte page size"),
+        (["up", "--for", "10h"], "unknown unit 'h'"),
+        (["up", "--detach", "--for", "10s"], "exclude each other"),
+        (["policy", "mom", "--param", "novalue"], "is not KEY=VALUE"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(runner: CliRunner, args: list[str], fragment: str) -> None:
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert fragment in res.stderr
+
+
+def test_up_rejects_bad_topology_before_launching(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "t.toml"
+    f.write_text('[host]\nmemory = "1GiB"\n[[vm]]\nname = "a"\nmemory = "3GiB"\n')
+    res = runner.invoke(cli, ["up", str(f), "--detach"])
+    assert res.exit_code == 1
+    assert "vm[0].memory: 3GiB is larger than host memory + host swap" in res.stderr

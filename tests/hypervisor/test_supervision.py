@@ -1,0 +1,125 @@
+"""The Host launches and supervises VM processes (stand-ins from fakevm.py speaking the real
+protocol), restarts a dead driver, frees and restarts a crashed guest, and leaves no orphan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hv_peers import run, topo
+from hypervisor.client import ControlClient
+from hypervisor.host import Host
+from hypervisor.topology import parse_topology
+
+FAKEVM = Path(__file__).resolve().parent / "fakevm.py"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _wait_event(host: Host, kind: str, count: int = 1, timeout: float = 30) -> None:
+    t0 = time.monotonic()
+    while sum(1 for e in host.events if e["kind"] == kind) < count:
+        assert time.monotonic() - t0 < timeout, f"no {count}x {kind}: {list(host.events)}"
+        await asyncio.sleep(0.05)
+
+
+def test_supervision_restarts_driver_and_crashed_guest_then_shuts_down_clean():
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        host = Host(parse_topology(topo(64, 16, {"a": 32})), run_dir=base / "run",
+                    vm_command=[sys.executable, str(FAKEVM)])
+        pids: set[int] = set()
+        try:
+            await host.start()
+            vm = host.vms["a"]
+            await _wait_event(host, "vm_booted")
+            await _wait_event(host, "driver_connected")
+            pids |= {vm.kernel_proc.pid, vm.driver_proc.pid}
+            async with host.mm_lock:
+                host.check_conservation()
+                assert vm.led.backed == 8
+            # Driver dies: restarted with backoff, reconnects.
+            vm.driver_proc.kill()
+            await _wait_event(host, "driver_restarted")
+            await _wait_event(host, "driver_connected", 2)
+            pids.add(vm.driver_proc.pid)
+            # Guest kernel dies: its frames are freed, the VM restarts (on_crash=restart).
+            vm.kernel_proc.kill()
+            await _wait_event(host, "vm_crashed")
+            await _wait_event(host, "vm_restarted")
+            await _wait_event(host, "vm_booted", 2)
+            pids |= {vm.kernel_proc.pid}
+            crash = next(e for e in host.events if e["kind"] == "vm_crashed")
+            assert crash["frames"] == 8
+            await _wait_event(host, "driver_connected", 3)
+            pids.add(vm.driver_proc.pid)
+            log = base / "run" / "a.kernel.log"
+            for _ in range(200):  # the restarted guest faulted its pages in again
+                if log.read_text().count("booted") == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert log.read_text().count("booted") == 2
+            async with host.mm_lock:
+                host.check_conservation()
+                assert vm.led.backed == 8
+        finally:
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+        assert not (base / "run").exists()
+        assert not [p for p in pids if _alive(p)]
+    run(main())
+
+
+def test_python_m_hypervisor_runs_until_sigterm(tmp_path):
+    run_dir = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp")) / "run"
+    toml = tmp_path / "t.toml"
+    toml.write_text(topo(64, 0, {"a": 16}).replace(
+        'policy_interval = "1s"\n', f'policy_interval = "1s"\nrun_dir = "{run_dir}"\n'))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "--topology", str(toml),
+                             "--log-level", "WARNING"], env=env)
+    try:
+        t0 = time.monotonic()
+        info = None
+        while info is None:
+            assert proc.poll() is None, "hypervisor exited early"
+            assert time.monotonic() - t0 < 60
+            try:
+                with ControlClient(run_dir) as c:
+                    info = c.call("host_info")
+            except (ConnectionError, OSError):
+                time.sleep(0.1)
+        assert info["pid"] == proc.pid and info["frames_total"] == 64
+        # A second host over the same run dir is refused while this one lives.
+        second = subprocess.run([sys.executable, "-m", "hypervisor", "--topology", str(toml)],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 3 and "already running" in second.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not run_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+
+
+def test_bad_topology_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[host]\nname = "x"\nmemory = "lots"\n')
+    r = subprocess.run([sys.executable, "-m", "hypervisor", "--topology", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "memory" in r.stderr

@@ -1,0 +1,31 @@
+"""Fixtures for the protocol tests; loads the naive twins under a unique module name.
+
+``naive.py`` (plain-Python twins of protocol/pfn.py) is registered as ``proto_naive`` so
+that its basename cannot clash with other packages' test helpers (the tests directories
+have no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "build"
+                                              / "numba-cache"))
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str, filename: str) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, _HERE / filename)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+
+
+_load("proto_naive", "naive.py")

@@ -1,0 +1,166 @@
+"""protocol.pfn kernels against their plain-Python twins in naive.py (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import proto_naive as naive
+from protocol import pfn as P
+from protocol.errors import ErrorCode
+
+LIMIT = 96
+pfn_lists = st.lists(st.integers(0, 120), max_size=60)
+small_runs = st.lists(st.tuples(st.integers(0, 110), st.integers(0, 12)), max_size=12)
+FAST = settings(deadline=None)  # first calls load numba kernels from the cache
+state_maps = st.lists(st.integers(0, 1), min_size=LIMIT, max_size=LIMIT)
+
+
+def _runs(a: np.ndarray) -> list[tuple[int, int]]:
+    return [(int(f), int(c)) for f, c in a.tolist()]
+
+
+@FAST
+@given(pfn_lists)
+def test_pfns_to_runs_matches_naive(pfns):
+    got = P.pfns_to_runs(np.array(pfns, dtype=np.uint32))
+    assert got.dtype == np.dtype("<u8") and got.shape[1] == 2
+    assert _runs(got) == naive.pfns_to_runs(pfns)
+    # Bytes in wire form and Python lists give the same answer.
+    assert _runs(P.pfns_to_runs(P.pfns_to_wire(pfns))) == naive.pfns_to_runs(pfns)
+    assert _runs(P.pfns_to_runs(pfns)) == naive.pfns_to_runs(pfns)
+
+
+@FAST
+@given(pfn_lists)
+def test_pfns_to_runs_int64_input(pfns):
+    got = P.pfns_to_runs(np.array(pfns, dtype=np.int64))
+    assert _runs(got) == naive.pfns_to_runs(pfns)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 20)), max_size=10))
+def test_runs_to_pfns_matches_naive(runs):
+    got = P.runs_to_pfns(np.array(runs, dtype=np.uint64).reshape(-1, 2))
+    assert got.dtype == np.dtype("<u4")
+    assert got.tolist() == naive.runs_to_pfns(runs)
+    assert P.runs_total(P.runs_to_wire(runs)) == sum(c for _, c in runs)
+
+
+@FAST
+@given(pfn_lists)
+def test_runs_roundtrip(pfns):
+    runs = P.pfns_to_runs(pfns)
+    assert P.runs_to_pfns(runs).tolist() == sorted(set(pfns))
+
+
+@FAST
+@given(st.lists(st.integers(0, 130), max_size=50), state_maps, st.booleans())
+def test_check_pfns_matches_naive(pfns, state, want_clear):
+    st_arr = np.array(state, dtype=np.uint8)
+    scratch = np.zeros(LIMIT, dtype=np.uint8)
+    res = P.check_pfns(np.array(pfns, dtype=np.uint32), LIMIT, st_arr, scratch,
+                       want_clear=want_clear)
+    status, index = naive.check_pfns(pfns, LIMIT, state, want_clear)
+    assert res.ok == (status == naive.OK)
+    assert res.index == index
+    assert res.code == _code(status, want_clear)
+    assert not scratch.any(), "scratch must be left zeroed"
+    assert st_arr.tolist() == state, "validation must not change the state map"
+    if not res.ok:
+        assert res.message
+
+
+@FAST
+@given(small_runs, state_maps, st.booleans())
+def test_check_runs_matches_naive(runs, state, want_clear):
+    st_arr = np.array(state, dtype=np.uint8)
+    scratch = np.zeros(LIMIT, dtype=np.uint8)
+    res = P.check_runs(np.array(runs, dtype=np.uint64).reshape(-1, 2), LIMIT, st_arr, scratch,
+                       want_clear=want_clear)
+    status, index = naive.check_runs(runs, LIMIT, state, want_clear)
+    assert (res.ok, res.index, res.code) == (status == naive.OK, index, _code(status, want_clear))
+    assert not scratch.any(), "scratch must be left zeroed"
+    assert st_arr.tolist() == state
+
+
+def test_check_runs_huge_count_is_out_of_range_not_overflow():
+    state = np.zeros(LIMIT, dtype=np.uint8)
+    scratch = np.zeros(LIMIT, dtype=np.uint8)
+    runs = np.array([[5, 2**64 - 3]], dtype=np.uint64)
+    res = P.check_runs(runs, LIMIT, state, scratch, want_clear=False)
+    assert (res.ok, res.code, res.index) == (False, ErrorCode.PFN_OUT_OF_RANGE, 0)
+
+
+def _code(status: int, want_clear: bool) -> ErrorCode | None:
+    return {
+        naive.OK: None,
+        naive.OUT_OF_RANGE: ErrorCode.PFN_OUT_OF_RANGE,
+        naive.DUPLICATE: ErrorCode.DUPLICATE_PFN,
+        naive.EMPTY_RUN: ErrorCode.BAD_FIELD,
+        naive.STATE: ErrorCode.NOT_BALLOONED if want_clear else ErrorCode.ALREADY_BALLOONED,
+    }[status]
+
+
+@FAST
+@given(state_maps, small_runs, st.integers(0, 3))
+def test_set_runs_matches_naive(state, runs, value):
+    runs = [(f, c) for f, c in runs if f + c <= LIMIT]
+    arr = np.array(state, dtype=np.uint8)
+    P.set_runs(arr, np.array(runs, dtype=np.uint64).reshape(-1, 2), value)
+    assert arr.tolist() == naive.set_runs(state, runs, value)
+
+
+@FAST
+@given(state_maps, st.lists(st.integers(0, LIMIT - 1), max_size=30), st.integers(0, 3))
+def test_set_pfns_matches_naive(state, pfns, value):
+    arr = np.array(state, dtype=np.uint8)
+    P.set_pfns(arr, np.array(pfns, dtype=np.uint32), value)
+    assert arr.tolist() == naive.set_runs(state, [(p, 1) for p in pfns], value)
+
+
+@FAST
+@given(st.lists(st.integers(0, 3), max_size=200))
+def test_runs_of_set_and_count_match_naive(state):
+    arr = np.array(state, dtype=np.uint8)
+    assert _runs(P.runs_of_set(arr)) == naive.runs_of_set(state)
+    assert P.count_set(arr) == sum(1 for v in state if v)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 30)), max_size=10),
+       st.integers(1, 40))
+def test_split_runs_matches_naive(runs, max_pages):
+    chunks = P.split_runs(np.array(runs, dtype=np.uint64).reshape(-1, 2), max_pages)
+    assert [_runs(c) for c in chunks] == naive.split_runs(runs, max_pages)
+    assert all(P.runs_total(c) <= max_pages for c in chunks)
+    assert all(c.dtype == np.dtype("<u8") for c in chunks)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_split_runs_rejects_nonpositive_chunk(bad):
+    with pytest.raises(ValueError, match="max_pages"):
+        P.split_runs(np.array([[0, 4]], dtype=np.uint64), bad)
+
+
+def test_wrappers_reject_bad_shapes():
+    with pytest.raises(ValueError, match="1-D"):
+        P.as_pfns(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="uint32"):
+        P.as_pfns([-1])
+    with pytest.raises(ValueError, match=r"\(k, 2\)"):
+        P.as_runs(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="non-negative"):
+        P.as_runs([(-1, 2)])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=40))
+def test_wire_views_are_little_endian(pfns):
+    wire = P.pfns_to_wire(pfns)
+    assert wire == b"".join(p.to_bytes(4, "little") for p in pfns)
+    runs = [(p, 1) for p in pfns]
+    assert P.runs_to_wire(runs) == b"".join(
+        f.to_bytes(8, "little") + c.to_bytes(8, "little") for f, c in runs)
