@@ -376,10 +376,11 @@ class Driver:
                     if got == 0:
                         self.out_of_puff += 1
                         if not self.stalled:
+                            # Tell the host once per stall, not on every retry.
                             self.stalled = True
                             log.info("out of puff at %d/%d pages; backing off",
                                      self.conn.balloon_pages, self.target)
-                        await self.update_balloon_size()
+                            await self.update_balloon_size()
                         self.target_changed.clear()
                         try:
                             await asyncio.wait_for(self.target_changed.wait(),
@@ -389,6 +390,7 @@ class Driver:
                         continue
                     self.stalled = False
                 else:
+                    self.stalled = False
                     await self.leak_balloon(-diff)
                 await self.update_balloon_size()
 

@@ -374,6 +374,8 @@ class GuestKernel:
         try:
             while True:
                 msg = await ch.recv()
+                if isinstance(msg, m.BalloonAlloc) and self.mm is not None:
+                    await self.mm.balloon_reclaim(msg.count)
                 reply = self._driver_request(msg)
                 if reply is not None:
                     await ch.send(reply)

@@ -46,6 +46,8 @@ FAULT_AROUND = 512
 EPT_BATCH = 4096
 #: kswapd reclaims at most this many pages per scheduler round, so tasks keep running.
 KSWAPD_BATCH = 256
+#: Most pages one balloon request may push to guest swap (see balloon_reclaim): 8 MiB.
+BALLOON_RECLAIM_BATCH = 2048
 
 EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
 OomNotify = Callable[[int], Awaitable[bool]]
@@ -608,6 +610,22 @@ class MemoryManager:
         return got
 
     # ------------------------------------------------------------------ balloon
+
+    async def balloon_reclaim(self, count: int) -> int:
+        """Make room for a balloon request by reclaiming cold pages, once.
+
+        Linux allocates balloon pages with ``__GFP_NORETRY``: one pass of reclaim, no
+        retries, no OOM. That pass is what lets a balloon take an idle guest's memory:
+        its cold anonymous pages go to guest swap and their (backed) frames can then be
+        ballooned and released to the host. At most ``BALLOON_RECLAIM_BATCH`` pages per
+        request, so a busy guest is squeezed gradually and its hot pages (accessed bits
+        set again within a clock revolution) survive. Counted as background reclaim, not
+        as an allocation stall: no task of the guest waited for it."""
+        room = self.buddy.free_pages - self.wmark_low
+        want = min(count - max(room, 0), BALLOON_RECLAIM_BATCH)
+        if want <= 0 or self.swap.free_slots == 0:
+            return 0
+        return await self.reclaim(want, direct=False)
 
     def balloon_alloc(self, count: int, max_order: int) -> np.ndarray:
         """Pages for the balloon, highest orders first; never below the low watermark.

@@ -34,6 +34,7 @@ from protocol.aio import Channel, PeerClosed
 from protocol.balloon import BalloonDevice, BatchRejected
 from protocol.connection import State
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from protocol.features import StatTag
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,10 @@ class BalloonBackend:
                     self.metrics.deflated += n
                     self.metrics.deflate_batches += 1
                 elif isinstance(ev, m.Stats):
+                    kills = ev.stats.get(int(StatTag.OOM_KILL))
+                    seen = self.stats.get(int(StatTag.OOM_KILL))
+                    if kills is not None and seen is not None and kills > seen:
+                        self.emit("guest_oom_kill", self.vm, kills=kills - seen, total=kills)
                     self.stats = dict(ev.stats)
                     self.last_update = time.time()
                     self.metrics.stats_received += 1

@@ -122,8 +122,16 @@ def _client_module() -> Any:
 
 
 def _run_dir_for(host: str | None) -> Path:
-    from hypervisor.rundir import find_host
+    """The run dir of ``--host``: a host name, or a path (for a topology's own ``run_dir``)."""
+    from hypervisor.rundir import NoHostFound, find_host, is_live
 
+    if host is not None and os.sep in host:
+        run_dir = Path(host).expanduser()
+        if run_dir.name == "control.sock":
+            run_dir = run_dir.parent
+        if not is_live(run_dir):
+            raise NoHostFound(f"no running host in {run_dir}")
+        return run_dir
     return find_host(host)
 
 
@@ -139,7 +147,7 @@ def _connect(host: str | None, timeout: float = 5.0) -> Iterator[Any]:
 
 host_option = click.option(
     "--host", "host", default=None, metavar="NAME",
-    help="Host to talk to (default: the only running host).",
+    help="Host name, or its run directory (default: the only running host).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
@@ -220,13 +228,22 @@ def _topology_json(topo: Topology) -> dict[str, Any]:
     }
 
 
+def _topology_path(file: str | None) -> Path | None:
+    """The file behind FILE: a path, a shipped example's name, or (None) the default's file."""
+    if file is None:
+        return example_path("default")
+    path = Path(file)
+    if not path.exists() and os.sep not in file and file in {n for n, _ in list_examples()}:
+        return example_path(file)
+    return path
+
+
 def _resolve_topology(file: str | None) -> Topology:
     """FILE, or a shipped example's name, or the default topology."""
     if file is None:
         return default_topology()
-    path = Path(file)
-    if not path.exists() and os.sep not in file and file in {n for n, _ in list_examples()}:
-        return load_topology(example_path(file))
+    path = _topology_path(file)
+    assert path is not None
     return load_topology(path)
 
 
@@ -505,7 +522,7 @@ def _launch(topo: Topology, topo_file: Path, log_path: Path) -> subprocess.Popen
     if is_live(run_dir):
         _fail(f"host {topo.host.name!r} is already running in {run_dir}; stop it with "
               f"`balloonlab down --host {topo.host.name}`")
-    log = open(log_path, "ab")
+    log = open(log_path, "wb")
     try:
         # A new session: Ctrl-C in this terminal reaches only the CLI, which then shuts the
         # host down in order (drivers, kernels, host) instead of everything dying at once.
@@ -581,6 +598,25 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(f"corrupted reads: {bad}" + ("  <-- DATA LOSS" if bad else " (none: nothing was lost)"))
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP act like Ctrl-C while `up` runs, so that `kill` of the CLI (or a
+    closed terminal) still shuts the host down in order instead of orphaning it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_up(
     topo: Topology,
     *,
@@ -591,15 +627,32 @@ def run_up(
     dashboard: bool,
     boot_timeout: float,
 ) -> dict[str, Any] | None:
-    """`up`: launch, wait, then detach or monitor until *for_* seconds pass, Ctrl-C, or the
-    host exits; shut down and return the run summary (``None`` when detached)."""
+    """`up` of *topo*, read by the host from *topo_path* (None: written to a temporary file,
+    for topologies built in memory): launch, wait, then detach or monitor until *for_* seconds pass, Ctrl-C (or
+    SIGTERM/SIGHUP), or the host exits; shut down and return the run summary (``None`` when
+    detached)."""
+    with _stop_on_signals():
+        return _run_up(topo, topo_path=topo_path, for_=for_, detach=detach, record=record,
+                       dashboard=dashboard, boot_timeout=boot_timeout)
+
+
+def _run_up(
+    topo: Topology,
+    *,
+    topo_path: Path | None,
+    for_: float | None,
+    detach: bool,
+    record: Path | None,
+    dashboard: bool,
+    boot_timeout: float,
+) -> dict[str, Any] | None:
     from rich.console import Console
 
     from hypervisor.dashboard import Monitor
 
     recorder = Recorder(record, topo) if record is not None else None
     if recorder is not None:
-        topo_file = record / "topology.toml"  # the recorded copy is what the host runs
+        topo_file = (record / "topology.toml").resolve()  # the recorded copy is what the host runs
     elif topo_path is not None:
         topo_file = topo_path.resolve()
     else:
@@ -607,12 +660,22 @@ def run_up(
         with os.fdopen(fd, "w") as f:
             f.write(topo.to_toml())
         topo_file = Path(name)
-    log_dir = record if record is not None else Path(tempfile.gettempdir())
-    log_path = log_dir / f"balloonlab-{topo.host.name}-{os.getpid()}.out"
+    # The host's own stdout/stderr (startup errors, tracebacks). Beside the run dir, not in
+    # it: the host wipes a stale run dir when it starts and removes it when it stops.
+    if record is not None:
+        log_path = record / "hypervisor.out"
+    else:
+        log_path = _host_run_dir(topo).parent / f"{topo.host.name}.hypervisor.out"
+        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     err = Console(file=sys.stderr)
     tty = sys.stdout.isatty()
-    proc = _launch(topo, topo_file, log_path)
+    try:
+        proc = _launch(topo, topo_file, log_path)
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
     try:
         if tty:
             with err.status("starting host…") as status:
@@ -672,6 +735,8 @@ def run_up(
         if topo_path is None and recorder is None:
             topo_file.unlink(missing_ok=True)
     summary = recorder.close({"log": str(log_path)}) if recorder is not None else monitor.summary.to_json()
+    if not exited and recorder is None and proc.returncode == 0:
+        log_path.unlink(missing_ok=True)  # a clean run's host output is not worth keeping
     _print_summary(summary)
     if exited:
         _fail(f"{exited[0]} before the run ended; see {log_path} and {run_dir}")
@@ -700,8 +765,7 @@ def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no
     boot = _duration_arg(boot_timeout, "--boot-timeout")
     assert boot is not None
     topo = _resolve_topology(file)
-    path = Path(file) if file is not None and Path(file).exists() else None
-    run_up(topo, topo_path=path, for_=duration, detach=detach, record=record,
+    run_up(topo, topo_path=_topology_path(file), for_=duration, detach=detach, record=record,
            dashboard=not no_dashboard, boot_timeout=boot)
 
 
@@ -709,13 +773,13 @@ def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no
 @click.option("--for", "for_", metavar="DURATION", default="60s", show_default=True,
               help="How long to run.")
 @click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=None,
-              metavar="DIR", help="Where to record (default: a new balloonlab-demo-* directory here).")
+              metavar="DIR", help="Where to record (default: a new results/demo-<time> directory here).")
 def demo(for_: str, record: Path | None) -> None:
     """Run the default three-VM lab with the dashboard, then print a summary and plot it."""
     duration = _duration_arg(for_, "--for")
     if record is None:
-        record = Path(f"balloonlab-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_up(default_topology(), topo_path=None, for_=duration, detach=False, record=record,
+        record = Path("results") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_up(default_topology(), topo_path=example_path("default"), for_=duration, detach=False, record=record,
                      dashboard=True, boot_timeout=parse_duration(DEFAULT_BOOT_TIMEOUT))
     if summary is not None:
         from hypervisor.plot import plot_run

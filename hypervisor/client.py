@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 from protocol import messages as m
 from protocol.connection import ControlClient as ControlConnection
-from protocol.errors import ProtocolError
 from protocol.sync import PeerClosed, SyncChannel
 
 from hypervisor.rundir import CONTROL_SOCK
@@ -105,4 +104,4 @@ class ControlClient:
         self.close()
 
 
-__all__ = ["ControlClient", "ControlError", "HostNotRunning", "ProtocolError"]
+__all__ = ["ControlClient", "ControlError", "HostNotRunning"]

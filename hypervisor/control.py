@@ -185,6 +185,16 @@ class ControlServer:
             "ops": tag(StatTag.OPS),
             "oom_kills": tag(StatTag.OOM_KILLS_TOTAL) or tag(StatTag.OOM_KILL),
             "state": vm.state,
+            # Guest-side views (project extension tags), for dashboards and checks that
+            # the guest kernel, the driver and the host agree.
+            "guest_balloon_pages": tag(StatTag.BALLOON_PAGES),
+            "reported_pages": tag(StatTag.REPORTED_PAGES),
+            "guest_swap_total": tag(StatTag.GUEST_SWAP_TOTAL),
+            "guest_swap_free": tag(StatTag.GUEST_SWAP_FREE),
+            "alloc_stalls": tag(StatTag.ALLOC_STALL),
+            "ept_exits": tag(StatTag.EPT_EXITS),
+            "guest_faults": tag(StatTag.GUEST_FAULTS),
+            "out_of_puff": vm.balloon.metrics.out_of_puff,
         }
 
     def counters(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger
-from hypervisor.machine import MachineServer, ShootdownFailed
+from hypervisor.machine import MachineServer
 from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
 from protocol.features import Feature, StatTag
 
@@ -117,6 +117,8 @@ class Host:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._shutdown_started = False
+        self._procs: set[asyncio.subprocess.Process] = set()
+        self.control: Any = None
         self.policy_name = "none"
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
@@ -206,6 +208,10 @@ class Host:
                 if vm.state in ("destroyed", "oom_killed"):
                     conn.close()
                     continue
+                if vm.state == "crashed" and not self.launch and not vm.machine.connected:
+                    # Without a supervisor, a guest connecting to a crashed VM reboots it.
+                    await self.restart_vm(vm)
+                    self.emit("vm_restarted", vm.name, restarts=vm.restarts)
                 self._spawn(vm.machine.serve_socket(conn), f"{vm.name}-machine")
 
         self._spawn(accept_loop(), f"{vm.name}-accept")
@@ -267,6 +273,12 @@ class Host:
         await asyncio.sleep(0)
         for vm in self.vms.values():
             await self._stop_procs(vm, 0.0)
+        stragglers = [p for p in self._procs if p.returncode is None]
+        for p in stragglers:
+            _kill(p)
+        if stragglers:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in stragglers],
+                               timeout=5.0)
         for vm in self.vms.values():
             vm.mem.close()
         if self.swap is not None:
@@ -306,7 +318,10 @@ class Host:
             need = g[vm.led.p2m[g] < 0]
             vm.faults += 1
             if need.size == 0:
-                return True  # already present (a race with another vCPU exit): just resume
+                # Already backed (another vCPU's exit got there first): make sure the EPT
+                # says so, then just resume.
+                vm.mem.set_present(g)
+                return True
             viol = need[vm.led.balloon[need] != 0]
             if viol.size:
                 # A guest bug: it touched pages it gave to the balloon. Back them anyway.
@@ -326,12 +341,12 @@ class Host:
             if not np.all(swapped):
                 vm.mem.populate(need[~swapped])
             self.ledger.unlock(frames)
-            vm.mem.set_present(need)
+            vm.mem.set_present(g)  # every page of the fault is backed now
             vm.fault_pages += int(need.size)
             return True
 
     async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
-        """Make at least ``wanted`` frames free: clock scan, shootdown, swap out, punch (mm_lock held).
+        """Make ``wanted`` frames free: clock scan, shootdown, swap out, punch (mm_lock held).
 
         DESIGN §3 order: EPT NOT_PRESENT, ``shootdown``, wait for ``shootdown_ack``, and
         only then copy to host swap and punch. When host swap cannot take the victims, the
@@ -362,9 +377,10 @@ class Host:
                 *(self._by_index[idx].machine.shootdown(int(fr.size))
                   for idx, fr in groups.items()), return_exceptions=True)
             for (idx, fr), res in zip(groups.items(), results):
-                if isinstance(res, ShootdownFailed):
-                    # The guest hangs: it cannot be trusted to stay off the pages, so it is
-                    # stopped like a crashed VM (its frames, victims included, are freed).
+                if isinstance(res, BaseException):
+                    # No ack (hung guest, or anything else went wrong): the guest cannot be
+                    # trusted to stay off the pages, so it is stopped like a crashed VM (its
+                    # frames, victims included, are freed). Never swap out unacknowledged.
                     log.error("%s", res)
                     self._crash_locked(self._by_index[idx], f"shootdown failed: {res}")
             live = victims[self.ledger.state[victims] != 0]
@@ -432,6 +448,7 @@ class Host:
         async with self.mm_lock:
             if vm.led.index not in self.ledger.vms:
                 raise LedgerError(f"VM {vm.name!r} is not running")
+            gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any side effect
             cur = vm.led.p2m[gpfns]
             if np.any(cur >= 0) and np.any(self.ledger.state[cur[cur >= 0]] == 2):
                 raise LedgerError(f"VM {vm.name!r}: a page of the batch is being reclaimed")
@@ -507,9 +524,15 @@ class Host:
     async def _spawn_proc(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
         logf = open(self.run_dir / f"{vm.name}.{which}.log", "ab")
         try:
-            return await asyncio.create_subprocess_exec(
+            task = asyncio.ensure_future(asyncio.create_subprocess_exec(
                 *self._vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                stderr=logf, start_new_session=True)
+                stderr=logf, start_new_session=True))
+            # Every process we start is remembered before anyone can cancel the caller, so
+            # teardown can always reach it: no orphans even when a supervisor is cancelled
+            # half-way through a spawn.
+            task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() else self._procs.add(t.result()))
+            return await asyncio.shield(task)
         finally:
             logf.close()
 

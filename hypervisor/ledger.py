@@ -168,6 +168,10 @@ class FrameLedger:
         except KeyError:
             raise LedgerError(f"no VM with index {index}") from None
 
+    def check_gpfns(self, index: int, gpfns: np.ndarray) -> np.ndarray:
+        """Validate a batch (range, duplicates) for VM ``index``; returns it as int64."""
+        return self._gpfns(self._vm(index), gpfns)
+
     def _gpfns(self, vm: VmLedger, gpfns: np.ndarray) -> np.ndarray:
         g = np.asarray(gpfns)
         if g.ndim != 1:

@@ -105,6 +105,8 @@ class MachineServer:
         self.booted = True
         self._faults = asyncio.Queue()  # per connection: nothing stale from a previous guest
         worker = asyncio.create_task(self._fault_worker(ch), name=f"{self.vm}-faults")
+        self._tasks.add(worker)  # the loop holds tasks weakly
+        worker.add_done_callback(self._tasks.discard)
         reason = "guest closed the machine channel"
         try:
             self.on_boot()
@@ -123,7 +125,8 @@ class MachineServer:
                     if fut is not None and not fut.done():
                         fut.set_result(None)
                 elif isinstance(msg, (m.Bye, m.Error)):
-                    reason = f"guest said {msg.TYPE}: {getattr(msg, 'reason', None) or getattr(msg, 'message', '')}"
+                    text = getattr(msg, "reason", None) or getattr(msg, "message", "")
+                    reason = f"guest said {msg.TYPE}: {text}"
                     break
         except RemoteProtocolError as e:
             reason = f"protocol error from guest: {e}"
@@ -135,8 +138,8 @@ class MachineServer:
             raise
         finally:
             self.channel = None
+            # The worker finishes the fault in progress, then sees the sentinel and exits.
             self._faults.put_nowait(None)
-            worker.cancel()
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(ShootdownFailed(f"{self.vm}: guest disconnected"))
@@ -203,7 +206,9 @@ class MachineServer:
                 await self._fatal(ch, code, what)
                 return
             try:
-                ok = await self.on_fault(pfns.astype(np.int64))
+                # Shielded: a fault half-way through a reclaim (victims locked, EPT cleared,
+                # shootdowns out) must run to its end even if this guest goes away.
+                ok = await asyncio.shield(self.on_fault(pfns.astype(np.int64)))
             except Exception as e:  # noqa: BLE001 - a host bug must not hang the guest
                 log.exception("%s: backing ept_fault %d failed", self.vm, msg.id)
                 await self._fatal(ch, ErrorCode.INTERNAL, f"host failed to back the fault: {e}")

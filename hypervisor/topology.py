@@ -477,9 +477,12 @@ def _parse_task(
     if size == 0:
         raise ctx.error(f"{key}.size", "must be larger than 0")
     if size > vm_memory:
+        # vm_memory here is the VM's memory plus its guest swap: a task may overcommit
+        # its guest (that is what guest swap is for), but not beyond what it can hold.
         raise ctx.error(
             f"{key}.size",
-            f"{format_size_exact(size)} is larger than its VM's memory ({format_size_exact(vm_memory)})",
+            f"{format_size_exact(size)} is larger than its VM's memory plus guest swap "
+            f"({format_size_exact(vm_memory)})",
         )
     for i, p in enumerate(phases):
         if p.size > size:
@@ -555,7 +558,10 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig) -> VmConfig:
     raw_tasks = raw.get("task", [])
     if not isinstance(raw_tasks, list):
         raise ctx.error(f"{key}.task", "expected an array of tables: write [[vm.task]]")
-    tasks = tuple(_parse_task(ctx, t, f"{key}.task[{i}]", memory) for i, t in enumerate(raw_tasks))
+    tasks = tuple(
+        _parse_task(ctx, t, f"{key}.task[{i}]", memory + guest_swap)
+        for i, t in enumerate(raw_tasks)
+    )
 
     # 10 % of memory, rounded down to whole MiB (to a page for VMs under 10 MiB).
     unit = 1 << 20 if memory >= 10 << 20 else PAGE_SIZE

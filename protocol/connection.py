@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Any, ClassVar, Mapping
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .framing import FrameBuffer, decode_payload, encode_frame
+from .framing import FrameBuffer
 from . import messages as m
 
 
@@ -84,13 +84,23 @@ class Connection:
     ROLE: ClassVar[Role]
     TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {}
 
+    #: ``_on_<type>`` / ``_send_<type>`` hooks by message type, collected once per class
+    #: (a dict lookup per message instead of building a name and a getattr).
+    _ON_HOOKS: ClassVar[dict[str, Any]] = {}
+    _SEND_HOOKS: ClassVar[dict[str, Any]] = {}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "TRANSITIONS" not in cls.__dict__ and "ROLE" in cls.__dict__:
             cls.TRANSITIONS = _open_table(cls.ROLE)
+        cls._ON_HOOKS = {name[4:]: getattr(cls, name) for name in dir(cls)
+                         if name.startswith("_on_") and callable(getattr(cls, name))}
+        cls._SEND_HOOKS = {name[6:]: getattr(cls, name) for name in dir(cls)
+                           if name.startswith("_send_") and callable(getattr(cls, name))}
 
     def __init__(self) -> None:
         self._frames = FrameBuffer()
+        self._decode = m.decoder_for(self.ROLE.receives)
         self._out = bytearray()
         self._eof = False
         self.state: State = self.ROLE.initial
@@ -131,7 +141,7 @@ class Connection:
                     self.state = State.CLOSED
                     return CLOSED
                 return NEED_DATA
-            msg = m.decode_message(self.ROLE.receives, decode_payload(body))
+            msg = self._decode(body)
             return self._dispatch(msg)
         except LocalProtocolError as err:
             self._fail(err)
@@ -159,8 +169,8 @@ class Connection:
             raise LocalProtocolError(
                 ErrorCode.UNKNOWN_ID, f"{t!r} refers to request id {mid}, not outstanding", id=mid
             )
-        handler = getattr(self, "_on_" + t, None)
-        result = handler(msg) if handler is not None else msg
+        handler = self._ON_HOOKS.get(t)
+        result = handler(self, msg) if handler is not None else msg
         if t in self.ROLE.replies and mid in self._pending:
             del self._pending[mid]
         self.state = new_state
@@ -171,9 +181,7 @@ class Connection:
         self.error = err
         if self.state not in (State.CLOSED, State.ERROR):
             try:
-                self._out += encode_frame(
-                    m.Error(code=str(err.code), message=err.message[:4096]).to_wire()
-                )
+                self._out += m.Error(code=str(err.code), message=err.message[:4096]).to_frame()
             except ProtocolError:  # pragma: no cover - error text always encodes
                 pass
         self.state = State.ERROR
@@ -202,10 +210,10 @@ class Connection:
                 f"request id {msg.id} is still outstanding",  # type: ignore[attr-defined]
                 id=msg.id,  # type: ignore[attr-defined]
             )
-        frame = encode_frame(msg.to_wire())  # may refuse an oversize message: before hooks
-        hook = getattr(self, "_send_" + t, None)
+        frame = msg.to_frame()  # may refuse an oversize message: before hooks
+        hook = self._SEND_HOOKS.get(t)
         if hook is not None:
-            hook(msg)
+            hook(self, msg)
         if is_request:
             self._pending[msg.id] = t  # type: ignore[attr-defined]
         if t in ("bye", "error") and getattr(msg, "id", None) is None:

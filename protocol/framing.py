@@ -35,14 +35,73 @@ def _no_ext(code: int, data: bytes) -> Any:
 def encode_frame(payload: dict[str, Any]) -> bytes:
     """Pack one map into a length-prefixed frame."""
     body = msgpack.packb(payload, use_bin_type=True)
-    n = len(body)
-    if n > MAX_FRAME:
+    return pack_frame_header(len(body)) + body
+
+
+# ------------------------------------------------------------------ hand encoding
+#
+# msgpack's encoding of the few value kinds the hot messages hold, byte for byte what
+# ``msgpack.packb(..., use_bin_type=True)`` produces (smallest format for each value), so
+# that a message can be framed with one copy of its PFN set instead of packb's two
+# (into the packer's buffer, then out to a bytes object). tests/protocol checks the
+# equality with hypothesis.
+
+_FIXINT = [bytes((i,)) for i in range(128)]
+_FIXSTR = [bytes((0xA0 | i,)) for i in range(32)]
+_U8 = struct.Struct(">BB").pack
+_U16 = struct.Struct(">BH").pack
+_U32 = struct.Struct(">BI").pack
+_U64 = struct.Struct(">BQ").pack
+
+
+def pack_uint(v: int) -> bytes:
+    """msgpack encoding of an int in 0..2**64-1 (positive fixint, uint8/16/32/64)."""
+    if v < 128:
+        return _FIXINT[v]
+    if v < 0x100:
+        return _U8(0xCC, v)
+    if v < 0x10000:
+        return _U16(0xCD, v)
+    if v < 0x100000000:
+        return _U32(0xCE, v)
+    return _U64(0xCF, v)
+
+
+def pack_bin_header(n: int) -> bytes:
+    """msgpack header of a bin of ``n`` bytes (bin8/16/32)."""
+    if n < 0x100:
+        return _U8(0xC4, n)
+    if n < 0x10000:
+        return _U16(0xC5, n)
+    return _U32(0xC6, n)
+
+
+def pack_str(s: str) -> bytes:
+    """msgpack encoding of a str (fixstr, str8/16/32 of its UTF-8 bytes).
+
+    Raises ``UnicodeEncodeError`` for strings UTF-8 cannot hold (lone surrogates), as
+    packb does; callers fall back to packb for the exact error.
+    """
+    b = s.encode("utf-8")
+    n = len(b)
+    if n < 32:
+        return _FIXSTR[n] + b
+    if n < 0x100:
+        return _U8(0xD9, n) + b
+    if n < 0x10000:
+        return _U16(0xDA, n) + b
+    return _U32(0xDB, n) + b
+
+
+def pack_frame_header(body_len: int) -> bytes:
+    """The 4-byte length prefix of a frame whose body is ``body_len`` bytes (checked)."""
+    if body_len > MAX_FRAME:
         raise LocalProtocolError(
             ErrorCode.FRAME_TOO_LARGE,
-            f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit; split the batch",
-            length=n,
+            f"frame of {body_len} bytes exceeds the {MAX_FRAME}-byte limit; split the batch",
+            length=body_len,
         )
-    return _LEN.pack(n) + body
+    return _LEN.pack(body_len)
 
 
 def decode_payload(body: bytes | memoryview) -> dict[str, Any]:

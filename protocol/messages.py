@@ -15,15 +15,19 @@ Channel registries (``BALLOON_TO_DEVICE`` …) list which types each side may re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
+import msgpack
 import numpy as np
+from msgpack import unpackb as _unpackb
 
 from .errors import ErrorCode, LocalProtocolError
-from .features import MAX_STAT_VALUE
-from .framing import MAX_STR
+from .features import MAX_FRAME, MAX_STAT_VALUE
+from .framing import (
+    MAX_ARRAY, MAX_MAP, MAX_STR, _no_ext, decode_payload, encode_frame, pack_bin_header, pack_frame_header, pack_str, pack_uint,
+)
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
@@ -103,6 +107,10 @@ class Message:
     def _validate(self) -> None:
         """Cross-field rules; overridden where a message has them."""
 
+    #: Optional: a Python expression over ``{field}`` placeholders that is true exactly
+    #: when ``_validate`` passes — lets the generated constructors skip the method call.
+    _VALID_WHEN: ClassVar[str | None] = None
+
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"t": self.TYPE}
         for name, _kind, _req in self.SPEC:
@@ -110,6 +118,14 @@ class Message:
             if v is not None:
                 d[name] = v
         return d
+
+    def to_frame(self) -> bytes:
+        """The message as one length-prefixed frame: ``encode_frame(self.to_wire())``.
+
+        Byte for byte that encoding; classes of ints, bools, strings and PFN sets get a
+        generated version that skips the intermediate map and copies a PFN set once.
+        """
+        return encode_frame(self.to_wire())
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> "Message":
@@ -170,6 +186,8 @@ class Ack(Message):
     ok: bool
     code: str | None = None
     message: str | None = None
+
+    _VALID_WHEN = "{ok} or {code} is not None"
 
     def _validate(self) -> None:
         if not self.ok and self.code is None:
@@ -274,6 +292,8 @@ class _PageBatch(_PfnSetMixin, Message):
     pfns: bytes | None = None
     runs: bytes | None = None
 
+    _VALID_WHEN = "({pfns} is None) is not ({runs} is None)"
+
     def _validate(self) -> None:
         if (self.pfns is None) == (self.runs is None):
             raise _bad(self.TYPE, "pfns", "exactly one of 'pfns' and 'runs' must be present")
@@ -339,6 +359,8 @@ class EptFault(_PfnSetMixin, Message):
     id: int
     pfns: bytes
 
+    _VALID_WHEN = "{pfns}"
+
     def _validate(self) -> None:
         if not self.pfns:
             raise _bad(self.TYPE, "pfns", "an EPT fault names at least one page")
@@ -390,6 +412,8 @@ class BalloonAlloc(Message):
     count: int
     max_order: int
 
+    _VALID_WHEN = f"{{max_order}} <= {MAX_ORDER}"
+
     def _validate(self) -> None:
         if self.max_order > MAX_ORDER:
             raise _bad(self.TYPE, "max_order", f"{self.max_order} exceeds {MAX_ORDER}")
@@ -434,6 +458,8 @@ class ReportIsolate(Message):
     id: int
     min_order: int
     max_runs: int
+
+    _VALID_WHEN = f"{{min_order}} <= {MAX_ORDER}"
 
     def _validate(self) -> None:
         if self.min_order > MAX_ORDER:
@@ -481,6 +507,239 @@ class Event(Message):
 
 
 # --------------------------------------------------------------------------------------
+# Per-class generated code (speed): validators, decode constructors, frame encoders
+# --------------------------------------------------------------------------------------
+#
+# The dataclass machinery above is the public face and the specification; the functions
+# below are generated once per class, at import, from SPEC: straight-line checks with no
+# SPEC loop and no getattr, slots written through their member descriptors (bypassing the
+# frozen __setattr__), and for messages made only of integers, booleans, short strings and
+# PFN sets a hand-written msgpack encoder. Every fast check accepts exactly what ``_check``
+# accepts; when one fails, the slow path (``_check`` / the original ``from_wire``) runs to
+# raise the very same error, so errors and their order never depend on the fast path.
+
+_new = object.__new__
+
+
+def _slow_field(msg_type: str, name: str, kind: Kind, required: bool, v: Any) -> None:
+    """The original per-field check, run only when a fast check failed (raises)."""
+    if v is None:
+        if required:
+            raise _bad(msg_type, name, "missing")
+        return
+    _check(msg_type, name, kind, v)
+
+
+def _slow_from_wire(cls: type[Message], d: Mapping[str, Any]) -> Message:
+    """The original ``from_wire``: canonical error order (missing fields first)."""
+    kwargs = {}
+    for name, _kind, required in cls.SPEC:
+        if name in d:
+            kwargs[name] = d[name]
+        elif required:
+            raise _bad(cls.TYPE, name, "missing")
+    return cls(**kwargs)
+
+
+def _passes(v: Any, kind: Kind) -> bool:
+    """``_check`` as a predicate (``None`` fails), for kinds with no cheap expression."""
+    if v is None:
+        return False
+    try:
+        _check("", "", kind, v)
+    except LocalProtocolError:
+        return False
+    return True
+
+
+#: Fast checks, as expressions over ``{v}``; each accepts exactly what ``_check`` accepts.
+_FAST_CHECK = {
+    Kind.U64: f"(type({{v}}) is int and 0 <= {{v}} <= {U64_MAX})",
+    Kind.U32: f"(type({{v}}) is int and 0 <= {{v}} <= {U32_MAX})",
+    Kind.PFNS: "(type({v}) is bytes and not len({v}) & 3)",
+    Kind.RUNS: "(type({v}) is bytes and not len({v}) & 15)",
+    Kind.STR: f"(type({{v}}) is str and len({{v}}) <= {MAX_STR})",
+    Kind.BOOL: "({v}) is True or ({v}) is False",
+}
+#: Kinds the hand-written encoder handles (the rest go through msgpack.packb).
+_ENCODABLE = {Kind.U64, Kind.U32, Kind.PFNS, Kind.RUNS, Kind.STR, Kind.BOOL}
+
+
+def _ok_expr(kind: Kind, required: bool, v: str) -> str | None:
+    """Expression true when ``v`` passes (None: no cheap expression; use ``_check``)."""
+    if kind is Kind.ANY:
+        return f"{v} is not None" if required else "True"
+    fast = _FAST_CHECK.get(kind)
+    if fast is None:
+        return None
+    e = fast.format(v=v)
+    return e if required else f"({v} is None or {e})"
+
+
+def _descriptor_setter(cls: type, name: str) -> Any:
+    for k in cls.__mro__:
+        d = k.__dict__.get(name)
+        if d is not None and hasattr(d, "__set__"):
+            return d.__set__
+    raise TypeError(f"{cls.__name__}.{name} is not a slot")  # pragma: no cover
+
+
+def _accelerate(cls: type[Message]) -> None:
+    """Install the generated ``__init__``, ``from_wire``, ``_build`` and ``to_frame``."""
+    flds = fields(cls)
+    spec = cls.SPEC
+    if {f.name for f in flds} != {n for n, _k, _r in spec} or any(
+        f.default is not None and f.default is not MISSING for f in flds
+    ) or any(f.default_factory is not MISSING for f in flds):  # pragma: no cover
+        return  # not the shape the generator understands: keep the dataclass code
+    T = cls.TYPE
+    ns: dict[str, Any] = {
+        "_C": cls, "_T": T, "_slow_field": _slow_field, "_slow_from_wire": _slow_from_wire,
+        "_check": _check, "_bad": _bad, "_new": _new, "Kind": Kind, "_passes": _passes,
+    }
+    var = {name: f"v{i}" for i, (name, _k, _r) in enumerate(spec)}
+    for name, _k, _r in spec:
+        ns[f"_s_{var[name]}"] = _descriptor_setter(cls, name)
+    has_validate = cls._validate is not Message._validate
+    # _VALID_WHEN: an expression over the fields that, when true, means _validate would
+    # pass; the generated code calls _validate (for its exact error) only when it is false.
+    when = getattr(cls, "_VALID_WHEN", None) if has_validate else None
+
+    # Checks in SPEC order, as __post_init__ ran them.
+    checks: list[str] = []
+    cheap: list[str] = []  # the same, as one boolean (None when a kind needs _check)
+    for name, kind, required in spec:
+        v = var[name]
+        ok = _ok_expr(kind, required, v)
+        if ok is None:
+            if required:
+                checks.append(f"    if {v} is None: raise _bad(_T, {name!r}, 'missing')")
+                checks.append(f"    _check(_T, {name!r}, Kind.{kind.name}, {v})")
+            else:
+                checks.append(f"    if {v} is not None: _check(_T, {name!r}, Kind.{kind.name}, {v})")
+            cheap.append("None")
+        else:
+            if ok != "True":
+                checks.append(f"    if not ({ok}): "
+                              f"_slow_field(_T, {name!r}, Kind.{kind.name}, {required}, {v})")
+            cheap.append(ok)
+    sets = [f"    _s_{var[n]}(self, {var[n]})" for n, _k, _r in spec]
+    if when is not None:
+        cond = when.format(**var)
+        validate = [f"    if not ({cond}): self._validate()"]
+    else:
+        validate = ["    self._validate()"] if has_validate else []
+
+    # Parameter names must be the field names (keyword-only): rename inside the body.
+    sig = ", ".join(f.name if f.default is MISSING else f"{f.name}=None" for f in flds)
+    rebinds = [f"    {var[f.name]} = {f.name}" for f in flds]
+    src = [f"def __init__(self{', *, ' + sig if flds else ''}):", *rebinds, *checks, *sets,
+           *validate, "    pass"]
+
+    # _from_map(d): the decode-side constructor (no kwargs dict, no cls(**kwargs));
+    # None when a value fails a cheap check, so that the caller can take the slow path
+    # (the original from_wire) for the exact error in its exact order.
+    map_checks: list[str] = []
+    for (name, kind, required), c in zip(spec, cheap):
+        v = var[name]
+        if c == "True":
+            continue
+        if c != "None":
+            map_checks.append(f"    if not ({c}): return None")
+        elif required:
+            map_checks.append(f"    if not _passes({v}, Kind.{kind.name}): return None")
+        else:
+            map_checks.append(
+                f"    if {v} is not None and not _passes({v}, Kind.{kind.name}): return None")
+    gets = [f"    {var[n]} = get({n!r})" for n, _k, _r in spec]
+    src += ["def _from_map(d):", "    get = d.get", *gets, *map_checks, "    self = _new(_C)",
+            *sets, *validate, "    return self"]
+    src += ["def from_wire(cls, d):",
+            "    if cls is _C:",
+            "        self = _from_map(d)",
+            "        if self is not None: return self",
+            "    return _slow_from_wire(cls, d)"]
+    if all(k in _ENCODABLE for _n, k, _r in spec) and len(spec) < 15:
+        src += _encoder_source(cls, var)
+        ns.update(_ENCODER_NAMES)
+    cls._GENERATED_SOURCE = "\n".join(src)  # type: ignore[attr-defined]  # for debugging
+    exec(cls._GENERATED_SOURCE, ns)  # noqa: S102 - source built above from SPEC only
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[misc]
+    cls.from_wire = classmethod(ns["from_wire"])  # type: ignore[method-assign,assignment]
+    cls._from_map = staticmethod(ns["_from_map"])  # type: ignore[attr-defined]
+    cls._WIRE_KEYS = frozenset(["t", *(n for n, _k, _r in spec)])  # type: ignore[attr-defined]
+    if "to_frame" in ns:
+        ns["to_frame"].__qualname__ = f"{cls.__qualname__}.to_frame"
+        ns["to_frame"].__doc__ = Message.to_frame.__doc__
+        cls.to_frame = ns["to_frame"]  # type: ignore[method-assign]
+
+
+_ENCODER_NAMES = {
+    "_uint": pack_uint, "_binh": pack_bin_header, "_str": pack_str,
+    "_frame_header": pack_frame_header, "_join": b"".join, "_encode_frame": encode_frame,
+}
+
+
+def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
+    """``to_frame`` for a message of ints, bools, strings and PFN sets: the frame, built by
+    hand so that a PFN set is copied once (by the final join)."""
+    t_enc = msgpack.packb("t") + msgpack.packb(cls.TYPE)
+    src = ["def to_frame(self):",
+           f"    p = [b'', {t_enc!r}]",
+           f"    size = {len(t_enc)}",
+           "    n = 1"]
+    for name, kind, required in cls.SPEC:
+        v = var[name]
+        key = msgpack.packb(name)
+        ind = "    "
+        src.append(f"    {v} = self.{name}")
+        if not required:
+            src.append(f"    if {v} is not None:")
+            ind = "        "
+        if kind in (Kind.U64, Kind.U32):
+            src += [f"{ind}e = _uint({v})", f"{ind}p.append({key!r} + e)",
+                    f"{ind}size += {len(key)} + len(e)"]
+        elif kind is Kind.BOOL:
+            src += [f"{ind}p.append({key!r} + (b'\\xc3' if {v} else b'\\xc2'))",
+                    f"{ind}size += {len(key) + 1}"]
+        elif kind is Kind.STR:
+            src += [f"{ind}try:", f"{ind}    e = _str({v})",
+                    f"{ind}except UnicodeEncodeError:",
+                    f"{ind}    return _encode_frame(self.to_wire())  # packb's own error",
+                    f"{ind}p.append({key!r} + e)", f"{ind}size += {len(key)} + len(e)"]
+        else:  # PFNS / RUNS: the one big value, appended as is
+            src += [f"{ind}e = {key!r} + _binh(len({v}))", f"{ind}p.append(e)",
+                    f"{ind}p.append({v})", f"{ind}size += len(e) + len({v})"]
+        src.append(f"{ind}n += 1")
+    src += ["    p[0] = _frame_header(size + 1) + _FIXMAP[n]", "    return _join(p)"]
+    return src
+
+
+_FIXMAP = [bytes((0x80 | i,)) for i in range(16)]
+_ENCODER_NAMES["_FIXMAP"] = _FIXMAP
+
+
+def _concrete_messages() -> list[type[Message]]:
+    out, todo = [], [Message]
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        # dataclass(slots=True) replaces each class: the pre-slots originals may still be
+        # listed as subclasses until collected, so take only the module's own objects.
+        if c.TYPE and globals().get(c.__name__) is c and c not in out:
+            out.append(c)
+    return out
+
+
+for _cls in _concrete_messages():
+    _accelerate(_cls)
+del _cls
+
+
+# --------------------------------------------------------------------------------------
 # Registries: which types each receiver accepts
 # --------------------------------------------------------------------------------------
 
@@ -521,6 +780,10 @@ ALL_MESSAGE_TYPES: dict[str, type[Message]] = {
 def decode_message(registry: Registry, payload: Mapping[str, Any]) -> Message:
     """Build and validate the message a decoded map describes, for one receiver."""
     t = payload.get("t")
+    if type(t) is str:
+        cls = registry.get(t)
+        if cls is not None:
+            return cls.from_wire(payload)
     if t is None:
         raise LocalProtocolError(ErrorCode.BAD_FIELD, "message has no 't' (type) key", field="t")
     if type(t) is not str:
@@ -537,3 +800,59 @@ def decode_message(registry: Registry, payload: Mapping[str, Any]) -> Message:
 
 def message_fields(cls: type[Message]) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+# --------------------------------------------------------------------------------------
+# Receive fast path: frame body → message in one call
+# --------------------------------------------------------------------------------------
+
+
+Decoder = Callable[[bytes], Message]
+_decoders: dict[int, tuple[Registry, Decoder]] = {}
+
+
+def decoder_for(registry: Registry) -> Decoder:
+    """``decode(body) -> Message`` for one receiver: ``decode_frame`` with its lookups
+    done once (connections keep one)."""
+    hit = _decoders.get(id(registry))
+    if hit is not None and hit[0] is registry:
+        return hit[1]
+    table = {t: (cls._from_map, cls._WIRE_KEYS) for t, cls in registry.items()  # type: ignore[attr-defined]
+             if cls.TYPE == t and "_from_map" in cls.__dict__}
+
+    def decode(body: bytes) -> Message:
+        try:
+            if len(body) <= MAX_STR:
+                # unpackb's default limits are the body's own length, which for a body
+                # this small is never looser than decode_payload's on complete data (a
+                # string, bin, array or map cannot outgrow the bytes holding it): the same
+                # maps decode, without seven keyword arguments per frame.
+                d = _unpackb(body, strict_map_key=False, ext_hook=_no_ext)
+            else:
+                d = _unpackb(body, raw=False, use_list=True, strict_map_key=False,
+                             ext_hook=_no_ext, max_str_len=MAX_STR, max_bin_len=MAX_FRAME,
+                             max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0)
+            from_map, keys = table[d["t"]]
+            # keys ⊆ {"t", fields}: every key is a string, as decode_payload demands
+            if d.keys() <= keys:
+                msg = from_map(d)
+                if msg is not None:
+                    return msg  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - whatever it was, the generic path names it
+            pass
+        return decode_message(registry, decode_payload(body))
+
+    _decoders[id(registry)] = (registry, decode)
+    return decode
+
+
+def decode_frame(registry: Registry, body: bytes) -> Message:
+    """The message in one frame body, for one receiver.
+
+    Same result, and same errors, as ``decode_message(registry, decode_payload(body))``:
+    when the body unpacks to a map whose keys are all field names of a type this receiver
+    accepts and whose values pass the cheap checks, the map goes straight to that class's
+    generated constructor; anything else takes the generic path, which raises the exact
+    error.
+    """
+    return decoder_for(registry)(body)

@@ -101,3 +101,31 @@ def test_up_for_record_then_plot(xdg: Path, tmp_path: Path) -> None:
     # the host is gone after the run
     assert not (xdg / "balloonlab" / "small" / "control.sock").exists() or \
         CliRunner().invoke(cli, ["list"]).exit_code == 1
+
+
+def test_ctrl_c_stops_host_and_prints_summary(xdg: Path, tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("balloonlab")), "up", "two-vms-small",
+         "--no-dashboard", "--boot-timeout", "90s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # plain status lines: the first host line means "monitoring"
+            if "host small: frames" in line:
+                break
+        else:
+            pytest.fail(f"no status line; stderr: {proc.stderr.read() if proc.stderr else ''}")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "run summary" in out and "corrupted reads: 0" in out
+    assert "Traceback" not in err
+    res = CliRunner().invoke(cli, ["list"])
+    assert res.exit_code == 1 and "no running host" in res.stderr

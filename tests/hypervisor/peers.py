@@ -35,7 +35,7 @@ from protocol import messages as m
 from protocol import pfn as P
 from protocol.aio import Channel, PeerClosed
 from protocol.balloon import BalloonDriver, Completed
-from protocol.connection import CLOSED, NEED_DATA, MachineGuest
+from protocol.connection import NEED_DATA, MachineGuest
 from protocol.features import PAGE_SIZE, PROTOCOL_VERSION, Feature
 from protocol.framing import decode_payload, encode_frame
 
@@ -53,6 +53,7 @@ class GuestPeer:
         self.on_shootdown: Any = None  # callback run before the ack (e.g. "keep writing")
         self._resumes: dict[int, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._ackers: set[asyncio.Task[None]] = set()
         self.halted = asyncio.Event()
         self.closed = asyncio.Event()
         self.error: m.Error | None = None
@@ -105,7 +106,9 @@ class GuestPeer:
                         fut.set_result(None)
                 elif isinstance(msg, m.Shootdown):
                     self.shootdowns.append(msg.id)
-                    asyncio.create_task(self._ack(msg.id))
+                    t = asyncio.create_task(self._ack(msg.id))
+                    self._ackers.add(t)  # the loop holds tasks weakly
+                    t.add_done_callback(self._ackers.discard)
                 elif isinstance(msg, m.Halt):
                     self.halted.set()
                     break
@@ -361,5 +364,5 @@ def run(coro):
 
 
 
-__all__ = ["Lab", "run", "topo", "GuestPeer", "DriverPeer", "raw_connect", "read_frame", "read_until_eof", "frame",
-           "CLOSED"]
+__all__ = ["Lab", "run", "topo", "GuestPeer", "DriverPeer", "raw_connect", "read_frame",
+           "read_until_eof", "frame"]

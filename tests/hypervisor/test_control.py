@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import numpy as np
 import pytest
@@ -143,8 +144,8 @@ def test_set_policy_and_shutdown_remove_the_run_dir():
             with pytest.raises(HostNotRunning):
                 ControlClient(lab.run_dir)
         finally:
-            if not lab.host._stopped.is_set():
-                await lab.host.shutdown()
+            await lab.host.shutdown()  # idempotent
+            shutil.rmtree(lab.base, ignore_errors=True)
     run(main())
 
 

@@ -10,7 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from hv_peers import GuestPeer, Lab, run, topo
+from hv_peers import Lab, run, topo
 from hypervisor import rundir
 from hypervisor.host import Host
 from hypervisor.topology import parse_topology
@@ -181,6 +181,11 @@ def test_guest_disconnect_frees_all_its_frames_and_slots():
             assert lab.host.ledger.frames_used == lab.host.vms["b"].led.backed
             assert lab.host.ledger.slots_used == lab.host.vms["b"].led.swapped
             assert any(e["kind"] == "vm_crashed" and e["vm"] == "a" for e in lab.host.events)
+            # A new guest reboots the VM from zeroed memory.
+            a2 = await lab.guest("a")
+            assert await a2.read(3, 16) == b"\0" * 16
+            await lab.quiesce()
+            assert lab.host.vms["a"].state == "running"
     run(main())
 
 
@@ -195,6 +200,18 @@ def test_stats_are_polled_and_cached():
                 await asyncio.sleep(0.02)
             b = lab.host.vms["a"].balloon
             assert b.stats[4] == 12345 * PAGE and b.last_update is not None
+            d.stats = {10: 3}
+            for _ in range(100):
+                if b.stats.get(10):
+                    break
+                await asyncio.sleep(0.02)
+            d.stats = {10: 5}
+            for _ in range(100):
+                if b.stats.get(10) == 5:
+                    break
+                await asyncio.sleep(0.02)
+            kills = [e for e in lab.host.events if e["kind"] == "guest_oom_kill"]
+            assert [(e["kills"], e["total"]) for e in kills] == [(2, 5)]
             lab.host.set_balloon_target(lab.host.vms["a"], 7)
             for _ in range(100):
                 if d.targets:

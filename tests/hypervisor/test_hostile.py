@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from hv_peers import GuestPeer, Lab, frame, raw_connect, read_frame, read_until_eof, run, topo
-from hypervisor import rundir
 from protocol import pfn as P
 
 PAGE = 4096

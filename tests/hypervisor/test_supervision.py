@@ -86,7 +86,7 @@ def test_supervision_restarts_driver_and_crashed_guest_then_shuts_down_clean():
 def test_python_m_hypervisor_runs_until_sigterm(tmp_path):
     run_dir = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp")) / "run"
     toml = tmp_path / "t.toml"
-    toml.write_text(topo(64, 0, {"a": 16}).replace(
+    toml.write_text(topo(2048, 0, {"a": 1024}).replace(
         'policy_interval = "1s"\n', f'policy_interval = "1s"\nrun_dir = "{run_dir}"\n'))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "--topology", str(toml),
@@ -102,7 +102,16 @@ def test_python_m_hypervisor_runs_until_sigterm(tmp_path):
                     info = c.call("host_info")
             except (ConnectionError, OSError):
                 time.sleep(0.1)
-        assert info["pid"] == proc.pid and info["frames_total"] == 64
+        assert info["pid"] == proc.pid and info["frames_total"] == 2048
+        # Let the real guest kernel and driver come up, so there is something to orphan.
+        while True:
+            assert time.monotonic() - t0 < 60, "VM a never came up"
+            with ControlClient(run_dir) as c:
+                (vm,) = c.call("list_vms")
+            if vm["driver"] == "connected":
+                break
+            time.sleep(0.1)
+        assert _procs_mentioning(str(run_dir))
         # A second host over the same run dir is refused while this one lives.
         second = subprocess.run([sys.executable, "-m", "hypervisor", "--topology", str(toml)],
                                 env=env, capture_output=True, text=True, timeout=60)
@@ -110,6 +119,8 @@ def test_python_m_hypervisor_runs_until_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not run_dir.exists()
+        # No VM process (their command lines name the run dir) outlives the host.
+        assert _procs_mentioning(str(run_dir)) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -123,3 +134,38 @@ def test_bad_topology_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hypervisor", "--topology", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "memory" in r.stderr
+
+
+def test_crashed_guest_with_on_crash_destroy_stays_down():
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        host = Host(parse_topology(topo(64, 0, {"a": 32}, extra='on_crash = "destroy"\n')),
+                    run_dir=base / "run", vm_command=[sys.executable, str(FAKEVM)])
+        try:
+            await host.start()
+            vm = host.vms["a"]
+            await _wait_event(host, "driver_connected")
+            vm.kernel_proc.kill()
+            await _wait_event(host, "vm_destroyed")
+            assert vm.state == "destroyed"
+            assert not [e for e in host.events if e["kind"] == "vm_restarted"]
+            async with host.mm_lock:
+                host.check_conservation()
+                assert host.ledger.frames_used == 0
+            assert vm.driver_proc.returncode is not None
+        finally:
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+    run(main())
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out

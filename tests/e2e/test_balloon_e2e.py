@@ -1,0 +1,233 @@
+"""The three layers end to end: real hypervisor, guest kernel and balloon driver processes.
+
+Every test checks the project's integrity proof (zero corrupted reads) and the memory
+conservation invariant against Linux's own count of resident memfd pages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def _no_corruption(host, *vms: str) -> None:
+    for vm in vms:
+        assert host.stat(vm)["corrupted_reads"] == 0, f"corrupted reads in {vm}"
+
+
+def _event_kinds(host, vm: str | None = None) -> list[str]:
+    return [e["kind"] for e in host.events() if vm is None or e.get("vm") == vm]
+
+
+# A VM whose whole RAM was touched by a task that then ended: every free guest page is
+# backed by a host frame, so every ballooned page must release exactly one frame.
+TOUCHED_THEN_FREED = """
+[host]
+name = "e2e-{name}"
+memory = "160MiB"
+swap = "0"
+policy = "none"
+
+[[vm]]
+name = "a"
+memory = "32MiB"
+features = [{features}]
+wire = "{wire}"
+stats_interval = "200ms"
+guest_swap = "32MiB"
+[[vm.task]]
+workload = "idle"
+size = "40MiB"
+duration = "3s"
+"""
+
+
+def _touched_host(live_host, name: str, *, wire: str = "ranges",
+                  features: str = '"must_tell_host", "stats", "deflate_on_oom", "ranges"'):
+    if wire == "virtio":
+        features = features.replace(', "ranges"', "")
+    host = live_host(TOUCHED_THEN_FREED.format(name=name, wire=wire, features=features))
+    # Wait until the task has touched everything and ended (its memory freed, still backed).
+    def touched_and_freed() -> bool:
+        st = host.stat("a")
+        return st["backed_pages"] >= 0.9 * 8192 and (st["usable"] or 0) >= 20 * MiB
+
+    host.wait(touched_and_freed, 60, "the idle task to touch RAM and end")
+    return host
+
+
+@pytest.mark.parametrize("wire", ["ranges", "virtio"])
+def test_inflate_releases_exactly_the_ballooned_pages(live_host, wire):
+    host = _touched_host(live_host, f"inflate-{wire}", wire=wire)
+    host.check_conservation()
+    before = host.memfd_resident_pages()["a"]
+    backed_before = host.stat("a")["backed_pages"]
+    assert before == backed_before
+
+    target = 4096  # 16 MiB of the 32 MiB VM
+    host.call("set_balloon", vm="a", pages=target)
+    host.wait(lambda: host.stat("a")["balloon_pages"] == target, 60, "balloon to reach target")
+    st = host.stat("a")
+    assert st["actual"] == target
+    after = host.memfd_resident_pages()["a"]
+    counters = host.call("counters", vm="a")
+    assert counters["inflated"] == target
+    # Linux's own count of resident pages fell by exactly the frames the host says the
+    # balloon released: one per ballooned page that was backed ...
+    assert before - after == counters["released_frames"], (before, after, counters)
+    # ... and at most the pages the guest never touched (a few below its watermarks)
+    # were ballooned without being backed.
+    never_backed = 8192 - backed_before
+    assert target - never_backed <= before - after <= target, (before, after, never_backed)
+    assert st["backed_pages"] == after
+    host.check_conservation()
+    _no_corruption(host, "a")
+
+
+@pytest.mark.slow
+def test_deflate_returns_memory_that_tasks_then_use(live_host):
+    host = live_host("""
+[host]
+name = "e2e-deflate"
+memory = "128MiB"
+swap = "0"
+policy = "none"
+
+[[vm]]
+name = "a"
+memory = "48MiB"
+features = ["must_tell_host", "stats", "ranges"]
+stats_interval = "200ms"
+guest_swap = "64MiB"
+[[vm.task]]
+workload = "zipf"
+size = "8MiB"
+skew = 0.8
+[[vm.task]]
+workload = "uniform"
+size = "32MiB"
+write_ratio = 0.5
+start = "4s"
+""")
+    target = 6144  # 24 MiB ballooned: the second task will not fit beside it
+    host.call("set_balloon", vm="a", pages=target)
+    host.wait(lambda: host.stat("a")["balloon_pages"] >= target - 64, 30, "inflate")
+    # The second task starts and runs short of memory (it swaps in the guest).
+    host.wait(lambda: (host.stat("a")["swap_out"] or 0) > 0, 30, "guest swapping under the balloon")
+    squeezed = host.stat("a")["backed_pages"]
+    host.call("set_balloon", vm="a", pages=0)
+    host.wait(lambda: host.stat("a")["balloon_pages"] == 0, 30, "deflate")
+    # The deflated memory is used: more of the VM is backed than the balloon allowed.
+    host.wait(lambda: host.stat("a")["backed_pages"] > squeezed + 2048, 30,
+              "tasks to use the deflated memory")
+    ops = host.stat("a")["ops"] or 0
+    host.wait(lambda: (host.stat("a")["ops"] or 0) > ops, 10, "tasks to keep running")
+    host.check_conservation()
+    _no_corruption(host, "a")
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_inflate_is_restarted_and_reconciled(live_host):
+    host = _touched_host(live_host, "kill", wire="virtio")
+    target = 6000
+    host.call("set_balloon", vm="a", pages=target)
+    host.wait(lambda: host.stat("a")["balloon_pages"] > 500, 30, "inflate to be under way")
+    old_pid = host.vm("a")["driver_pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    host.wait(lambda: host.vm("a").get("driver") == "connected"
+              and host.vm("a")["driver_pid"] not in (None, old_pid), 30,
+              "the driver to be restarted and reconnect")
+    assert "driver_restarted" in _event_kinds(host, "a")
+    host.wait(lambda: host.stat("a")["balloon_pages"] == target, 60, "target after restart")
+    # The three views agree: host, driver (actual) and guest kernel's balloon list.
+    host.wait(lambda: host.stat("a")["actual"] == target, 10, "driver's actual to match")
+    host.wait(lambda: host.stat("a").get("guest_balloon_pages") == target, 10,
+              "the guest kernel's balloon list to match (no page leaked or counted twice)")
+    host.check_conservation()
+    _no_corruption(host, "a")
+
+
+OOM_TOPOLOGY = """
+[host]
+name = "e2e-oom-{name}"
+memory = "128MiB"
+swap = "0"
+policy = "none"
+
+[[vm]]
+name = "a"
+memory = "32MiB"
+features = [{features}]
+stats_interval = "200ms"
+guest_swap = "0"
+[[vm.task]]
+workload = "uniform"
+size = "16MiB"
+write_ratio = 0.5
+start = "5s"
+"""
+
+
+@pytest.mark.slow
+def test_deflate_on_oom_shrinks_the_balloon_instead_of_killing(live_host):
+    host = live_host(OOM_TOPOLOGY.format(
+        name="deflate", features='"must_tell_host", "stats", "deflate_on_oom", "ranges"'))
+    host.call("set_balloon", vm="a", pages=5120)  # 20 MiB: the 16 MiB task cannot fit
+    host.wait(lambda: host.stat("a")["balloon_pages"] >= 4096, 20, "inflate before the task")
+    # The task starts, runs out of memory, and the balloon gives way.
+    host.wait(lambda: (host.stat("a")["ops"] or 0) > 200_000, 40, "the task to run")
+    st = host.stat("a")
+    assert st["oom_kills"] == 0
+    assert st["balloon_pages"] < 5120
+    assert "guest_oom_kill" not in _event_kinds(host, "a")
+    host.check_conservation()
+    _no_corruption(host, "a")
+
+
+@pytest.mark.slow
+def test_without_deflate_on_oom_the_oom_killer_acts_and_is_reported(live_host):
+    host = live_host(OOM_TOPOLOGY.format(name="kill", features='"must_tell_host", "stats", "ranges"'))
+    host.call("set_balloon", vm="a", pages=5120)
+    host.wait(lambda: host.stat("a")["balloon_pages"] >= 4096, 20, "inflate before the task")
+    host.wait(lambda: (host.stat("a")["oom_kills"] or 0) >= 1, 40, "the guest OOM killer")
+    host.wait(lambda: "guest_oom_kill" in _event_kinds(host, "a"), 10, "an OOM event")
+    assert host.stat("a")["balloon_pages"] >= 4096  # the balloon did not give way
+    host.check_conservation()
+    _no_corruption(host, "a")
+
+
+@pytest.mark.slow
+def test_free_page_reporting_returns_a_finished_tasks_memory(live_host):
+    host = live_host("""
+[host]
+name = "e2e-report"
+memory = "128MiB"
+swap = "0"
+policy = "none"
+
+[[vm]]
+name = "a"
+memory = "64MiB"
+features = ["must_tell_host", "stats", "reporting", "ranges"]
+stats_interval = "200ms"
+guest_swap = "0"
+[[vm.task]]
+workload = "idle"
+size = "40MiB"
+duration = "2s"
+""")
+    host.wait(lambda: host.stat("a")["backed_pages"] >= 10240, 30, "the task to touch 40 MiB")
+    t_end = time.monotonic()
+    # About 2 s after the task's memory is freed, reporting hands it back to the host.
+    host.wait(lambda: host.stat("a")["backed_pages"] < 4096, 15,
+              "free page reporting to release the finished task's memory")
+    assert time.monotonic() - t_end < 15
+    assert host.stat("a")["balloon_pages"] == 0  # reporting is not ballooning
+    host.check_conservation()
+    _no_corruption(host, "a")
