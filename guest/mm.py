@@ -356,7 +356,7 @@ class MemoryManager:
         self.stats = VmStats()
         self.clock_hand = 0
         self.kswapd_active = False
-        self._victims = np.empty(KSWAPD_BATCH, np.int64)
+        self._victims = np.empty(max(KSWAPD_BATCH, BALLOON_RECLAIM_BATCH), np.int64)
         self._mark = np.zeros(npages, np.uint8)  # look-ahead scratch, kept zeroed
         self._ahead = np.empty(EPT_BATCH, np.int64)
         # Watermarks as Linux sets them: min from a min_free_kbytes-like share, low/high

@@ -396,6 +396,23 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
     params = dict(ctx.table(params, "host.policy_params"))
     for k, v in params.items():
         _check_plain(ctx, f"host.policy_params.{k}", v)
+    if policy in BUILTIN_POLICIES:
+        # Build the policy once now so that a misspelt or out-of-range parameter is
+        # reported with the file and key, not later inside the running host.
+        from hypervisor.policies import load_policy
+
+        try:
+            load_policy(policy, params)
+        except ValueError as e:
+            known = list(getattr(_policy_class(policy), "DEFAULTS", {}))
+            bad = next((k for k in params if k not in known), None)
+            close = (difflib.get_close_matches(bad, known, n=1, cutoff=0.5)
+                     if bad is not None else [])
+            raise ctx.error(
+                f"host.policy_params.{bad}" if bad else "host.policy_params",
+                str(e),
+                close[0] if close else None,
+            ) from None
     interval = ctx.duration("host.policy_interval", raw.get("policy_interval", "1s"))
     if interval <= 0:
         raise ctx.error("host.policy_interval", "must be longer than 0")
@@ -414,6 +431,12 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
         policy_interval=interval,
         run_dir=run_dir,
     )
+
+
+def _policy_class(name: str) -> type:
+    from hypervisor.policies import resolve_policy_class
+
+    return resolve_policy_class(name)
 
 
 def _check_plain(ctx: _Ctx, key: str, value: Any) -> None:

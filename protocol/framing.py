@@ -18,6 +18,7 @@ from .errors import ErrorCode, LocalProtocolError
 from .features import MAX_FRAME
 
 _LEN = struct.Struct(">I")
+_unpack_len = _LEN.unpack_from
 HEADER_SIZE = _LEN.size
 
 # Limits on what one decoded payload may hold. Strings are names and messages; binaries
@@ -178,38 +179,38 @@ class FrameBuffer:
         return len(self._buf) - self._pos + (HEADER_SIZE if self._need >= 0 else 0)
 
     def next_frame(self) -> bytes | None:
-        avail = len(self._buf) - self._pos
-        if self._need < 0:
-            if avail < HEADER_SIZE:
+        """The next complete frame body (``bytes``), or ``None`` when more are needed."""
+        buf = self._buf
+        pos = self._pos
+        need = self._need
+        if need < 0:
+            if len(buf) - pos < HEADER_SIZE:
                 return None
-            (n,) = _LEN.unpack_from(self._buf, self._pos)
-            if n == 0:
+            (need,) = _unpack_len(buf, pos)
+            if need == 0:
                 raise LocalProtocolError(ErrorCode.BAD_FRAME, "zero-length frame")
-            if n > self.max_frame:
+            if need > self.max_frame:
                 raise LocalProtocolError(
                     ErrorCode.FRAME_TOO_LARGE,
-                    f"frame length {n} exceeds the {self.max_frame}-byte limit",
-                    length=n,
+                    f"frame length {need} exceeds the {self.max_frame}-byte limit",
+                    length=need,
                 )
-            self._pos += HEADER_SIZE
-            self._need = n
-            avail -= HEADER_SIZE
-        if avail < self._need:
+            pos += HEADER_SIZE
+        end = pos + need
+        if end > len(buf):
+            self._pos = pos  # the header is parsed: remember the body length
+            self._need = need
             return None
-        start = self._pos
-        end = start + self._need
-        buf = self._buf
-        if type(buf) is bytes:
-            body = buf[start:end]  # one copy (none when the frame is the whole buffer)
-        else:
-            with memoryview(buf) as mv:  # one copy, and the export ends before any resize
-                body = bytes(mv[start:end])
-        self._pos = end
         self._need = -1
-        if self._pos == len(buf):
+        if end == len(buf):
             self._buf = bytearray()
             self._pos = 0
-        return body
+        else:
+            self._pos = end
+        if type(buf) is bytes:
+            return buf[pos:end]  # one copy (none when the frame is the whole buffer)
+        with memoryview(buf) as mv:  # one copy, and the export ends before any resize
+            return bytes(mv[pos:end])
 
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered (EOF here is a clean close)."""

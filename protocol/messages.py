@@ -584,6 +584,11 @@ def _descriptor_setter(cls: type, name: str) -> Any:
     raise TypeError(f"{cls.__name__}.{name} is not a slot")  # pragma: no cover
 
 
+#: Names the generated code uses for itself (fields with these names get a vN alias).
+_RESERVED = frozenset({"self", "cls", "d", "get", "e", "p", "n", "size", "type", "len",
+                       "Kind", "True", "False", "None", "key", "h", "i", "v"})
+
+
 def _accelerate(cls: type[Message]) -> None:
     """Install the generated ``__init__``, ``from_wire``, ``_build`` and ``to_frame``."""
     flds = fields(cls)
@@ -597,7 +602,10 @@ def _accelerate(cls: type[Message]) -> None:
         "_C": cls, "_T": T, "_slow_field": _slow_field, "_slow_from_wire": _slow_from_wire,
         "_check": _check, "_bad": _bad, "_new": _new, "Kind": Kind, "_passes": _passes,
     }
-    var = {name: f"v{i}" for i, (name, _k, _r) in enumerate(spec)}
+    # Fields are locals of the generated functions under their own names (no rebinding),
+    # unless a name would shadow something the generated code uses.
+    var = {name: (f"v{i}" if name in _RESERVED or name.startswith("_") else name)
+           for i, (name, _k, _r) in enumerate(spec)}
     for name, _k, _r in spec:
         ns[f"_s_{var[name]}"] = _descriptor_setter(cls, name)
     has_validate = cls._validate is not Message._validate
@@ -632,7 +640,7 @@ def _accelerate(cls: type[Message]) -> None:
 
     # Parameter names must be the field names (keyword-only): rename inside the body.
     sig = ", ".join(f.name if f.default is MISSING else f"{f.name}=None" for f in flds)
-    rebinds = [f"    {var[f.name]} = {f.name}" for f in flds]
+    rebinds = [f"    {var[f.name]} = {f.name}" for f in flds if var[f.name] != f.name]
     src = [f"def __init__(self{', *, ' + sig if flds else ''}):", *rebinds, *checks, *sets,
            *validate, "    pass"]
 
@@ -687,6 +695,27 @@ def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
     """``to_frame`` for a message of ints, bools, strings and PFN sets: the frame, built by
     hand so that a PFN set is copied once (by the final join)."""
     t_enc = msgpack.packb("t") + msgpack.packb(cls.TYPE)
+    spec = cls.SPEC
+    bins = [n for n, k, _r in spec[1:] if k in (Kind.PFNS, Kind.RUNS)]
+    if (spec and spec[0][:3] == ("id", Kind.U64, True) and len(bins) == len(spec) - 1
+            and 1 <= len(bins) <= 2 and len(cls.SPEC) == len(bins) + 1):
+        # Page batches (the hot path): "t", "id" and exactly one PFN set present — one
+        # join of six pieces. Anything else (no set, two sets: invalid anyway) is generic.
+        prefix = b"\x83" + t_enc + msgpack.packb("id")
+        src = ["def to_frame(self):"]
+        first, *other = bins
+        k1 = msgpack.packb(first)
+        src += [f"    v = self.{first}", f"    key = {k1!r}"]
+        if other:
+            k2 = msgpack.packb(other[0])
+            src += ["    if v is None:", f"        v = self.{other[0]}", f"        key = {k2!r}",
+                    f"    elif self.{other[0]} is not None: return _encode_frame(self.to_wire())"]
+        src += ["    if v is None: return _encode_frame(self.to_wire())",
+                "    e = _uint(self.id)",
+                "    h = _binh(len(v))",
+                f"    size = {len(prefix)} + len(key) + len(e) + len(h) + len(v)",
+                f"    return _join((_frame_header(size), {prefix!r}, e, key, h, v))"]
+        return src
     src = ["def to_frame(self):",
            f"    p = [b'', {t_enc!r}]",
            f"    size = {len(t_enc)}",
@@ -820,9 +849,10 @@ def decoder_for(registry: Registry) -> Decoder:
     table = {t: (cls._from_map, cls._WIRE_KEYS) for t, cls in registry.items()  # type: ignore[attr-defined]
              if cls.TYPE == t and "_from_map" in cls.__dict__}
 
-    def decode(body: bytes) -> Message:
+    def decode(body: bytes, _small: int = MAX_STR, _unpackb: Any = _unpackb,
+               _no_ext: Any = _no_ext, table: Any = table) -> Message:
         try:
-            if len(body) <= MAX_STR:
+            if len(body) <= _small:
                 # unpackb's default limits are the body's own length, which for a body
                 # this small is never looser than decode_payload's on complete data (a
                 # string, bin, array or map cannot outgrow the bytes holding it): the same

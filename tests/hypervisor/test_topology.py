@@ -269,3 +269,25 @@ def test_round_trip_property(
     topo = parse_topology(text, "p")
     assert parse_topology(topo.to_toml(), "p") == topo
     assert topo.vms[0].stats_interval == pytest.approx(interval_ms / 1000)
+
+
+def test_policy_params_are_checked_at_load_time_with_a_suggestion():
+    text = """
+[host]
+name = "p"
+memory = "64MiB"
+policy = "share"
+[host.policy_params]
+tax = 0.5
+[[vm]]
+name = "a"
+memory = "32MiB"
+"""
+    with pytest.raises(TopologyError) as ei:
+        parse_topology(text, "p.toml")
+    msg = str(ei.value)
+    assert msg.startswith("p.toml: host.policy_params.tax: ")
+    assert "unknown parameter 'tax'" in msg
+    assert "did you mean 'tax_rate'?" in msg
+    ok = parse_topology(text.replace("tax = 0.5", "tax_rate = 0.5"), "p.toml")
+    assert ok.host.policy_params == {"tax_rate": 0.5}
