@@ -1,18 +1,19 @@
 """Encode + decode throughput of balloon inflate batches, against plain msgpack.
 
-Run: ``python -m benchmarks.protocol [--json] [--repeats N]``.
+Run: ``python -m benchmarks.protocol [--json] [--repeats N] [--breakdown]``.
 
 For each workload the project path — what ``Connection.send`` / ``next_event`` run: build
 the ``Inflate`` message (which validates it), ``msg.to_frame()``, then the receive side
-``FrameBuffer.feed`` / ``next_frame`` and the connection's ``decoder_for(registry)`` (which validates again) — is
-timed against plain ``msgpack.packb`` / ``msgpack.unpackb`` of the same map in the same run,
-interleaved. Reported: pages/s for both and the overhead ratio (project time / plain time)
-as min / median / max over repeats. The generic path (``encode_frame(msg.to_wire())``,
-``decode_payload``, ``decode_message``; what other map-shaped messages take) is reported
-the same way, and ``--breakdown`` adds a per-stage table (µs per message, min over
-repeats). Workloads: ``pfns`` with 4096- and 256-page batches (virtio's
-VIRTIO_BALLOON_ARRAY_PFNS_MAX), ``runs`` fragmented (every other page: one run per page)
-and contiguous (one run of 4096 pages). Units: pages per second, µs; ratios are unitless.
+``FrameBuffer.feed`` / ``next_frame_span`` and the connection's ``decoder_for(registry)``
+(which validates again) — is timed against plain ``msgpack.packb`` / ``msgpack.unpackb``
+of the same map in the same run, interleaved. Reported: pages/s for both and the overhead
+ratio (project time / plain time) as min / median / max over repeats. The generic path
+(``encode_frame(msg.to_wire())``, ``next_frame``, ``decode_payload``, ``decode_message``:
+what messages without a fast path take) is reported the same way, and ``--breakdown``
+adds a per-stage table (µs per message, min over repeats). Workloads: ``pfns`` with 4096-
+and 256-page batches (virtio's VIRTIO_BALLOON_ARRAY_PFNS_MAX), ``runs`` fragmented (every
+other page: one run per page) and contiguous (one run of 4096 pages). Units: pages per
+second, µs; ratios are unitless.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _project(field: dict[str, bytes]) -> Callable[[int], None]:
     def run(n: int) -> None:
         for i in range(n):
             fb.feed(Inflate(id=i, **field).to_frame())
-            msg = decode(fb.next_frame())  # type: ignore[arg-type]
+            msg = decode(*fb.next_frame_span())  # type: ignore[misc]
             assert msg.id == i  # type: ignore[attr-defined]
 
     return run
@@ -120,11 +121,11 @@ def _stages(field: dict[str, bytes]) -> dict[str, Callable[[int], None]]:
     def feed_next(n: int) -> None:
         for _ in range(n):
             fb.feed(frame)
-            fb.next_frame()
+            fb.next_frame_span()
 
     def decode_fr(n: int) -> None:
         for _ in range(n):
-            decode(body)
+            decode(frame, 4, len(frame))
 
     def plain_pack(n: int) -> None:
         for i in range(n):
@@ -139,7 +140,7 @@ def _stages(field: dict[str, bytes]) -> dict[str, Callable[[int], None]]:
             m.decode_message(reg, decode_payload(body))
 
     return {"build Inflate (validate)": build, "to_frame": to_frame,
-            "feed + next_frame": feed_next, "decode_frame (validate)": decode_fr,
+            "feed + next_frame_span": feed_next, "decode_frame (validate)": decode_fr,
             "generic: decode_payload + decode_message": generic_decode,
             "msgpack.packb (dict built)": plain_pack, "msgpack.unpackb": plain_unpack}
 

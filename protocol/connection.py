@@ -52,6 +52,10 @@ class State(Enum):
     CLOSED = "closed"  # bye sent or received, or clean EOF
     ERROR = "error"  # a protocol error happened; close the socket
 
+    # Members are singletons: hash by identity (C) instead of Enum's Python-level
+    # hash(name), since every received message looks up TRANSITIONS[(state, type)].
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class Role:
@@ -88,11 +92,19 @@ class Connection:
     #: (a dict lookup per message instead of building a name and a getattr).
     _ON_HOOKS: ClassVar[dict[str, Any]] = {}
     _SEND_HOOKS: ClassVar[dict[str, Any]] = {}
+    #: ``ROLE.requests`` / ``replies`` / ``streamed``, one attribute lookup away.
+    _REQUESTS: ClassVar[frozenset[str]] = frozenset()
+    _REPLIES: ClassVar[frozenset[str]] = frozenset()
+    _STREAMED: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "TRANSITIONS" not in cls.__dict__ and "ROLE" in cls.__dict__:
             cls.TRANSITIONS = _open_table(cls.ROLE)
+        if "ROLE" in cls.__dict__:
+            cls._REQUESTS = cls.ROLE.requests
+            cls._REPLIES = cls.ROLE.replies
+            cls._STREAMED = cls.ROLE.streamed
         cls._ON_HOOKS = {name[4:]: getattr(cls, name) for name in dir(cls)
                          if name.startswith("_on_") and callable(getattr(cls, name))}
         cls._SEND_HOOKS = {name[6:]: getattr(cls, name) for name in dir(cls)
@@ -129,8 +141,8 @@ class Connection:
         if self.state is State.ERROR:
             raise RemoteProtocolError(ErrorCode.BAD_STATE, "connection is in the error state")
         try:
-            body = self._frames.next_frame()
-            if body is None:
+            span = self._frames.next_frame_span()
+            if span is None:
                 if self._eof:
                     if not self._frames.at_frame_boundary():
                         raise LocalProtocolError(
@@ -141,7 +153,7 @@ class Connection:
                     self.state = State.CLOSED
                     return CLOSED
                 return NEED_DATA
-            msg = self._decode(body)
+            msg = self._decode(*span)
             return self._dispatch(msg)
         except LocalProtocolError as err:
             self._fail(err)
@@ -158,20 +170,21 @@ class Connection:
                 type=t,
             )
         mid = getattr(msg, "id", None)
-        if t in self.ROLE.replies and not (t == "error" and mid is None):
+        replies = self._REPLIES
+        if t in replies and not (t == "error" and mid is None):
             if mid not in self._pending:
                 raise LocalProtocolError(
                     ErrorCode.UNKNOWN_ID,
                     f"{t!r} answers request id {mid}, which is not outstanding",
                     id=mid,
                 )
-        elif t in self.ROLE.streamed and mid not in self._pending:
+        elif t in self._STREAMED and mid not in self._pending:
             raise LocalProtocolError(
                 ErrorCode.UNKNOWN_ID, f"{t!r} refers to request id {mid}, not outstanding", id=mid
             )
         handler = self._ON_HOOKS.get(t)
         result = handler(self, msg) if handler is not None else msg
-        if t in self.ROLE.replies and mid in self._pending:
+        if t in replies and mid in self._pending:
             del self._pending[mid]
         self.state = new_state
         return result
@@ -198,12 +211,13 @@ class Connection:
 
     def send(self, msg: m.Message) -> bytes:
         """Validate ``msg`` against our state and return its frame bytes."""
-        if self.state in (State.CLOSED, State.ERROR):
+        state = self.state
+        if state is State.CLOSED or state is State.ERROR:
             raise LocalProtocolError(
-                ErrorCode.BAD_STATE, f"cannot send {msg.TYPE!r}: connection is {self.state.value}"
+                ErrorCode.BAD_STATE, f"cannot send {msg.TYPE!r}: connection is {state.value}"
             )
         t = msg.TYPE
-        is_request = t in self.ROLE.requests
+        is_request = t in self._REQUESTS
         if is_request and msg.id in self._pending:  # type: ignore[attr-defined]
             raise LocalProtocolError(
                 ErrorCode.DUPLICATE_ID,
@@ -216,7 +230,7 @@ class Connection:
             hook(self, msg)
         if is_request:
             self._pending[msg.id] = t  # type: ignore[attr-defined]
-        if t in ("bye", "error") and getattr(msg, "id", None) is None:
+        if (t == "bye" or t == "error") and getattr(msg, "id", None) is None:
             self.state = State.CLOSED
         return frame
 

@@ -5,6 +5,9 @@ exactly one msgpack map with string keys.
 returns ``None``. The length prefix is checked *before* any payload is buffered, so an
 oversize announcement costs four bytes, not eight megabytes. :func:`decode_payload` unpacks
 with strict limits (no ext types, bounded string/bin/array/map sizes, no trailing bytes).
+``next_frame_span()`` is ``next_frame()`` without the body copy (what ``Connection`` uses).
+``pack_uint`` / ``pack_bin_header`` / ``pack_str`` / ``pack_frame_header`` are msgpack's
+encodings of single values, byte for byte packb's, for the generated ``to_frame`` encoders.
 """
 
 from __future__ import annotations
@@ -180,6 +183,17 @@ class FrameBuffer:
 
     def next_frame(self) -> bytes | None:
         """The next complete frame body (``bytes``), or ``None`` when more are needed."""
+        span = self.next_frame_span()
+        if span is None:
+            return None
+        buf, start, end = span
+        return buf[start:end]  # one copy (none when the frame is the whole buffer)
+
+    def next_frame_span(self) -> tuple[bytes, int, int] | None:
+        """``next_frame()`` without its copy: ``(buf, start, end)``, the body being
+        ``buf[start:end]`` of an immutable ``bytes`` — the fed chunk itself when the buffer
+        holds one by reference (the common case), else a copy of just the body — or
+        ``None``. ``Connection`` decodes from the span, so a PFN set is copied once."""
         buf = self._buf
         pos = self._pos
         need = self._need
@@ -208,9 +222,10 @@ class FrameBuffer:
         else:
             self._pos = end
         if type(buf) is bytes:
-            return buf[pos:end]  # one copy (none when the frame is the whole buffer)
+            return buf, pos, end
         with memoryview(buf) as mv:  # one copy, and the export ends before any resize
-            return bytes(mv[pos:end])
+            body = bytes(mv[pos:end])
+        return body, 0, need
 
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered (EOF here is a clean close)."""

@@ -11,10 +11,22 @@ copied or converted on the way through; ``pfn_array`` / ``run_array`` give zero-
 views (``<u4`` pfns, ``(k, 2)`` ``<u8`` runs of (first pfn, page count)).
 
 Channel registries (``BALLOON_TO_DEVICE`` …) list which types each side may receive.
+
+Hot path (issue 2): ``msg.to_frame()`` is the length-prefixed frame, byte for byte
+``encode_frame(msg.to_wire())``; ``decoder_for(registry)`` gives ``decode(buf, start,
+end)``, the same message or error as ``decode_message(registry, decode_payload(body))``
+(``decode_frame`` is the one-shot form). Behind the dataclass face each class gets, at
+import, generated straight-line code: ``__init__`` (validation without the SPEC loop),
+``_from_map`` (decode-side constructor without a kwargs dict), ``to_frame`` (hand msgpack
+for ints, bools, strings and PFN sets: one copy of a PFN set) and, for page batches,
+``_fast_body`` (parse the canonical bytes without building a map). Each one falls back to
+the original code for anything unusual, so errors never depend on the fast path;
+tests/protocol/test_codec_fast.py checks all of them against naive twins.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from typing import Any, Callable, ClassVar, Mapping
@@ -26,7 +38,8 @@ from msgpack import unpackb as _unpackb
 from .errors import ErrorCode, LocalProtocolError
 from .features import MAX_FRAME, MAX_STAT_VALUE
 from .framing import (
-    MAX_ARRAY, MAX_MAP, MAX_STR, _no_ext, decode_payload, encode_frame, pack_bin_header, pack_frame_header, pack_str, pack_uint,
+    MAX_ARRAY, MAX_MAP, MAX_STR, _no_ext, decode_payload, encode_frame, pack_bin_header,
+    pack_frame_header, pack_str, pack_uint,
 )
 
 U64_MAX = (1 << 64) - 1
@@ -585,12 +598,13 @@ def _descriptor_setter(cls: type, name: str) -> Any:
 
 
 #: Names the generated code uses for itself (fields with these names get a vN alias).
-_RESERVED = frozenset({"self", "cls", "d", "get", "e", "p", "n", "size", "type", "len",
-                       "Kind", "True", "False", "None", "key", "h", "i", "v"})
+_RESERVED = frozenset({"self", "cls", "d", "get", "e", "p", "q", "s", "n", "h", "i", "v",
+                       "key", "size", "body", "type", "len", "Kind", "True", "False", "None"})
 
 
 def _accelerate(cls: type[Message]) -> None:
-    """Install the generated ``__init__``, ``from_wire``, ``_build`` and ``to_frame``."""
+    """Install the generated ``__init__``, ``from_wire`` / ``_from_map``, and where the
+    kinds allow ``to_frame`` and (page batches) ``_fast_body``."""
     flds = fields(cls)
     spec = cls.SPEC
     if {f.name for f in flds} != {n for n, _k, _r in spec} or any(
@@ -624,7 +638,8 @@ def _accelerate(cls: type[Message]) -> None:
                 checks.append(f"    if {v} is None: raise _bad(_T, {name!r}, 'missing')")
                 checks.append(f"    _check(_T, {name!r}, Kind.{kind.name}, {v})")
             else:
-                checks.append(f"    if {v} is not None: _check(_T, {name!r}, Kind.{kind.name}, {v})")
+                checks.append(
+                    f"    if {v} is not None: _check(_T, {name!r}, Kind.{kind.name}, {v})")
             cheap.append("None")
         else:
             if ok != "True":
@@ -642,11 +657,11 @@ def _accelerate(cls: type[Message]) -> None:
     sig = ", ".join(f.name if f.default is MISSING else f"{f.name}=None" for f in flds)
     rebinds = [f"    {var[f.name]} = {f.name}" for f in flds if var[f.name] != f.name]
     src = [f"def __init__(self{', *, ' + sig if flds else ''}):", *rebinds, *checks, *sets,
-           *validate, "    pass"]
+           *validate] + ([] if spec or validate else ["    pass"])
 
     # _from_map(d): the decode-side constructor (no kwargs dict, no cls(**kwargs));
-    # None when a value fails a cheap check, so that the caller can take the slow path
-    # (the original from_wire) for the exact error in its exact order.
+    # None (or KeyError) when a value fails a cheap check, so that the caller can take the
+    # slow path (the original from_wire) for the exact error in its exact order.
     map_checks: list[str] = []
     for (name, kind, required), c in zip(spec, cheap):
         v = var[name]
@@ -659,17 +674,26 @@ def _accelerate(cls: type[Message]) -> None:
         else:
             map_checks.append(
                 f"    if {v} is not None and not _passes({v}, Kind.{kind.name}): return None")
-    gets = [f"    {var[n]} = get({n!r})" for n, _k, _r in spec]
-    src += ["def _from_map(d):", "    get = d.get", *gets, *map_checks, "    self = _new(_C)",
+    # Required fields by subscript (a missing one raises KeyError: the caller's slow path).
+    gets = [f"    {var[n]} = d[{n!r}]" if r else f"    {var[n]} = get({n!r})"
+            for n, _k, r in spec]
+    head = ["    get = d.get"] if any(not r for _n, _k, r in spec) else []
+    src += ["def _from_map(d):", *head, *gets, *map_checks, "    self = _new(_C)",
             *sets, *validate, "    return self"]
     src += ["def from_wire(cls, d):",
             "    if cls is _C:",
-            "        self = _from_map(d)",
+            "        try:",
+            "            self = _from_map(d)",
+            "        except KeyError:",
+            "            self = None",
             "        if self is not None: return self",
             "    return _slow_from_wire(cls, d)"]
     if all(k in _ENCODABLE for _n, k, _r in spec) and len(spec) < 15:
         src += _encoder_source(cls, var)
         ns.update(_ENCODER_NAMES)
+    if _is_batch(cls):
+        src += _batch_decoder_source(cls, var, validate)
+        ns["_from_be"] = int.from_bytes
     cls._GENERATED_SOURCE = "\n".join(src)  # type: ignore[attr-defined]  # for debugging
     exec(cls._GENERATED_SOURCE, ns)  # noqa: S102 - source built above from SPEC only
     init = ns["__init__"]
@@ -679,6 +703,8 @@ def _accelerate(cls: type[Message]) -> None:
     cls.from_wire = classmethod(ns["from_wire"])  # type: ignore[method-assign,assignment]
     cls._from_map = staticmethod(ns["_from_map"])  # type: ignore[attr-defined]
     cls._WIRE_KEYS = frozenset(["t", *(n for n, _k, _r in spec)])  # type: ignore[attr-defined]
+    if "_fast_body" in ns:
+        cls._fast_body = staticmethod(ns["_fast_body"])  # type: ignore[attr-defined]
     if "to_frame" in ns:
         ns["to_frame"].__qualname__ = f"{cls.__qualname__}.to_frame"
         ns["to_frame"].__doc__ = Message.to_frame.__doc__
@@ -691,19 +717,81 @@ _ENCODER_NAMES = {
 }
 
 
+def _is_batch(cls: type[Message]) -> bool:
+    """Page-batch shape: ``id`` (uint64) then one or two PFN sets named pfns / runs."""
+    spec = cls.SPEC
+    return (bool(spec) and spec[0] == ("id", Kind.U64, True) and 2 <= len(spec) <= 3
+            and all(k in (Kind.PFNS, Kind.RUNS) and n in ("pfns", "runs")
+                    for n, k, _r in spec[1:]))
+
+
+def _batch_prefix(cls: type[Message]) -> bytes:
+    """fixmap(3), "t", the type, then the "id" key: how every page batch frame begins."""
+    return b"\x83" + msgpack.packb("t") + msgpack.packb(cls.TYPE) + msgpack.packb("id")
+
+
+def _batch_decoder_source(cls: type[Message], var: dict[str, str],
+                          validate: list[str]) -> list[str]:
+    """``_fast_body(body, s, e)``: the page batch in ``body[s:e]`` straight from its
+    canonical bytes (the layout ``to_frame`` and packb both produce), skipping the map and
+    copying only the PFN set; None for anything else (the generic path decides)."""
+    prefix = _batch_prefix(cls)
+    P = len(prefix)
+    names = [n for n, _k, _r in cls.SPEC[1:]]
+    src = ["def _fast_body(body, s, e):",
+           f"    if not body.startswith({prefix!r}, s): return None",
+           f"    p = s + {P}",
+           "    h = body[p]",
+           "    if h < 0x80:",
+           "        id = h; p += 1",
+           "    elif 0xCC <= h <= 0xCF:",
+           "        q = p + 1; p = q + (1 << (h - 0xCC)); id = _from_be(body[q:p], 'big')",
+           "    else: return None",
+           "    key = body[p:p + 5]",
+           "    h = body[p + 5]",
+           "    if h == 0xC5:",
+           "        q = p + 8; n = (body[p + 6] << 8) | body[p + 7]",
+           "    elif h == 0xC4:",
+           "        q = p + 7; n = body[p + 6]",
+           "    elif h == 0xC6:",
+           "        q = p + 10; n = _from_be(body[p + 6:q], 'big')",
+           "    else: return None",
+           "    if q + n != e: return None  # short, or trailing bytes",
+           "    v = body[q:e]"]
+    # The parse itself guarantees what the cheap checks would test: id is an int in
+    # 0..2**64-1 (fixint or uint8..uint64) and v is a bytes slice; what is left is the
+    # exact type of v (a bytearray body slices to a bytearray) and the set's width.
+    src.append("    if type(v) is not bytes: return None")
+    kinds = {n: k for n, k, _r in cls.SPEC}
+    first = True
+    for name in names:
+        width = 4 if kinds[name] is Kind.PFNS else 16
+        assigns = "; ".join(f"{var[o]} = {'v' if o == name else 'None'}" for o in names)
+        kw = "if" if first else "elif"
+        src += [f"    {kw} key == {msgpack.packb(name)!r}:",
+                f"        if n & {width - 1}: return None",
+                f"        {assigns}"]
+        first = False
+    src.append("    else: return None")
+    src.append("    self = _new(_C)")
+    src += [f"    _s_{var[n]}(self, {var[n]})" for n, _k, _r in cls.SPEC]
+    for line in validate:  # "if not (cond): self._validate()" → reject instead of raising
+        src.append(line.replace("self._validate()", "return None")
+                   if "if not" in line else "    return None  # pragma: no cover")
+    src.append("    return self")
+    return src
+
+
 def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
     """``to_frame`` for a message of ints, bools, strings and PFN sets: the frame, built by
     hand so that a PFN set is copied once (by the final join)."""
     t_enc = msgpack.packb("t") + msgpack.packb(cls.TYPE)
-    spec = cls.SPEC
-    bins = [n for n, k, _r in spec[1:] if k in (Kind.PFNS, Kind.RUNS)]
-    if (spec and spec[0][:3] == ("id", Kind.U64, True) and len(bins) == len(spec) - 1
-            and 1 <= len(bins) <= 2 and len(cls.SPEC) == len(bins) + 1):
+    if _is_batch(cls):
         # Page batches (the hot path): "t", "id" and exactly one PFN set present — one
         # join of six pieces. Anything else (no set, two sets: invalid anyway) is generic.
-        prefix = b"\x83" + t_enc + msgpack.packb("id")
+        prefix = _batch_prefix(cls)
         src = ["def to_frame(self):"]
-        first, *other = bins
+        first, *other = [n for n, _k, _r in cls.SPEC[1:]]
         k1 = msgpack.packb(first)
         src += [f"    v = self.{first}", f"    key = {k1!r}"]
         if other:
@@ -711,10 +799,12 @@ def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
             src += ["    if v is None:", f"        v = self.{other[0]}", f"        key = {k2!r}",
                     f"    elif self.{other[0]} is not None: return _encode_frame(self.to_wire())"]
         src += ["    if v is None: return _encode_frame(self.to_wire())",
-                "    e = _uint(self.id)",
+                "    i = self.id",
+                "    e = _FIXINT[i] if i < 128 else _uint(i)",
                 "    h = _binh(len(v))",
                 f"    size = {len(prefix)} + len(key) + len(e) + len(h) + len(v)",
-                f"    return _join((_frame_header(size), {prefix!r}, e, key, h, v))"]
+                f"    if size > {MAX_FRAME}: _frame_header(size)  # raises frame_too_large",
+                f"    return _join((_pack_len(size), {prefix!r}, e, key, h, v))"]
         return src
     src = ["def to_frame(self):",
            f"    p = [b'', {t_enc!r}]",
@@ -749,6 +839,8 @@ def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
 
 _FIXMAP = [bytes((0x80 | i,)) for i in range(16)]
 _ENCODER_NAMES["_FIXMAP"] = _FIXMAP
+_ENCODER_NAMES["_FIXINT"] = [bytes((i,)) for i in range(128)]
+_ENCODER_NAMES["_pack_len"] = struct.Struct(">I").pack
 
 
 def _concrete_messages() -> list[type[Message]]:
@@ -836,22 +928,44 @@ def message_fields(cls: type[Message]) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-Decoder = Callable[[bytes], Message]
+#: ``decode(buf, start=0, end=None) -> Message``: the frame body ``buf[start:end]``.
+Decoder = Callable[..., Message]
 _decoders: dict[int, tuple[Registry, Decoder]] = {}
 
 
 def decoder_for(registry: Registry) -> Decoder:
-    """``decode(body) -> Message`` for one receiver: ``decode_frame`` with its lookups
-    done once (connections keep one)."""
+    """``decode(buf, start=0, end=None) -> Message`` for one receiver: ``decode_frame``
+    of ``buf[start:end]`` with its lookups done once (connections keep one, and feed it
+    ``FrameBuffer.next_frame_span()`` so that the body is never sliced out)."""
     hit = _decoders.get(id(registry))
     if hit is not None and hit[0] is registry:
         return hit[1]
-    table = {t: (cls._from_map, cls._WIRE_KEYS) for t, cls in registry.items()  # type: ignore[attr-defined]
-             if cls.TYPE == t and "_from_map" in cls.__dict__}
+    table = {t: (cls._from_map, cls._WIRE_KEYS)  # type: ignore[attr-defined]
+             for t, cls in registry.items() if cls.TYPE == t and "_from_map" in cls.__dict__}
+    # Page batches: selected by their first 8 bytes (fixmap, "t", type length and its
+    # first 4 letters), then parsed from the bytes by the class's _fast_body.
+    fast: dict[bytes, Any] = {}
+    for t, cls in registry.items():
+        if cls.TYPE == t and "_fast_body" in cls.__dict__:
+            k = _batch_prefix(cls)[:8]
+            if k in fast:  # pragma: no cover - two types alike in 8 bytes: no fast path
+                fast[k] = None
+            else:
+                fast[k] = cls._fast_body  # type: ignore[attr-defined]
 
-    def decode(body: bytes, _small: int = MAX_STR, _unpackb: Any = _unpackb,
-               _no_ext: Any = _no_ext, table: Any = table) -> Message:
+    def decode(buf: bytes, start: int = 0, end: int | None = None, _small: int = MAX_STR,
+               _unpackb: Any = _unpackb, _no_ext: Any = _no_ext, table: Any = table,
+               fast: Any = fast) -> Message:
+        if end is None:
+            end = len(buf)
+        body: Any = None
         try:
+            parse = fast.get(buf[start:start + 8])
+            if parse is not None:
+                msg = parse(buf, start, end)
+                if msg is not None:
+                    return msg  # type: ignore[no-any-return]
+            body = buf if start == 0 and end == len(buf) else buf[start:end]
             if len(body) <= _small:
                 # unpackb's default limits are the body's own length, which for a body
                 # this small is never looser than decode_payload's on complete data (a
@@ -870,13 +984,15 @@ def decoder_for(registry: Registry) -> Decoder:
                     return msg  # type: ignore[no-any-return]
         except Exception:  # noqa: BLE001 - whatever it was, the generic path names it
             pass
+        if body is None:
+            body = buf[start:end]
         return decode_message(registry, decode_payload(body))
 
     _decoders[id(registry)] = (registry, decode)
     return decode
 
 
-def decode_frame(registry: Registry, body: bytes) -> Message:
+def decode_frame(registry: Registry, body: bytes | memoryview) -> Message:
     """The message in one frame body, for one receiver.
 
     Same result, and same errors, as ``decode_message(registry, decode_payload(body))``:
