@@ -74,6 +74,10 @@ CONNECT_TIMEOUT = 30.0
 OOM_BACKOFF = 1.0
 
 
+_KERNEL_TIMING = {"balloon_alloc": StatTag.DRIVER_ALLOC_NS, "balloon_free": StatTag.DRIVER_FREE_NS}
+_HOST_TIMING = {"inflate": StatTag.DRIVER_INFLATE_NS, "deflate": StatTag.DRIVER_DEFLATE_NS}
+
+
 class RequestLink:
     """Requests by id over one channel; replies resolve futures, anything else is handed
     to ``on_message``."""
@@ -148,6 +152,9 @@ class Driver:
         self.inflated_pages = 0
         self.deflated_pages = 0
         self.reported_pages = 0
+        #: Cumulative ns spent waiting, by kind (sent with the stats, tags 271-274).
+        self.timing_ns = {StatTag.DRIVER_ALLOC_NS: 0, StatTag.DRIVER_INFLATE_NS: 0,
+                          StatTag.DRIVER_DEFLATE_NS: 0, StatTag.DRIVER_FREE_NS: 0}
         self._lock = asyncio.Lock()  # one fill/leak at a time (worker vs OOM)
 
     # ------------------------------------------------------------------ plumbing
@@ -157,12 +164,20 @@ class Driver:
 
     async def kernel_call(self, msg: m.Message) -> Any:
         assert self.kernel is not None
+        t0 = time.perf_counter_ns()
         reply = await self.kernel.request(msg)
+        tag = _KERNEL_TIMING.get(msg.TYPE)
+        if tag is not None:
+            self.timing_ns[tag] += time.perf_counter_ns() - t0
         return reply
 
     async def tell_host(self, msg: m.Message) -> Completed:
         assert self.device is not None
+        t0 = time.perf_counter_ns()
         done: Completed = await self.device.request(msg)
+        tag = _HOST_TIMING.get(msg.TYPE)
+        if tag is not None:
+            self.timing_ns[tag] += time.perf_counter_ns() - t0
         return done
 
     async def update_balloon_size(self) -> None:
@@ -415,6 +430,8 @@ class Driver:
             return
         stats = dict(reply.stats)
         stats[int(StatTag.OUT_OF_PUFF)] = self.out_of_puff
+        for tag, ns in self.timing_ns.items():
+            stats[int(tag)] = ns
         await self.tell_host(m.Stats(id=self.device.new_id(), stats=stats))
 
     async def on_kernel_message(self, msg: Any) -> None:

@@ -199,7 +199,15 @@ class ControlServer:
 
     def counters(self, params: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(params)
-        return {**vm.balloon.metrics.as_dict(), "balloon_violations": vm.balloon_violations,
+        st = vm.balloon.stats
+        driver_s = {name: st.get(int(tag), 0) / 1e9 for name, tag in (
+            ("driver_alloc_seconds", StatTag.DRIVER_ALLOC_NS),
+            ("driver_inflate_seconds", StatTag.DRIVER_INFLATE_NS),
+            ("driver_deflate_seconds", StatTag.DRIVER_DEFLATE_NS),
+            ("driver_free_seconds", StatTag.DRIVER_FREE_NS))}
+        return {**vm.balloon.metrics.as_dict(), **driver_s,
+                "release_seconds": vm.balloon.release_seconds,
+                "balloon_violations": vm.balloon_violations,
                 "host_swap_out": vm.host_swap_out, "host_swap_in": vm.host_swap_in,
                 "faults": vm.faults, "fault_pages": vm.fault_pages,
                 "shootdowns": vm.machine.shootdowns, "restarts": vm.restarts,

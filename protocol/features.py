@@ -124,6 +124,10 @@ class StatTag(IntEnum):
     OUT_OF_PUFF = 268
     STALL_NS_EPT = 269
     STALL_NS_GUEST = 270
+    DRIVER_ALLOC_NS = 271  # driver: time waiting for balloon_alloc replies
+    DRIVER_INFLATE_NS = 272  # driver: inflate round trips (protocol + host release)
+    DRIVER_DEFLATE_NS = 273  # driver: deflate round trips
+    DRIVER_FREE_NS = 274  # driver: balloon_free round trips to the kernel
 
     @property
     def unit(self) -> str:
@@ -145,6 +149,10 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.KERNEL_PAGES: "pages",
     StatTag.STALL_NS_EPT: "ns",
     StatTag.STALL_NS_GUEST: "ns",
+    StatTag.DRIVER_ALLOC_NS: "ns",
+    StatTag.DRIVER_INFLATE_NS: "ns",
+    StatTag.DRIVER_DEFLATE_NS: "ns",
+    StatTag.DRIVER_FREE_NS: "ns",
 }
 
 #: Largest value a stat may carry (uint64).
