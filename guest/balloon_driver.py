@@ -60,9 +60,14 @@ log = logging.getLogger("balloon_driver")
 
 #: Linux retries a fill that found no memory after 200 ms ("out of puff").
 OUT_OF_PUFF_BACKOFF = 0.2
-#: Pages asked from the kernel per ``balloon_alloc`` in RANGES mode: 256 MiB, so one step
-#: is a large batch for the host (one punch per run) yet the target can change in between.
-RANGES_CHUNK_PAGES = 65536
+#: Pages asked from the kernel per ``balloon_alloc`` in RANGES mode: 128 MiB, a large
+#: batch for the host (one punch per run), small enough to pipeline.
+RANGES_CHUNK_PAGES = 32768
+#: Unacknowledged inflates in RANGES mode: the guest allocates chunk n+1 while the host
+#: releases chunk n (the two run in different processes, so on different cores).
+RANGES_INFLIGHT = 2
+#: Most pages one fill_balloon call moves (1 GiB) before re-reading the target.
+RANGES_FILL_MAX_PAGES = 262144
 #: Free page reporting (mm/page_reporting.c): pageblock order 9 (2 MiB), 32 runs a report,
 #: about 2 s after pages were freed.
 PAGE_REPORTING_MIN_ORDER = 9
@@ -293,37 +298,59 @@ class Driver:
         r = P.as_runs(runs)
         return [r[i:i + MAX_BATCH_RUNS] for i in range(0, r.shape[0], MAX_BATCH_RUNS)]
 
-    async def fill_balloon(self, num: int) -> int:
-        """Take up to ``num`` pages from the guest and give them to the host."""
+    async def _alloc(self, num: int, max_order: int) -> np.ndarray | None:
+        """``balloon_alloc``: runs the kernel gave, or None when it is out of puff."""
         assert self.kernel is not None
-        if self.wire == "virtio":
-            num = min(num, VIRTIO_PFNS_PER_MESSAGE)
-            max_order = 0
-        else:
-            num = min(num, RANGES_CHUNK_PAGES)
-            max_order = m.MAX_ORDER
         reply = await self.kernel_call(
             m.BalloonAlloc(id=self.kernel.new_id(), count=num, max_order=max_order)
         )
         if isinstance(reply, m.Ack):
             if reply.code != ErrorCode.OUT_OF_PUFF:
                 log.warning("kernel refused balloon_alloc: %s %s", reply.code, reply.message)
-            return 0
+            return None
         runs = P.as_runs(reply.runs)
-        got = P.runs_total(runs)
-        if got == 0:
-            return 0
+        return runs if runs.shape[0] else None
+
+    async def _inflate_done(self, task: asyncio.Task[Completed], batch: np.ndarray) -> int:
+        done = await task
+        if done.ok:
+            return P.runs_total(batch)
+        log.warning("host refused inflate: %s %s", done.ack.code, done.ack.message)
+        await self._kernel_free(batch)  # give the pages back to the guest
+        return 0
+
+    async def fill_balloon(self, num: int) -> int:
+        """Take up to ``num`` pages from the guest and give them to the host.
+
+        virtio wire: one 256-page allocation and one message, acknowledged before the
+        next (Linux's fill_balloon/tell_host). RANGES wire: chunks of
+        ``RANGES_CHUNK_PAGES`` at the highest buddy orders, pipelined: the next chunk is
+        allocated while the host releases the previous one, at most
+        ``RANGES_INFLIGHT`` inflates unacknowledged."""
+        if self.wire == "virtio":
+            runs = await self._alloc(min(num, VIRTIO_PFNS_PER_MESSAGE), 0)
+            if runs is None:
+                return 0
+            got = await self._inflate_done(
+                asyncio.ensure_future(self._send_inflate(runs)), runs)
+            self.inflated_pages += got
+            return got
+        remaining = min(num, RANGES_FILL_MAX_PAGES)
+        pending: list[tuple[asyncio.Task[Completed], np.ndarray]] = []
         inflated = 0
-        refused: list[np.ndarray] = []
-        for batch in self._batches(runs):
-            done = await self._send_inflate(batch)
-            if done.ok:
-                inflated += P.runs_total(batch)
-            else:
-                log.warning("host refused inflate: %s %s", done.ack.code, done.ack.message)
-                refused.append(batch)
-        if refused:
-            await self._kernel_free(np.concatenate(refused))
+        try:
+            while remaining > 0:
+                runs = await self._alloc(min(remaining, RANGES_CHUNK_PAGES), m.MAX_ORDER)
+                if runs is None:
+                    break
+                remaining -= P.runs_total(runs)
+                for batch in self._batches(runs):
+                    pending.append((asyncio.ensure_future(self._send_inflate(batch)), batch))
+                while len(pending) >= RANGES_INFLIGHT:
+                    inflated += await self._inflate_done(*pending.pop(0))
+        finally:
+            for task, batch in pending:
+                inflated += await self._inflate_done(task, batch)
         self.inflated_pages += inflated
         return inflated
 
@@ -359,7 +386,7 @@ class Driver:
         if self.wire == "virtio":
             num = min(num, VIRTIO_PFNS_PER_MESSAGE)
         else:
-            num = min(num, RANGES_CHUNK_PAGES)
+            num = min(num, RANGES_FILL_MAX_PAGES)
         runs = self._pick_deflate(num)
         if runs.shape[0] == 0:
             return 0
@@ -550,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         features = parse_features(args.features)
     except ValueError as e:
         ap.error(str(e))
+    from protocol.warmup import warm_up
+
+    warm_up()  # load the PFN kernels now, not in the middle of the first inflate
     drv = Driver(vm=args.vm, balloon_sock=args.balloon_sock, kernel_sock=args.kernel_sock,
                  features=features, wire=args.wire)
 
