@@ -46,6 +46,14 @@ GIB = float(1 << 30)
 MIN_SAMPLE_S = 0.002
 #: Size at which the three formulations are cross-checked before timing.
 CHECK_LOG2 = 12
+#: Above this size every formulation is timed at most ``LARGE_REPEATS`` times: one call
+#: already lasts long enough to swamp timer noise, and the sweep to 2^28 must stay short.
+LARGE_LOG2 = 24
+LARGE_REPEATS = 2
+#: Random-access kernels stop here (see ``Case.max_log2``).
+RANDOM_MAX_LOG2 = 24
+RANDOM_SKIP = (f"random access: cost per element is flat beyond the last-level cache, "
+               f"shown up to 2^{RANDOM_MAX_LOG2}")
 
 Ctx = dict[str, Any]
 
@@ -160,7 +168,7 @@ def np_check_pfns(pfns: np.ndarray, limit: int, state: np.ndarray, want_clear: b
     return bool(np.all((state[pfns] != 0) == want_clear))
 
 
-def np_map_alloc(state: np.ndarray, n: int, hint: int, mark: int) -> tuple[list[int], int]:
+def np_map_alloc(state: np.ndarray, n: int, hint: int, mark: int) -> tuple[np.ndarray, int]:
     size = state.shape[0]
     order = np.concatenate((np.arange(hint % size, size), np.arange(0, hint % size)))
     free = order[state[order] == 0][:n]
@@ -168,7 +176,7 @@ def np_map_alloc(state: np.ndarray, n: int, hint: int, mark: int) -> tuple[list[
     nxt = (int(free[-1]) + 1) % size if free.size == n and n else hint % size
     if free.size < n:
         nxt = hint % size  # swept the whole map: the hand is back where it started
-    return free.tolist(), nxt
+    return free, nxt
 
 
 def np_map_free(state: np.ndarray, idx: np.ndarray) -> bool:
@@ -181,7 +189,7 @@ def np_map_free(state: np.ndarray, idx: np.ndarray) -> bool:
 
 
 def np_hv_clock_scan(state: np.ndarray, owner_vm: np.ndarray, owner_gpfn: np.ndarray,
-                     accessed: list[np.ndarray], hand: int, want: int) -> tuple[list[int], int]:
+                     accessed: list[np.ndarray], hand: int, want: int) -> tuple[np.ndarray, int]:
     """Second chance without a loop: sweep 1 takes unaccessed USED frames in clock order and
     clears the accessed bytes it passes; if that is not enough, sweep 2 finds every remaining
     USED frame unaccessed (sweep 1 cleared them) and takes them in order."""
@@ -215,15 +223,15 @@ def np_hv_clock_scan(state: np.ndarray, owner_vm: np.ndarray, owner_gpfn: np.nda
         a[owner_gpfn[passed[sel]]] = 0
     state[victims] = 2
     new_hand = (h + pos) % size
-    return victims.tolist(), new_hand
+    return victims, new_hand
 
 
-def np_guest_clock_scan(state: np.ndarray, guest_acc: np.ndarray) -> tuple[list[int], int, int]:
+def np_guest_clock_scan(state: np.ndarray, guest_acc: np.ndarray) -> tuple[np.ndarray, int, int]:
     """One full pass from hand 0 with room for every victim (how the case calls it)."""
     anon = state == GK.PG_ANON
     victims = np.flatnonzero(anon & (guest_acc == 0))
     guest_acc[anon] = 0
-    return victims.tolist(), 0, int(np.count_nonzero(anon))
+    return victims, 0, int(np.count_nonzero(anon))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -281,12 +289,12 @@ def np_vcpu_run(c: Ctx) -> tuple[int, int, int, int, int]:
     return GK.EXIT_DONE, n, 0, n, corrupted
 
 
-def np_lookahead(pt: np.ndarray, vpns: np.ndarray, ept: np.ndarray, cap: int) -> list[int]:
+def np_lookahead(pt: np.ndarray, vpns: np.ndarray, ept: np.ndarray, cap: int) -> np.ndarray:
     g = pt[vpns]
     g = g[(g >= 0)]
     g = g[ept[g] == 0]
     _, idx = np.unique(g, return_index=True)
-    return g[np.sort(idx)][:cap].tolist()
+    return g[np.sort(idx)][:cap]
 
 
 def np_first_not_in_state(runs: np.ndarray, want: int, state: np.ndarray) -> int:
@@ -321,6 +329,10 @@ class Case:
     naive_max_log2: int = 16
     #: the naive input (lists) is built from the ctx; kept apart so it is never timed
     naive_ctx: Callable[[Ctx], Ctx] | None = field(default=None)
+    #: largest size worth timing, with the reason printed in the row beyond it (random
+    #: access: the cost per element is flat once the inputs leave the last-level cache)
+    max_log2: int | None = None
+    skip_reason: str = ""
 
 
 def _runs_list(r: np.ndarray) -> list[tuple[int, int]]:
@@ -521,7 +533,8 @@ def _cases() -> list[Case]:
                  c["l_pfns"], c["n"], c["l_state"], False),
              naive_ctx=lambda c: {"l_pfns": c["pfns"].tolist(), "l_state": c["state"].tolist(),
                                   "n": c["n"]},
-             canon=_check_ok, mem_per_frame=24,
+             canon=_check_ok, mem_per_frame=24, max_log2=RANDOM_MAX_LOG2,
+             skip_reason=RANDOM_SKIP,
              note="random access: a shuffled batch over a scratch bitmap"),
         Case("pfn.check_runs", "protocol", _c_check_runs,
              kernel=lambda c: P.check_runs(c["runs"], c["n"], c["state"], c["scratch"],
@@ -552,7 +565,7 @@ def _cases() -> list[Case]:
              naive_ctx=lambda c: {"l_state": c["state"].tolist()},
              stream_bytes=1, mem_per_frame=3),
         Case("hv.map_alloc", "hypervisor", _c_map_alloc,
-             kernel=lambda c: _alloc_canon(HK.map_alloc(c["state"], c["want"], 0, 1)),
+             kernel=lambda c: HK.map_alloc(c["state"], c["want"], 0, 1), canon=_alloc_canon,
              numpy=lambda c: np_map_alloc(c["state"], c["want"], 0, 1),
              naive=lambda c: NAIVE_HV.map_alloc(  # type: ignore[union-attr]
                  c["l_state"], c["want"], 0, 1),
@@ -568,10 +581,12 @@ def _cases() -> list[Case]:
              naive_ctx=lambda c: {"l_state": [1] * c["state"].shape[0],
                                   "l_idx": c["idx"].tolist()},
              reset=lambda c: c["state"].fill(1), mem_per_frame=40,
+             max_log2=RANDOM_MAX_LOG2, skip_reason=RANDOM_SKIP,
              note="n/2 random frames: random access"),
         Case("hv.clock_scan", "hypervisor", _c_hv_clock,
-             kernel=lambda c: _alloc_canon(HK.clock_scan(
-                 c["state"], c["owner_vm"], c["owner_gpfn"], c["acc_list"], 0, c["want"])),
+             kernel=lambda c: HK.clock_scan(
+                 c["state"], c["owner_vm"], c["owner_gpfn"], c["acc_list"], 0, c["want"]),
+             canon=_alloc_canon,
              numpy=lambda c: np_hv_clock_scan(c["state"], c["owner_vm"], c["owner_gpfn"],
                                               [c["acc"]], 0, c["want"]),
              naive=lambda c: NAIVE_HV.clock_scan(  # type: ignore[union-attr]
@@ -584,9 +599,10 @@ def _cases() -> list[Case]:
              mem_per_frame=64,
              note="reverse map leads to a shuffled accessed array: random access"),
         Case("guest.clock_scan", "guest", _c_guest_clock,
-             kernel=lambda c: _gclock_canon(c, GK.clock_scan(
+             kernel=lambda c: _gclock_victims(c, GK.clock_scan(
                  c["state"], c["acc"], 0, c["state"].shape[0], c["state"].shape[0],
                  c["out"])),
+             canon=_gclock_canon,
              numpy=lambda c: np_guest_clock_scan(c["state"], c["acc"]),
              naive=lambda c: NAIVE_GUEST.naive_clock_scan(  # type: ignore[union-attr]
                  c["l_state"], c["l_acc"], 0, len(c["l_state"]), len(c["l_state"])),
@@ -607,7 +623,8 @@ def _cases() -> list[Case]:
         Case("guest.lookahead_not_present", "guest", _c_lookahead,
              kernel=lambda c: c["out"][:GK.lookahead_not_present(
                  c["pt"], c["vpns"], 0, c["vpns"].shape[0], c["ept"], c["mark"],
-                 c["out"])].tolist(),
+                 c["out"])],
+             canon=lambda r: list(map(int, r)),
              numpy=lambda c: np_lookahead(c["pt"], c["vpns"], c["ept"], c["out"].shape[0]),
              naive=lambda c: _naive_lookahead(c["l_pt"], c["l_vpns"], c["l_ept"],
                                               len(c["l_vpns"])),
@@ -630,7 +647,7 @@ def _cases() -> list[Case]:
              naive_ctx=lambda c: {"n": c["n"]}, mem_per_frame=24,
              note="numpy: none (intrusive free lists)"),
         Case("guest.alloc_many[order0]", "guest", _c_buddy,
-             kernel=lambda c: _runs_list(c["b"].alloc_many(c["n"] // 2, 0, GK.PG_BALLOON)),
+             kernel=lambda c: c["b"].alloc_many(c["n"] // 2, 0, GK.PG_BALLOON), canon=_runs_list,
              numpy=None,
              naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(  # type: ignore[union-attr]
                  c["n"] // 2, 0, GK.PG_BALLOON),
@@ -638,8 +655,8 @@ def _cases() -> list[Case]:
              note="n/2 single pages (virtio-style balloon fill); numpy: none. Naive time "
                   "includes building its allocator"),
         Case("guest.alloc_many[order10]", "guest", _c_buddy,
-             kernel=lambda c: _runs_list(c["b"].alloc_many(c["n"] // 2, GK.MAX_ORDER,
-                                                           GK.PG_BALLOON)),
+             kernel=lambda c: c["b"].alloc_many(c["n"] // 2, GK.MAX_ORDER, GK.PG_BALLOON),
+             canon=_runs_list,
              numpy=None,
              naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(  # type: ignore[union-attr]
                  c["n"] // 2, GK.MAX_ORDER, GK.PG_BALLOON),
@@ -656,7 +673,7 @@ def _cases() -> list[Case]:
              note="free the whole space in runs of ~64 pages (balloon deflate); numpy: none. "
                   "Naive time includes building its allocator"),
         Case("guest.isolate_free", "guest", _c_buddy_frag,
-             kernel=lambda c: _runs_list(c["b"].isolate_free(0, c["n"])),
+             kernel=lambda c: c["b"].isolate_free(0, c["n"]), canon=_runs_list,
              numpy=None,
              naive=lambda c: _naive_isolate(c),
              naive_ctx=lambda c: {"n": c["n"]}, reset=_r_buddy_frag, mem_per_frame=60,
@@ -680,13 +697,23 @@ def _naive_isolate(c: Ctx) -> list[tuple[int, int]]:
     return nb.isolate_free(0, c["n"])
 
 
-def _alloc_canon(r: tuple[np.ndarray, int]) -> tuple[list[int], int]:
-    return r[0].tolist(), int(r[1])
+# Results are turned into comparable Python values (``canon``) only when formulations are
+# cross-checked, never inside a timed call: converting millions of numbers to Python objects
+# costs far more than the kernels and used to dominate e.g. ``isolate_free`` and the clock
+# scans.
 
 
-def _gclock_canon(c: Ctx, r: tuple[int, int, int]) -> tuple[list[int], int, int]:
-    n, hand, scanned = (int(x) for x in r)
-    return c["out"][:n].tolist(), hand, scanned
+def _alloc_canon(r: tuple[Any, int]) -> tuple[list[int], int]:
+    return [int(x) for x in r[0]], int(r[1])
+
+
+def _gclock_victims(c: Ctx, r: tuple[int, int, int]) -> tuple[np.ndarray, int, int]:
+    n, hand, scanned = r
+    return c["out"][:n], hand, scanned
+
+
+def _gclock_canon(r: tuple[Any, int, int]) -> tuple[list[int], int, int]:
+    return [int(x) for x in r[0]], int(r[1]), int(r[2])
 
 
 def _vcpu_naive_ctx(c: Ctx) -> Ctx:
@@ -807,27 +834,40 @@ def run_kernels(*, min_log2: int = 16, max_log2: int = 28, step: int = 2, repeat
     rb = references.read_bandwidth(read_bytes, max(repeats, 3))
     read_gib_s = rb.gib_s
     out_cases = []
+    total_steps = len(chosen) * len(logs)
+    step_no = 0
     for case in chosen:
         if progress:
-            progress(f"{case.name}: cross-check")
+            progress(f"[{step_no}/{total_steps}] {case.name}: cross-check")
         cross_check(case, min(CHECK_LOG2, min_log2), seed)
         rows = []
         for lg in logs:
+            step_no += 1
             n = 1 << lg
+            if case.max_log2 is not None and lg > case.max_log2:
+                rows.append({"log2": lg, "n": n, "skipped": case.skip_reason})
+                if progress:
+                    progress(f"[{step_no}/{total_steps}] {case.name}: 2^{lg} skipped "
+                             f"({case.skip_reason})")
+                continue
             if n * case.mem_per_frame > mem_budget:
                 rows.append({"log2": lg, "n": n, "skipped": "memory budget"})
+                if progress:
+                    progress(f"[{step_no}/{total_steps}] {case.name}: 2^{lg} skipped "
+                             f"(memory budget)")
                 continue
             if progress:
-                progress(f"{case.name}: 2^{lg}")
+                progress(f"[{step_no}/{total_steps}] {case.name}: 2^{lg}")
+            reps = repeats if lg <= LARGE_LOG2 else max(1, min(repeats, LARGE_REPEATS))
             ctx = case.setup(n, np.random.default_rng(seed))
             elems = int(ctx["elems"])
             row: dict[str, Any] = {"log2": lg, "n": n, "elems": elems}
-            km = _time(case.kernel, ctx, case.reset, repeats)
+            km = _time(case.kernel, ctx, case.reset, reps)
             row["kernel"] = km.as_dict()
             row["kernel_ns_per_elem"] = km.median / max(elems, 1) * 1e9
             if case.numpy is not None:
                 ctx2 = case.setup(n, np.random.default_rng(seed))
-                nm = _time(case.numpy, ctx2, case.reset, repeats)
+                nm = _time(case.numpy, ctx2, case.reset, reps)
                 del ctx2
                 row["numpy"] = nm.as_dict()
                 row["numpy_ns_per_elem"] = nm.median / max(elems, 1) * 1e9

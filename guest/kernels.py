@@ -333,20 +333,29 @@ def clock_scan(state, guest_acc, hand, max_steps, max_victims, out):
     n = 0
     scanned = 0
     steps = 0
+    # Branch-free per page (state and accessed bits are data the branch predictor cannot
+    # learn): an anon page's accessed byte is cleared unconditionally, the victim slot is
+    # written always and kept only for a cold anon page.  The scan goes in straight
+    # segments up to the end of the map, so the wrap test leaves the inner loop.
+    if npages == 0:
+        return n, hand, scanned
+    hand %= npages  # a segment must start inside the map
     while steps < max_steps and n < max_victims:
+        seg = min(npages - hand, max_steps - steps)
         g = hand
-        hand += 1
+        stop = hand + seg
+        while g < stop and n < max_victims:
+            anon = state[g] == PG_ANON
+            a = guest_acc[g]
+            guest_acc[g] = np.uint8(0) if anon else a
+            out[n] = g
+            n += anon & (a == 0)
+            scanned += anon
+            g += 1
+        steps += g - hand
+        hand = g
         if hand == npages:
             hand = 0
-        steps += 1
-        if state[g] != PG_ANON:
-            continue
-        scanned += 1
-        if guest_acc[g] != 0:
-            guest_acc[g] = 0
-            continue
-        out[n] = g
-        n += 1
     return n, hand, scanned
 
 

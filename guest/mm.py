@@ -50,6 +50,16 @@ KSWAPD_BATCH = 256
 BALLOON_RECLAIM_BATCH = 2048
 
 EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
+
+
+def runs_to_pages(runs: np.ndarray) -> np.ndarray:
+    """Every page of (first, count) runs, in order, as int64."""
+    if len(runs) == 0:
+        return np.empty(0, np.int64)
+    counts = runs[:, 1].astype(np.int64)
+    starts = np.repeat(runs[:, 0].astype(np.int64) - np.concatenate(([0], np.cumsum(counts)[:-1])),
+                       counts)
+    return starts + np.arange(int(counts.sum()), dtype=np.int64)
 OomNotify = Callable[[int], Awaitable[bool]]
 
 
@@ -532,6 +542,24 @@ class MemoryManager:
         absent = ahead[t.pt[ahead] < 0]
         _, first = np.unique(absent, return_index=True)
         todo = absent[np.sort(first)][:extra + 1]
+        # Minor faults (never-mapped vpns) are mapped in one batch: one buddy call for
+        # all their pages, vectorised page-table and rmap updates. There is memory above
+        # the high watermark for all of them, so no reclaim can be needed.
+        fresh = todo[t.pt[todo] == -1]
+        if fresh.size > 1:
+            runs = self.buddy.alloc_many(int(fresh.size), MAX_ORDER, PG_ANON)
+            g = runs_to_pages(runs)
+            if g.size == fresh.size:
+                self.needs_zero[g] = 1  # zeroed lazily by the vCPU loop, after its EPT check
+                t.pt[fresh] = g
+                t.resident += int(g.size)
+                self.rmap_task[g] = t.tid
+                self.rmap_vpn[g] = fresh
+                self.guest_acc[g] = 1
+                self.stats.minor_faults += int(g.size)
+                todo = todo[t.pt[todo] < 0]  # what is left: swapped-out vpns (major)
+            elif g.size:
+                self.buddy.free_gpfns(g)  # fragmented: fall back to one page at a time
         for v in todo.tolist():
             if not await self.handle_fault(t, v):
                 return False
