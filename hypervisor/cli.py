@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import click
 
-from hypervisor.recording import SUMMARY_HEADERS, RecordingError, Recorder, summary_table_rows
+from hypervisor.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
 from hypervisor.topology import (
     Topology,
     TopologyError,
@@ -425,28 +425,7 @@ def policy(name: str, params: tuple[str, ...], host: str | None) -> None:
     click.echo(f"policy {name}{suffix}")
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while *pid* runs. A zombie counts as gone: when this process started the host
-    (`up --detach` inside a long-lived process, e.g. tests) it is our child, so reap it."""
-    try:
-        done, _status = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: its parent (or init) reaps it
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
-                return False
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from hypervisor.rundir import pid_alive as _pid_alive  # noqa: E402
 
 
 def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -60,7 +60,21 @@ def kernel_sock(run_dir: Path, vm: str) -> Path:
     return run_dir / f"{vm}.kernel.sock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs. A zombie counts as gone; when it is our own child (a host
+    started by this process, e.g. `up --detach` in a long-lived caller) it is reaped."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: its parent (or init) reaps it
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +106,7 @@ def read_pid(run_dir: Path) -> int | None:
 def is_live(run_dir: Path) -> bool:
     """True when a host process is alive in ``run_dir`` and its control socket answers."""
     pid = read_pid(run_dir)
-    return pid is not None and _pid_alive(pid) and _control_answers(run_dir / CONTROL_SOCK)
+    return pid is not None and pid_alive(pid) and _control_answers(run_dir / CONTROL_SOCK)
 
 
 def prepare_run_dir(run_dir: Path) -> Path:

@@ -151,6 +151,8 @@ def format_duration(seconds: float) -> str:
     if float(seconds).is_integer():
         return f"{int(seconds)}s"
     ms = seconds * 1000
-    if float(ms).is_integer():
-        return f"{int(ms)}ms"
-    return f"{seconds:g}s"
+    # ms / 1000 * 1000 is not always an integer in binary floating point (2069.823 s):
+    # compare with a tolerance far below a microsecond.
+    if abs(ms - round(ms)) < 1e-6:
+        return f"{round(ms)}ms"
+    return f"{seconds:.12g}s"

@@ -25,24 +25,13 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from hypervisor.client import ControlClient, HostNotRunning
+from hypervisor.rundir import pid_alive
 
 PAGE = 4096
 BOOT_TIMEOUT = 60.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+_alive = pid_alive
 
 
 class LiveHost:

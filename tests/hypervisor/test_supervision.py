@@ -14,19 +14,16 @@ import time
 from pathlib import Path
 
 from hv_peers import run, topo
+
 from hypervisor.client import ControlClient
 from hypervisor.host import Host
+from hypervisor.rundir import pid_alive
 from hypervisor.topology import parse_topology
 
 FAKEVM = Path(__file__).resolve().parent / "fakevm.py"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+_alive = pid_alive
 
 
 async def _wait_event(host: Host, kind: str, count: int = 1, timeout: float = 30) -> None:

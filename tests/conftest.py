@@ -1,0 +1,40 @@
+"""Shared test set-up.
+
+Numba's on-disk cache goes to the project's ignored ``build/`` folder (as `make test` sets
+it). The test helper modules — plain-Python twins of the Numba kernels and in-test peers
+that speak the real wire protocol — are registered under unique names, because the test
+directories have no ``__init__.py`` and several of them hold a ``naive.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parent
+os.environ.setdefault("NUMBA_CACHE_DIR", str(_TESTS.parent / "build" / "numba-cache"))
+
+HELPERS = {
+    "proto_naive": "protocol/naive.py",
+    "guest_naive": "guest/naive.py",
+    "guest_hostpeer": "guest/hostpeer.py",
+    "hv_naive": "hypervisor/naive.py",
+    "hv_peers": "hypervisor/peers.py",
+}
+
+
+def _load(name: str, relpath: str) -> None:
+    path = _TESTS / relpath
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+
+
+for _name, _rel in HELPERS.items():
+    _load(_name, _rel)
