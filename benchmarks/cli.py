@@ -25,13 +25,28 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
     if not enabled or not sys.stderr.isatty():
         yield lambda _msg: None
         return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    import re
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+
+    step = re.compile(r"^\[(\d+)/(\d+)\]")
+
+    with Progress(SpinnerColumn(), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as prog:
         task = prog.add_task("starting", total=None)
-        yield lambda msg: prog.update(task, description=msg)
+
+        def say(msg: str) -> None:
+            # Messages that start "[k/N]" move the bar; others only change the text.
+            m = step.match(msg)
+            if m:
+                prog.update(task, description=msg, completed=int(m[1]) - 1, total=int(m[2]))
+            else:
+                prog.update(task, description=msg)
+
+        yield say
 
 
 def _size(_ctx: Any, _param: Any, value: str) -> int:

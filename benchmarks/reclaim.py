@@ -317,15 +317,16 @@ def run_reclaim(*, vm_bytes: int = 1 << 30, repeats: int = 3,
     if bad or not scenarios:
         raise ValueError(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
     say = progress or (lambda _m: None)
-    say("references")
+    total = 1 + len(scenarios) * repeats  # "[k/N]" prefixes drive the CLI's progress bar
+    say(f"[1/{total}] references")
     refs = references.all_references(vm_bytes, ref_repeats, read_bytes=min(vm_bytes, 256 * MIB))
     results: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="blbench-", dir="/tmp"))
     try:
-        for sc in scenarios:
+        for n, sc in enumerate(scenarios):
             trials = []
             for i in range(repeats):
-                say(f"{sc}: trial {i + 1}/{repeats}")
+                say(f"[{2 + n * repeats + i}/{total}] {sc}: trial {i + 1}/{repeats}")
                 trials.append(run_trial(Plan(vm_bytes, sc), workdir, len(results) * 100 + i))
             results[sc] = summarise_trials(trials)
     finally:
