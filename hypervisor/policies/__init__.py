@@ -71,4 +71,8 @@ def load_policy(spec: str, params: Mapping[str, object] | None = None) -> Policy
     ``ValueError`` naming the spec when it cannot be resolved, and the policy's own
     ``ValueError`` when a parameter is unknown or out of range.
     """
-    return resolve_policy_class(spec)(params)
+    cls = resolve_policy_class(spec)
+    if getattr(cls, "__abstractmethods__", None):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ValueError(f"policy {spec!r}: {cls.__name__} does not implement {missing}()")
+    return cls(params)

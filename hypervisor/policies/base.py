@@ -23,6 +23,7 @@ guest pressure) documented in docs/policies.md.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar, TypeAlias
@@ -166,7 +167,7 @@ class Decision:
 History: TypeAlias = Sequence[tuple[HostSample, Sequence[VmSample]]]
 
 
-class Policy:
+class Policy(ABC):
     """Base class of every policy; subclasses set ``name`` and override :meth:`decide`.
 
     ``DEFAULTS`` lists every parameter a policy accepts with its default value; the value's
@@ -182,6 +183,7 @@ class Policy:
             self.name or type(self).__name__, self.DEFAULTS, params
         )
 
+    @abstractmethod
     def decide(
         self,
         host: HostSample,
@@ -193,7 +195,6 @@ class Policy:
         ``history`` holds earlier (host, vms) samples, oldest first; it may also end with
         the current sample (look-ups only use samples strictly older than the current one).
         """
-        raise NotImplementedError(f"{type(self).__name__} must override decide()")
 
     def param_float(self, key: str) -> float:
         """A resolved numeric parameter as float (ints were accepted for float defaults)."""

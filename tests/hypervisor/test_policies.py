@@ -166,9 +166,27 @@ def test_duplicate_vm_names_are_rejected() -> None:
         MomPolicy().decide(host(5000), [vm(), vm()], [])
 
 
+def test_a_user_policy_without_decide_is_refused_by_name() -> None:
+    import sys
+    import types
+
+    mod = types.ModuleType("user_policies_nodecide")
+
+    class Lazy(Policy):
+        name = "lazy"
+
+    mod.Lazy = Lazy  # type: ignore[attr-defined]
+    sys.modules[mod.__name__] = mod
+    try:
+        with pytest.raises(ValueError, match="Lazy does not implement decide"):
+            load_policy("user_policies_nodecide:Lazy")
+    finally:
+        del sys.modules[mod.__name__]
+
+
 def test_base_policy_must_be_overridden() -> None:
-    with pytest.raises(NotImplementedError, match="must override decide"):
-        Policy().decide(host(5000), [vm()], [])
+    with pytest.raises(TypeError, match="abstract method 'decide'|abstract method decide"):
+        Policy()  # type: ignore[abstract]
 
 
 def test_host_free_counts_host_swap_as_debt() -> None:
