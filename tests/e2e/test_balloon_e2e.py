@@ -231,3 +231,50 @@ duration = "2s"
     assert host.stat("a")["balloon_pages"] == 0  # reporting is not ballooning
     host.check_conservation()
     _no_corruption(host, "a")
+
+
+@pytest.mark.slow
+def test_a_guest_killed_mid_run_is_freed_and_restarted_and_its_neighbour_never_notices(live_host):
+    host = live_host("""
+[host]
+name = "e2e-crash"
+memory = "96MiB"
+swap = "0"
+policy = "none"
+
+[[vm]]
+name = "a"
+memory = "32MiB"
+stats_interval = "200ms"
+on_crash = "restart"
+[[vm.task]]
+workload = "uniform"
+size = "16MiB"
+write_ratio = 0.5
+
+[[vm]]
+name = "b"
+memory = "32MiB"
+stats_interval = "200ms"
+[[vm.task]]
+workload = "zipf"
+size = "12MiB"
+write_ratio = 0.5
+""")
+    host.call("set_balloon", vm="a", pages=2048)
+    host.wait(lambda: host.stat("a")["balloon_pages"] == 2048, 30, "a's balloon")
+    host.wait(lambda: host.stat("a")["backed_pages"] >= 4096, 30, "a's task to touch its memory")
+    b_ops = host.stat("b")["ops"] or 0
+    old_pid = host.vm("a")["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    host.wait(lambda: "vm_crashed" in _event_kinds(host, "a"), 20, "the crash to be reported")
+    # Restarted with a fresh guest: running again, driver negotiated, new process.
+    host.wait(lambda: host.vm("a")["state"] == "running" and host.vm("a")["pid"] != old_pid
+              and host.vm("a").get("driver") == "connected", 30, "a to be restarted")
+    host.wait(lambda: (host.stat("a")["ops"] or 0) > 0, 30, "a's new guest to run its task")
+    # Nothing of the old guest is left in the ledger or in Linux: conservation holds.
+    host.check_conservation()
+    # The neighbour kept running the whole time, and nothing it wrote was lost.
+    host.wait(lambda: (host.stat("b")["ops"] or 0) > b_ops + 100_000, 20, "b to keep running")
+    assert host.call("counters", vm="b")["restarts"] == 0
+    _no_corruption(host, "a", "b")
