@@ -55,6 +55,8 @@ RECLAIM_BATCH = 256
 EVENT_HISTORY = 10_000
 #: Pages whose accessed bits are sampled per VM per interval for the ``share`` policy.
 ACTIVE_SAMPLE = 100
+#: Shortest accessed-bit sampling period, seconds (see Host.active_sample_period).
+ACTIVE_SAMPLE_MIN_PERIOD = 1.0
 #: Driver restart backoff (seconds): doubles from the first value up to the second.
 DRIVER_BACKOFF = (0.5, 8.0)
 #: Seconds a VM process gets to exit after ``halt`` (then SIGKILL).
@@ -81,6 +83,8 @@ class Vm:
     faults: int = 0
     fault_pages: int = 0
     sample_pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    sample_armed_at: float = float("-inf")
+    sample_result: tuple[int, int] = (0, 0)  # (pages sampled, touched) of the last period
     supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -102,6 +106,10 @@ class Host:
         hc = topology.host
         self.name: str = hc.name
         self.launch = launch_vm_processes
+        #: Seconds over which `share`'s accessed-bit sample of each VM is taken (ESX samples
+        #: over 30 s; an emulator's experiments are minutes long, so a few intervals).
+        self.active_sample_period = max(ACTIVE_SAMPLE_MIN_PERIOD,
+                                        4 * float(topology.host.policy_interval))
         self.python = list(vm_command) if vm_command else [sys.executable]
         self.run_dir = Path(run_dir or hc.run_dir or rundir.default_run_dir(hc.name))
         self.ledger = FrameLedger(hc.frames, hc.swap_slots)
@@ -634,19 +642,27 @@ class Host:
     def vm_sample(self, vm: Vm) -> Any:
         from hypervisor.policies.base import VmSample
         st = vm.balloon.stats
-        touched = int(np.count_nonzero(vm.mem.accessed[vm.sample_pages])) \
-            if vm.sample_pages.size else 0
-        sampled = int(vm.sample_pages.size)
-        # Clear the accessed bits of ACTIVE_SAMPLE random backed pages for the next sample.
-        backed = np.nonzero(vm.led.p2m >= 0)[0] if vm.led.index in self.ledger.vms \
-            else np.empty(0, dtype=np.int64)
-        if backed.size:
-            pick = np.random.default_rng().choice(backed, min(ACTIVE_SAMPLE, backed.size),
-                                                  replace=False)
-            vm.mem.accessed[pick] = 0
-            vm.sample_pages = pick
-        else:
-            vm.sample_pages = np.empty(0, dtype=np.int64)
+        now = time.monotonic()
+        if now - vm.sample_armed_at >= self.active_sample_period:
+            # The sampling period is over: count the sampled pages touched since they were
+            # armed, then clear the accessed bits of ACTIVE_SAMPLE random backed pages for
+            # the next period. Between, every policy round sees the last full sample.
+            vm.sample_result = (
+                int(vm.sample_pages.size),
+                int(np.count_nonzero(vm.mem.accessed[vm.sample_pages]))
+                if vm.sample_pages.size else 0,
+            )
+            backed = np.nonzero(vm.led.p2m >= 0)[0] if vm.led.index in self.ledger.vms \
+                else np.empty(0, dtype=np.int64)
+            if backed.size:
+                pick = np.random.default_rng().choice(backed, min(ACTIVE_SAMPLE, backed.size),
+                                                      replace=False)
+                vm.mem.accessed[pick] = 0
+                vm.sample_pages = pick
+            else:
+                vm.sample_pages = np.empty(0, dtype=np.int64)
+            vm.sample_armed_at = now
+        sampled, touched = vm.sample_result
         stall = vm.balloon.stall_since_sample
         vm.balloon.stall_since_sample = False
         cfg = vm.config

@@ -47,6 +47,7 @@ def test_vm_sample_reports_memory_and_share_activity():
                 await asyncio.sleep(0.02)
             await d.actual(3, stall=True)
             await asyncio.sleep(0.05)
+            lab.host.active_sample_period = 0.0  # every call closes a sampling period
             s1 = lab.host.vm_sample(vm)
             assert s1.backed_pages == 150 and s1.free_pages == 40
             assert s1.available_pages == 60 and s1.swap_in == 7 and s1.swap_out == 9
@@ -111,4 +112,26 @@ def test_find_host_finds_the_only_live_host(monkeypatch):
             found = await asyncio.to_thread(rundir.find_host)
             assert found.resolve() == lab.run_dir.resolve()
             assert (await asyncio.to_thread(rundir.find_host, "t")).name == "t"
+    run(main())
+
+
+def test_share_activity_is_sampled_over_a_period_not_per_round():
+    """Between the ends of two sampling periods every policy round sees the last full
+    sample; pages touched mid-period change nothing until the period closes."""
+    async def main():
+        async with Lab(topo(256, 16, {"a": 200})) as lab:
+            g = await lab.guest("a")
+            await g.touch(np.arange(150))
+            vm = lab.host.vms["a"]
+            lab.host.active_sample_period = 3600.0
+            lab.host.vm_sample(vm)  # closes the (empty) first period and arms a sample
+            armed = vm.sample_pages.copy()
+            assert armed.size == 100
+            await g.touch(armed, stamp=False)  # every sampled page touched, mid-period
+            s = lab.host.vm_sample(vm)
+            assert (s.active_sampled, s.active_touched) == (0, 0)  # still the last period
+            assert np.array_equal(vm.sample_pages, armed)  # not re-armed
+            lab.host.active_sample_period = 0.0
+            s = lab.host.vm_sample(vm)
+            assert (s.active_sampled, s.active_touched) == (100, 100)
     run(main())
