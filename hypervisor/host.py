@@ -41,7 +41,7 @@ import numpy as np
 from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
-from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger
+from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger, p2m_to_slot
 from hypervisor.machine import MachineServer
 from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
 from protocol.features import Feature, StatTag
@@ -346,6 +346,7 @@ class Host:
             if np.any(swapped):
                 assert self.swap is not None
                 self.swap.swap_in(vm.mem, need[swapped], slots[swapped])
+                self.swap.discard(slots[swapped])  # the ledger freed them in back()
                 vm.host_swap_in += int(swapped.sum())
             if not np.all(swapped):
                 vm.mem.populate(need[~swapped])
@@ -442,7 +443,10 @@ class Host:
         self._spawn(vm.balloon.disconnect("VM stopped"), f"{vm.name}-bdisconnect")
         freed = (0, 0)
         if vm.led.index in self.ledger.vms:
+            held = vm.led.p2m[vm.led.p2m <= -2]
             freed = self.ledger.remove_vm(vm.led.index)
+            if self.swap is not None and held.size:
+                self.swap.discard(p2m_to_slot(held))
         vm.mem.ept[:] = EPT_NOT_PRESENT
         vm.mem.punch(np.arange(vm.pages, dtype=np.int64))  # one run: the whole RAM
         vm.led.balloon[:] = 0
@@ -462,7 +466,10 @@ class Host:
             if np.any(cur >= 0) and np.any(self.ledger.state[cur[cur >= 0]] == 2):
                 raise LedgerError(f"VM {vm.name!r}: a page of the batch is being reclaimed")
             vm.mem.set_not_present(gpfns)  # first: no access can follow the release
+            held = cur[cur <= -2]  # host-swapped pages of the batch: their slots free up
             backed, _frames = self.ledger.release(vm.led.index, gpfns)
+            if self.swap is not None and held.size:
+                self.swap.discard(p2m_to_slot(held))
             calls = vm.mem.punch(backed)
             return int(backed.size), calls
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hypervisor.vmmem import PAGE_SIZE, VmMemory
+from hypervisor.vmmem import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    PAGE_SIZE,
+    VmMemory,
+    fallocate,
+)
 
 
 def _paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
@@ -60,6 +66,24 @@ class HostSwap:
                 raise OSError(f"short read from host swap slot {s} ({len(data)} bytes)")
             mem.write_pages(g, data)
             self.bytes_in += len(data)
+
+    def discard(self, slots: np.ndarray) -> int:
+        """Give the disk blocks of freed ``slots`` back (one punch per run of slots), so
+        the swap file holds only what is swapped out now. Returns the punch calls."""
+        if self.fd < 0 or len(slots) == 0:
+            return 0
+        s = np.unique(np.asarray(slots, dtype=np.int64))
+        breaks = np.nonzero(np.diff(s) != 1)[0] + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [s.size]))
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      int(s[a]) * PAGE_SIZE, (b - a) * PAGE_SIZE)
+        return int(starts.size)
+
+    def resident_slots(self) -> int:
+        """Slots whose bytes occupy disk blocks (st_blocks of the swap file)."""
+        return 0 if self.fd < 0 else os.fstat(self.fd).st_blocks * 512 // PAGE_SIZE
 
     def _pwrite_all(self, data: bytes, off: int) -> None:
         view = memoryview(data)

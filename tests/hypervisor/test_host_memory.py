@@ -133,6 +133,31 @@ def test_host_swap_shootdown_then_swap_in_keeps_last_write():
                 assert got == written[p], f"page {p}"
             await lab.quiesce()
             assert va.host_swap_in > 0
+            # Slots freed by swap-in no longer hold disk blocks: the swap file's resident
+            # slots follow what is swapped out now (a few blocks of file-system slack).
+            assert lab.host.swap is not None
+            assert lab.host.swap.resident_slots() <= lab.host.ledger.slots_used + 4
+    run(main())
+
+
+def test_freed_host_swap_slots_give_their_disk_blocks_back():
+    async def main():
+        async with Lab(topo(16, 64, {"a": 32, "b": 32})) as lab:
+            a, b = await lab.guest("a"), await lab.guest("b")
+            await a.touch(np.arange(16))
+            await lab.quiesce()
+            await b.touch(np.arange(16))  # A's pages go to host swap
+            await lab.quiesce()
+            swap = lab.host.swap
+            assert swap is not None
+            used = lab.host.ledger.slots_used
+            assert used >= 8 and swap.resident_slots() >= used
+            # Inflating A's swapped-out pages frees their slots: the blocks go back too.
+            va = lab.host.vms["a"]
+            gone = np.nonzero(va.led.p2m <= -2)[0]
+            await lab.host.release_pages(va, gone)
+            assert lab.host.ledger.slots_used == used - gone.size
+            assert swap.resident_slots() <= lab.host.ledger.slots_used + 4
     run(main())
 
 
