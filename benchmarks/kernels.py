@@ -234,21 +234,8 @@ def np_guest_clock_scan(state: np.ndarray, guest_acc: np.ndarray) -> tuple[np.nd
     return victims, 0, int(np.count_nonzero(anon))
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def np_stamp(task: int, vpn: np.ndarray, count: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (np.uint64(task) * _GOLDEN) ^ (vpn.astype(np.uint64) * _MIX2) ^ (
-            count.astype(np.uint64) * _MIX1)
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _MIX1
-        x = (x ^ (x >> np.uint64(27))) * _MIX2
-        x = x ^ (x >> np.uint64(31))
-    x[x == 0] = 1
-    return x
+# The vCPU stamp, vectorised: one formulation, shared with benchmarks/guest.py.
+from benchmarks.guest import stamp_np as np_stamp  # noqa: E402
 
 
 def np_vcpu_run(c: Ctx) -> tuple[int, int, int, int, int]:

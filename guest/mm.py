@@ -37,6 +37,7 @@ from guest.kernels import (
     PG_ISOLATED,
     PG_KERNEL,
 )
+from protocol.pfn import runs_of_set, runs_to_pfns
 
 #: Pages reclaimed per direct-reclaim attempt (Linux's SWAP_CLUSTER_MAX).
 SWAP_CLUSTER_MAX = 32
@@ -51,15 +52,6 @@ BALLOON_RECLAIM_BATCH = 2048
 
 EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
 
-
-def runs_to_pages(runs: np.ndarray) -> np.ndarray:
-    """Every page of (first, count) runs, in order, as int64."""
-    if len(runs) == 0:
-        return np.empty(0, np.int64)
-    counts = runs[:, 1].astype(np.int64)
-    starts = np.repeat(runs[:, 0].astype(np.int64) - np.concatenate(([0], np.cumsum(counts)[:-1])),
-                       counts)
-    return starts + np.arange(int(counts.sum()), dtype=np.int64)
 OomNotify = Callable[[int], Awaitable[bool]]
 
 
@@ -548,7 +540,7 @@ class MemoryManager:
         fresh = todo[t.pt[todo] == -1]
         if fresh.size > 1:
             runs = self.buddy.alloc_many(int(fresh.size), MAX_ORDER, PG_ANON)
-            g = runs_to_pages(runs)
+            g = runs_to_pfns(runs).astype(np.int64)
             if g.size == fresh.size:
                 self.needs_zero[g] = 1  # zeroed lazily by the vCPU loop, after its EPT check
                 t.pt[fresh] = g
@@ -679,8 +671,6 @@ class MemoryManager:
         return int(r[:, 1].sum()) if len(r) else 0
 
     def balloon_list(self) -> np.ndarray:
-        from protocol.pfn import runs_of_set
-
         return runs_of_set((self.buddy.state == PG_BALLOON).view(np.uint8)).astype(np.int64)
 
     @property
@@ -692,8 +682,6 @@ class MemoryManager:
 
     def report_abort(self) -> int:
         """Put every isolated page back on the free lists, unreported (driver went away)."""
-        from protocol.pfn import runs_of_set
-
         r = runs_of_set((self.buddy.state == PG_ISOLATED).view(np.uint8)).astype(np.int64)
         if len(r):
             self.buddy.free_runs(r, want_state=PG_ISOLATED, reported=False)
