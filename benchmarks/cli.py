@@ -137,6 +137,24 @@ def kernels_cmd(min_log2: int, max_log2: int, step: int, repeat: int, naive_max_
     _emit(res, out, "kernels", as_json, report.kernels_markdown(res))
 
 
+@bench.command("protocol")
+@click.option("--repeat", default=7, show_default=True, type=click.IntRange(1, 1000),
+              help="interleaved repeats per workload (min/median/max over them)")
+@click.option("--breakdown", is_flag=True, help="also time each stage (µs per message)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for protocol.json and protocol.md")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def protocol_cmd(repeat: int, breakdown: bool, out: Path | None, as_json: bool) -> None:
+    """The protocol codec (encode + decode of inflate batches) vs bare msgpack."""
+    from benchmarks import protocol as B
+
+    with _progress(not as_json) as say:
+        res = B.measure(repeats=repeat, breakdown=breakdown, progress=say)
+    res["benchmark"] = "protocol"
+    res["machine"] = report.machine()
+    _emit(res, out, "protocol", as_json, report.protocol_markdown(res))
+
+
 def main() -> None:
     bench(prog_name="python -m benchmarks.cli")
 

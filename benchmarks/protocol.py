@@ -1,6 +1,7 @@
 """Encode + decode throughput of balloon inflate batches, against plain msgpack.
 
-Run: ``python -m benchmarks.protocol [--json] [--repeats N] [--breakdown]``.
+Run: ``python -m benchmarks.protocol [--json] [--repeats N] [--breakdown]``, or
+``balloonlab bench protocol [--repeat N] [--breakdown] [--out DIR] [--json]``.
 
 For each workload the project path — what ``Connection.send`` / ``next_event`` run: build
 the ``Inflate`` message (which validates it), ``msg.to_frame()``, then the receive side
@@ -145,10 +146,13 @@ def _stages(field: dict[str, bytes]) -> dict[str, Callable[[int], None]]:
             "msgpack.packb (dict built)": plain_pack, "msgpack.unpackb": plain_unpack}
 
 
-def measure(repeats: int = 7, target_s: float = 0.05, breakdown: bool = False
-            ) -> dict[str, Any]:
+def measure(repeats: int = 7, target_s: float = 0.05, breakdown: bool = False,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name, (pages, field) in _workloads().items():
+    work = _workloads()
+    for k, (name, (pages, field)) in enumerate(work.items(), 1):
+        if progress is not None:
+            progress(f"[{k}/{len(work)}] {name}")
         proj, gen, plain = _project(field), _generic(field), _plain(field)
         for f in (proj, gen, plain):
             f(50)  # warm up

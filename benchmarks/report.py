@@ -171,3 +171,30 @@ def plot_kernels(res: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def protocol_markdown(res: dict[str, Any]) -> str:
+    """The codec benchmark: project path vs bare msgpack, per workload (and per stage)."""
+    names = [k for k in res if k not in ("target", "machine", "benchmark")]
+    rows = []
+    for n in names:
+        r = res[n]
+        o, g = r["overhead_ratio"], r["generic_path_ratio"]
+        rows.append([n, r["pages_per_batch"], f"{r['project_pages_per_s']:.3e}",
+                     f"{r['msgpack_pages_per_s']:.3e}", o["median"], o["min"], o["max"],
+                     g["median"]])
+    out = ["Encode + decode of one inflate batch: the project path (build the message, "
+           "`to_frame`, `FrameBuffer.feed` / `next_frame_span`, the connection's decoder) "
+           "against `msgpack.packb` + `unpackb` of the same map, interleaved in the same run. "
+           "Ratio = project time / msgpack time (lower is better).", "",
+           table(["workload", "pages", "project pages/s", "msgpack pages/s",
+                  "ratio (median)", "min", "max", "generic path ratio"], rows)]
+    t = res["target"]
+    out += ["", f"Target: pfns-4096 median ratio ≤ {t['limit']}: "
+            f"**{t['pfns-4096 median ratio']:.2f}, {'met' if t['met'] else 'missed'}**."]
+    if all("stages_us" in res[n] for n in names) and names:
+        stages = list(res[names[0]]["stages_us"])
+        out += ["", "Per stage (µs per message, min over repeats):", "",
+                table(["stage", *names],
+                      [[st, *(res[n]["stages_us"][st] for n in names)] for st in stages])]
+    return "\n".join(out)

@@ -161,13 +161,14 @@ class FrameBuffer:
         self.max_frame = max_frame
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        if self._pos == len(self._buf) and type(data) is bytes:
+        if type(data) is bytes and self._pos == len(self._buf):
             # Empty buffer (the common case: a read returns whole frames): hold the
             # immutable bytes by reference instead of copying them into the bytearray.
-            self._buf = data
-            self._pos = 0
+            if data:
+                self._buf = data
+                self._pos = 0
+            return
+        if not data:
             return
         if type(self._buf) is bytes:
             self._buf = bytearray(memoryview(self._buf)[self._pos:])
@@ -201,23 +202,25 @@ class FrameBuffer:
             if len(buf) - pos < HEADER_SIZE:
                 return None
             (need,) = _unpack_len(buf, pos)
-            if need == 0:
-                raise LocalProtocolError(ErrorCode.BAD_FRAME, "zero-length frame")
-            if need > self.max_frame:
+            if not 0 < need <= self.max_frame:
+                if need == 0:
+                    raise LocalProtocolError(ErrorCode.BAD_FRAME, "zero-length frame")
                 raise LocalProtocolError(
                     ErrorCode.FRAME_TOO_LARGE,
                     f"frame length {need} exceeds the {self.max_frame}-byte limit",
                     length=need,
                 )
             pos += HEADER_SIZE
+        else:
+            self._need = -1
         end = pos + need
-        if end > len(buf):
-            self._pos = pos  # the header is parsed: remember the body length
-            self._need = need
-            return None
-        self._need = -1
-        if end == len(buf):
-            self._buf = bytearray()
+        n = len(buf)
+        if end >= n:
+            if end > n:
+                self._pos = pos  # the header is parsed: remember the body length
+                self._need = need
+                return None
+            self._buf = b""  # empty; the next feed holds its chunk by reference
             self._pos = 0
         else:
             self._pos = end

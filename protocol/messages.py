@@ -691,9 +691,14 @@ def _accelerate(cls: type[Message]) -> None:
     if all(k in _ENCODABLE for _n, k, _r in spec) and len(spec) < 15:
         src += _encoder_source(cls, var)
         ns.update(_ENCODER_NAMES)
+        if _is_batch(cls):
+            for n, _k, _r in spec[1:]:
+                ns[f"_HDR_{cls.__name__}_{n}"] = _batch_header_table(cls, n)
     if _is_batch(cls):
         src += _batch_decoder_source(cls, var, validate)
-        ns["_from_be"] = int.from_bytes
+        ns.update(_DECODER_NAMES)
+        ns["_HU"], ns["_HS"] = _batch_header_readers(cls)
+        cls._BATCH_VAR = var  # type: ignore[attr-defined]  # for decoder_for's inlining
     cls._GENERATED_SOURCE = "\n".join(src)  # type: ignore[attr-defined]  # for debugging
     exec(cls._GENERATED_SOURCE, ns)  # noqa: S102 - source built above from SPEC only
     init = ns["__init__"]
@@ -717,6 +722,31 @@ _ENCODER_NAMES = {
 }
 
 
+#: msgpack formats of an unsigned int, by class: (marker byte or None for fixint, struct
+#: code). Classes: positive fixint, uint8, uint16, uint32, uint64.
+_UINT_FORMS = ((None, "B"), (0xCC, "B"), (0xCD, "H"), (0xCE, "I"), (0xCF, "Q"))
+#: msgpack bin formats, by class: bin8, bin16, bin32.
+_BIN_FORMS = ((0xC4, "B"), (0xC5, "H"), (0xC6, "I"))
+
+
+def _batch_header_table(cls: type[Message], name: str) -> list[tuple[Any, bytes, bytes, int]]:
+    """For a page batch whose set is ``name``: one entry per (id format × bin format),
+    ``(pack, prefix_and_id_marker, key_and_bin_marker, header_size)`` where
+    ``pack(size, prefix_and_id_marker, id, key_and_bin_marker, n)`` is the frame's length
+    prefix and every byte of the body before the set (``size`` is the body length, the
+    header's own bytes after the length prefix plus the set's ``n`` bytes)."""
+    prefix = _batch_prefix(cls)
+    key = msgpack.packb(name)
+    tab = []
+    for id_marker, id_code in _UINT_FORMS:
+        pm = prefix + (bytes((id_marker,)) if id_marker is not None else b"")
+        for bin_marker, bin_code in _BIN_FORMS:
+            kb = key + bytes((bin_marker,))
+            st = struct.Struct(f">I{len(pm)}s{id_code}{len(kb)}s{bin_code}")
+            tab.append((st.pack, pm, kb, st.size - 4))
+    return tab
+
+
 def _is_batch(cls: type[Message]) -> bool:
     """Page-batch shape: ``id`` (uint64) then one or two PFN sets named pfns / runs."""
     spec = cls.SPEC
@@ -730,56 +760,68 @@ def _batch_prefix(cls: type[Message]) -> bytes:
     return b"\x83" + msgpack.packb("t") + msgpack.packb(cls.TYPE) + msgpack.packb("id")
 
 
-def _batch_decoder_source(cls: type[Message], var: dict[str, str],
-                          validate: list[str]) -> list[str]:
-    """``_fast_body(body, s, e)``: the page batch in ``body[s:e]`` straight from its
-    canonical bytes (the layout ``to_frame`` and packb both produce), skipping the map and
-    copying only the PFN set; None for anything else (the generic path decides)."""
+def _batch_parse_lines(cls: type[Message], var: dict[str, str], fail: str,
+                       ind: str = "    ", tag: str = "") -> list[str]:
+    """The statements of a page batch's parse from ``body[s:e]`` (a ``bytes``): they
+    leave the built message in ``self``, or run ``fail`` (``return None`` in a function,
+    ``break`` in a loop) for anything but the canonical layout that ``to_frame`` and
+    packb both produce — the caller's generic path then decides."""
     prefix = _batch_prefix(cls)
-    P = len(prefix)
     names = [n for n, _k, _r in cls.SPEC[1:]]
-    src = ["def _fast_body(body, s, e):",
-           f"    if not body.startswith({prefix!r}, s): return None",
-           f"    p = s + {P}",
-           "    h = body[p]",
-           "    if h < 0x80:",
-           "        id = h; p += 1",
-           "    elif 0xCC <= h <= 0xCF:",
-           "        q = p + 1; p = q + (1 << (h - 0xCC)); id = _from_be(body[q:p], 'big')",
-           "    else: return None",
-           "    key = body[p:p + 5]",
-           "    h = body[p + 5]",
-           "    if h == 0xC5:",
-           "        q = p + 8; n = (body[p + 6] << 8) | body[p + 7]",
-           "    elif h == 0xC4:",
-           "        q = p + 7; n = body[p + 6]",
-           "    elif h == 0xC6:",
-           "        q = p + 10; n = _from_be(body[p + 6:q], 'big')",
-           "    else: return None",
-           "    if q + n != e: return None  # short, or trailing bytes",
-           "    v = body[q:e]"]
-    # The parse itself guarantees what the cheap checks would test: id is an int in
-    # 0..2**64-1 (fixint or uint8..uint64) and v is a bytes slice; what is left is the
-    # exact type of v (a bytearray body slices to a bytearray) and the set's width.
-    src.append("    if type(v) is not bytes: return None")
     kinds = {n: k for n, k, _r in cls.SPEC}
+    src = [# One unpack per id format (the id's first byte picks it: positive fixint or
+           # uint8/16/32/64, what packb writes) reads the whole prefix (map header, "t",
+           # the type, "id"), the id, the set's 5-byte key and its bin header as bin16; a
+           # bin8 or bin32 header is read from the same fields (a bin8 length is the high
+           # byte; a bin32 one goes on for two more bytes).
+           f"h = body[s + {len(prefix)}]",
+           f"f = _HU{tag}[h]",
+           f"if f is None: {fail}",
+           "pre, id, key, b, n = f(body, s)",
+           f"if pre != {prefix!r}: {fail}",
+           f"if b == 0xC5: q = s + _HS{tag}[h]",
+           f"elif b == 0xC4: n >>= 8; q = s + _HS{tag}[h] - 1",
+           "elif b == 0xC6:",
+           f"    q = s + _HS{tag}[h]; n = (n << 16) | (body[q] << 8) | body[q + 1]; q += 2",
+           f"else: {fail}",
+           f"if q + n != e: {fail}  # short, or trailing bytes"]
     first = True
     for name in names:
         width = 4 if kinds[name] is Kind.PFNS else 16
-        assigns = "; ".join(f"{var[o]} = {'v' if o == name else 'None'}" for o in names)
         kw = "if" if first else "elif"
-        src += [f"    {kw} key == {msgpack.packb(name)!r}:",
-                f"        if n & {width - 1}: return None",
-                f"        {assigns}"]
         first = False
-    src.append("    else: return None")
-    src.append("    self = _new(_C)")
-    src += [f"    _s_{var[n]}(self, {var[n]})" for n, _k, _r in cls.SPEC]
-    for line in validate:  # "if not (cond): self._validate()" → reject instead of raising
-        src.append(line.replace("self._validate()", "return None")
-                   if "if not" in line else "    return None  # pragma: no cover")
-    src.append("    return self")
-    return src
+        src += [f"{kw} key == {msgpack.packb(name)!r}:",
+                f"    if n & {width - 1}: {fail}",
+                f"    self = _new(_C{tag})"]
+        for n2 in [n for n, _k, _r in cls.SPEC]:
+            val = "id" if n2 == "id" else ("body[q:e]" if n2 == name else "None")
+            src.append(f"    _s{tag}_{var[n2]}(self, {val})")
+        # The one cross-field rule a page batch may carry (_VALID_WHEN) is checked on
+        # the fields just set; a batch that breaks it takes the generic path.
+        # (Left out when it holds for any set, empty or not: the page batches' rule.)
+        when = getattr(cls, "_VALID_WHEN", None)
+        if when is not None and cls._validate is not Message._validate:
+            def cond(v: str) -> str:
+                return when.format(**{n2: ("id" if n2 == "id" else v if n2 == name
+                                           else "None") for n2, _k, _r in cls.SPEC})
+            if not all(eval(cond("v"), {"v": b}) for b in (b"", bytes(width))):  # noqa: S307
+                src.append(f"    if not ({cond('self.' + name)}): {fail}")
+    src.append(f"else: {fail}")
+    return [ind + line for line in src]
+
+
+def _batch_decoder_source(cls: type[Message], var: dict[str, str],
+                          validate: list[str]) -> list[str]:
+    """``_fast_body(body, s, e)``: the page batch in ``body[s:e]`` straight from its
+    canonical bytes, skipping the map and copying only the PFN set; None for anything
+    else (the generic path decides). ``decoder_for`` inlines the same statements."""
+    return ["def _fast_body(body, s, e):",
+            "    if type(body) is not bytes: return None",
+            "    try:",
+            *_batch_parse_lines(cls, var, "return None", " " * 8),
+            "    except (IndexError, _struct_error):  # cut short",
+            "        return None",
+            "    return self"]
 
 
 def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
@@ -787,24 +829,27 @@ def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
     hand so that a PFN set is copied once (by the final join)."""
     t_enc = msgpack.packb("t") + msgpack.packb(cls.TYPE)
     if _is_batch(cls):
-        # Page batches (the hot path): "t", "id" and exactly one PFN set present — one
-        # join of six pieces. Anything else (no set, two sets: invalid anyway) is generic.
-        prefix = _batch_prefix(cls)
-        src = ["def to_frame(self):"]
+        # Page batches (the hot path): "t", "id" and exactly one PFN set present. The
+        # whole header (length prefix, "t", type, "id", the id, the set's key and bin
+        # header) is one struct.pack from a table chosen by the id's and the set's msgpack
+        # formats; the set itself is copied once, by the final concatenation. Anything else
+        # (no set, two sets: invalid anyway) is encoded generically.
         first, *other = [n for n, _k, _r in cls.SPEC[1:]]
-        k1 = msgpack.packb(first)
-        src += [f"    v = self.{first}", f"    key = {k1!r}"]
+        tabs = {n: f"_HDR_{cls.__name__}_{n}" for n in (first, *other)}
+        src = ["def to_frame(self):", f"    v = self.{first}", f"    tab = {tabs[first]}"]
         if other:
-            k2 = msgpack.packb(other[0])
-            src += ["    if v is None:", f"        v = self.{other[0]}", f"        key = {k2!r}",
+            src += ["    if v is None:", f"        v = self.{other[0]}",
+                    f"        tab = {tabs[other[0]]}",
                     f"    elif self.{other[0]} is not None: return _encode_frame(self.to_wire())"]
         src += ["    if v is None: return _encode_frame(self.to_wire())",
                 "    i = self.id",
-                "    e = _FIXINT[i] if i < 128 else _uint(i)",
-                "    h = _binh(len(v))",
-                f"    size = {len(prefix)} + len(key) + len(e) + len(h) + len(v)",
+                "    n = len(v)",
+                "    pack, pm, kb, size = tab[(0 if i < 0x80 else 1 if i < 0x100 else 2"
+                " if i < 0x10000 else 3 if i < 0x100000000 else 4) * 3"
+                " + (1 if 0x100 <= n < 0x10000 else 0 if n < 0x100 else 2)]",
+                "    size += n",
                 f"    if size > {MAX_FRAME}: _frame_header(size)  # raises frame_too_large",
-                f"    return _join((_pack_len(size), {prefix!r}, e, key, h, v))"]
+                "    return pack(size, pm, i, kb, n) + v"]
         return src
     src = ["def to_frame(self):",
            f"    p = [b'', {t_enc!r}]",
@@ -836,6 +881,23 @@ def _encoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
     src += ["    p[0] = _frame_header(size + 1) + _FIXMAP[n]", "    return _join(p)"]
     return src
 
+
+def _batch_header_readers(cls: type[Message]) -> tuple[list[Any], list[int]]:
+    """By the id's first byte: the ``unpack_from(body, s)`` giving ``(prefix, id, key,
+    bin marker, bin16 length)`` of a page batch of ``cls`` at ``s``, and the bytes that
+    spans (None / 0 where no uint starts with that byte)."""
+    unpack: list[Any] = [None] * 256
+    size = [0] * 256
+    plen = len(_batch_prefix(cls))
+    for marker, code in _UINT_FORMS:
+        st = struct.Struct(f">{plen}s{'x' if marker is not None else ''}{code}5sBH")
+        for h in ([marker] if marker is not None else range(0x80)):
+            unpack[h] = st.unpack_from
+            size[h] = st.size
+    return unpack, size
+
+
+_DECODER_NAMES = {"_struct_error": struct.error}
 
 _FIXMAP = [bytes((0x80 | i,)) for i in range(16)]
 _ENCODER_NAMES["_FIXMAP"] = _FIXMAP
@@ -936,35 +998,23 @@ _decoders: dict[int, tuple[Registry, Decoder]] = {}
 def decoder_for(registry: Registry) -> Decoder:
     """``decode(buf, start=0, end=None) -> Message`` for one receiver: ``decode_frame``
     of ``buf[start:end]`` with its lookups done once (connections keep one, and feed it
-    ``FrameBuffer.next_frame_span()`` so that the body is never sliced out)."""
+    ``FrameBuffer.next_frame_span()`` so that the body is never sliced out).
+
+    Generated per registry: the page batches it accepts are told apart by one byte of
+    their type name and parsed inline (the statements of their ``_fast_body``); every
+    other frame, and any batch not in the canonical layout, goes through ``unpackb`` and
+    the class's ``_from_map``, and failing that the generic path, which names the error.
+    """
     hit = _decoders.get(id(registry))
     if hit is not None and hit[0] is registry:
         return hit[1]
     table = {t: (cls._from_map, cls._WIRE_KEYS)  # type: ignore[attr-defined]
              for t, cls in registry.items() if cls.TYPE == t and "_from_map" in cls.__dict__}
-    # Page batches: selected by their first 8 bytes (fixmap, "t", type length and its
-    # first 4 letters), then parsed from the bytes by the class's _fast_body.
-    fast: dict[bytes, Any] = {}
-    for t, cls in registry.items():
-        if cls.TYPE == t and "_fast_body" in cls.__dict__:
-            k = _batch_prefix(cls)[:8]
-            if k in fast:  # pragma: no cover - two types alike in 8 bytes: no fast path
-                fast[k] = None
-            else:
-                fast[k] = cls._fast_body  # type: ignore[attr-defined]
 
-    def decode(buf: bytes, start: int = 0, end: int | None = None, _small: int = MAX_STR,
-               _unpackb: Any = _unpackb, _no_ext: Any = _no_ext, table: Any = table,
-               fast: Any = fast) -> Message:
-        if end is None:
-            end = len(buf)
+    def rest(buf: Any, start: int, end: int, _small: int = MAX_STR,
+             _unpackb: Any = _unpackb, _no_ext: Any = _no_ext) -> Message:
         body: Any = None
         try:
-            parse = fast.get(buf[start:start + 8])
-            if parse is not None:
-                msg = parse(buf, start, end)
-                if msg is not None:
-                    return msg  # type: ignore[no-any-return]
             body = buf if start == 0 and end == len(buf) else buf[start:end]
             if len(body) <= _small:
                 # unpackb's default limits are the body's own length, which for a body
@@ -988,8 +1038,38 @@ def decoder_for(registry: Registry) -> Decoder:
             body = buf[start:end]
         return decode_message(registry, decode_payload(body))
 
+    # Page batches: one byte position where their prefixes (fixmap, "t", the type's
+    # fixstr) all differ selects the parse; the parse checks the whole prefix itself.
+    batches = [cls for t, cls in registry.items()
+               if cls.TYPE == t and "_fast_body" in cls.__dict__]
+    prefixes = [_batch_prefix(cls) for cls in batches]
+    pos = next((k for k in range(min(map(len, prefixes), default=0))
+                if len({p[k] for p in prefixes}) == len(prefixes)), None)
+    ns: dict[str, Any] = {"_rest": rest, "_new": _new, **_DECODER_NAMES}
+    src = ["def decode(body, s=0, e=None):",
+           "    if e is None: e = len(body)"]
+    if batches and pos is not None:
+        # A frame cut short makes an index or unpack run off the buffer: generic path.
+        src += ["    try:",
+                f"        if type(body) is bytes and e - s > {pos}:",
+                f"            c = body[s + {pos}]"]
+        for j, (cls, pre) in enumerate(zip(batches, prefixes)):
+            var = cls._BATCH_VAR  # type: ignore[attr-defined]
+            ns[f"_C_{j}"] = cls
+            for name, _k, _r in cls.SPEC:
+                ns[f"_s_{j}_{var[name]}"] = _descriptor_setter(cls, name)
+            ns[f"_HU_{j}"], ns[f"_HS_{j}"] = _batch_header_readers(cls)
+            src += [f"            {'if' if j == 0 else 'elif'} c == {pre[pos]}:  # {cls.TYPE}",
+                    "                while True:  # a block to break out of to the generic path",
+                    *_batch_parse_lines(cls, var, "break", " " * 20, f"_{j}"),
+                    "                    return self"]
+        src += ["    except (IndexError, _struct_error):", "        pass"]
+    src.append("    return _rest(body, s, e)")
+    exec("\n".join(src), ns)  # noqa: S102 - source built above from SPEC only
+    decode = ns["decode"]
+    decode._GENERATED_SOURCE = "\n".join(src)
     _decoders[id(registry)] = (registry, decode)
-    return decode
+    return decode  # type: ignore[no-any-return]
 
 
 def decode_frame(registry: Registry, body: bytes | memoryview) -> Message:

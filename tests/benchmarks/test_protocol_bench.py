@@ -4,8 +4,12 @@ same payloads on every path, and reports the documented keys. No timing assertio
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from click.testing import CliRunner
 
 from benchmarks import protocol as B
+from benchmarks.cli import bench
 
 
 def test_protocol_benchmark_reports_every_workload_and_stage(capsys):
@@ -25,3 +29,16 @@ def test_protocol_benchmark_reports_every_workload_and_stage(capsys):
     assert res["target"]["limit"] == B.TARGET_RATIO_4096
     assert B.main(["--json", "--repeats", "1"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {*workloads, "target"}
+
+
+def test_protocol_cli_writes_json_and_markdown(tmp_path: Path):
+    res = CliRunner().invoke(bench, ["protocol", "--repeat", "1", "--breakdown",
+                                     "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["benchmark"] == "protocol" and out["machine"]["nproc"] >= 1
+    assert out["pfns-4096"]["overhead_ratio"]["median"] > 0
+    saved = json.loads((tmp_path / "protocol.json").read_text())
+    assert saved["target"]["limit"] == B.TARGET_RATIO_4096
+    md = (tmp_path / "protocol.md").read_text()
+    assert "pfns-4096" in md and "Per stage" in md and "to_frame" in md
