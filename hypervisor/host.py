@@ -18,7 +18,12 @@ What it does (DESIGN §2–3, §5–7):
 
 Every change to the ledger, the EPTs and the memfds happens under one asyncio lock
 (``mm_lock``), so each operation is atomic with respect to the others and
-``frames_in_use == Σ resident pages`` holds whenever the lock is free.
+``frames_in_use == Σ resident pages`` holds whenever the lock is free. The one wait that
+is not the host's own, a reclaim's shootdown (a guest has up to ``SHOOTDOWN_TIMEOUT`` to
+answer), happens with the lock released: the victims stay LOCKED in the ledger, resident
+and not present in their EPT, so other VMs go on faulting and ballooning; an operation
+that needs an in-flight victim page (a fault on it, a balloon batch naming it) waits on
+``mm_changed`` until that reclaim has finished, then starts over.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
+from hypervisor.kernels import LOCKED
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger, p2m_to_slot
 from hypervisor.machine import MachineServer
 from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
@@ -117,6 +123,12 @@ class Host:
         self.vms: dict[str, Vm] = {}
         self._by_index: dict[int, Vm] = {}
         self.mm_lock = asyncio.Lock()
+        #: Notified (under mm_lock) when a reclaim's in-flight victims are settled.
+        self.mm_changed = asyncio.Condition(self.mm_lock)
+        #: Per frame: the reclaim that holds it in flight (0: none). A frame freed under a
+        #: reclaim (its VM stopped) and picked again by another carries the other's token.
+        self._inflight = np.zeros(self.ledger.frames_total, dtype=np.int64)
+        self._reclaim_seq = 0
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.event_seq = 0
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -317,14 +329,29 @@ class Host:
 
     # ================================================================== memory
 
+    def _in_flight(self, vm: Vm, gpfns: np.ndarray) -> bool:
+        """Some of ``gpfns`` are backed by frames a reclaim holds in flight (mm_lock held;
+        only in-flight victims are LOCKED while the lock is free)."""
+        cur = vm.led.p2m[gpfns]
+        cur = cur[cur >= 0]
+        return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
+
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""
+        g = np.unique(pfns)
         async with self.mm_lock:
-            if vm.state in ("destroyed", "oom_killed", "crashed") or \
-                    vm.led.index not in self.ledger.vms:
-                return False
-            g = np.unique(pfns)
-            need = g[vm.led.p2m[g] < 0]
+            while True:  # until nothing changed under a wait
+                if vm.state in ("destroyed", "oom_killed", "crashed") or \
+                        vm.led.index not in self.ledger.vms:
+                    return False
+                if self._in_flight(vm, g):
+                    await self.mm_changed.wait()  # its reclaim ends it: look again
+                    continue
+                need = g[vm.led.p2m[g] < 0]
+                if need.size > self.ledger.frames_free:
+                    await self._reclaim(int(need.size), faulting=vm)
+                    continue  # the lock was let go during the shootdown: look again
+                break
             vm.faults += 1
             if need.size == 0:
                 # Already backed (another vCPU's exit got there first): make sure the EPT
@@ -337,10 +364,6 @@ class Host:
                 vm.balloon_violations += int(viol.size)
                 self.emit("balloon_violation", vm.name, pages=int(viol.size),
                           first=int(viol[0]))
-            if need.size > self.ledger.frames_free:
-                await self._reclaim(int(need.size), faulting=vm)
-                if vm.led.index not in self.ledger.vms:
-                    return False  # the faulting VM itself was the host OOM victim
             frames, slots = self.ledger.back(vm.led.index, need)
             swapped = slots >= 0
             if np.any(swapped):
@@ -354,6 +377,22 @@ class Host:
             vm.mem.set_present(g)  # every page of the fault is backed now
             vm.fault_pages += int(need.size)
             return True
+
+    async def _unlocked(self, aw: Any) -> Any:
+        """Await ``aw`` with mm_lock released; it is held again on return (or raise)."""
+        self.mm_lock.release()
+        try:
+            return await aw
+        finally:
+            cancelled = False
+            while True:
+                try:
+                    await self.mm_lock.acquire()
+                    break
+                except asyncio.CancelledError:
+                    cancelled = True  # the caller's `async with` must find it held
+            if cancelled:
+                raise asyncio.CancelledError
 
     async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
         """Make ``wanted`` frames free: clock scan, shootdown, swap out, punch (mm_lock held).
@@ -375,6 +414,11 @@ class Host:
                 continue
             victims = self.ledger.pick_victims(want)
             if victims.size == 0:
+                if np.any(self._inflight):
+                    # Every frame left is another reclaim's victim in flight: its end
+                    # frees frames (or settles what to do).
+                    await self.mm_changed.wait()
+                    continue
                 # Every frame is pinned by an operation in flight; only OOM can help.
                 if not self._host_oom():
                     raise LedgerError("host out of memory: every frame is in flight")
@@ -383,25 +427,46 @@ class Host:
             groups = {int(v): victims[owners == v] for v in np.unique(owners)}
             for idx, fr in groups.items():
                 self._by_index[idx].mem.set_not_present(self.ledger.owner_gpfn[fr])
-            results = await asyncio.gather(
-                *(self._by_index[idx].machine.shootdown(int(fr.size))
-                  for idx, fr in groups.items()), return_exceptions=True)
-            for (idx, fr), res in zip(groups.items(), results):
-                if isinstance(res, BaseException):
-                    # No ack (hung guest, or anything else went wrong): the guest cannot be
-                    # trusted to stay off the pages, so it is stopped like a crashed VM (its
-                    # frames, victims included, are freed). Never swap out unacknowledged.
-                    log.error("%s", res)
-                    self._crash_locked(self._by_index[idx], f"shootdown failed: {res}")
-            live = victims[self.ledger.state[victims] != 0]
-            live = live[np.isin(self.ledger.owner_vm[live],
-                                np.fromiter(self.ledger.vms, dtype=np.int32))]
+            self._reclaim_seq += 1
+            token = self._reclaim_seq
+            self._inflight[victims] = token
+            settled = False
             try:
-                outs = self.ledger.swap_out(live)
-            except OutOfSwap:
-                self.ledger.unlock(live)
-                self._restore_present(live)
-                continue
+                # The wait is the guests', not the host's: other VMs' faults and balloon
+                # batches run meanwhile (the victims stay LOCKED, resident, not present).
+                results = await self._unlocked(asyncio.gather(
+                    *(self._by_index[idx].machine.shootdown(int(fr.size))
+                      for idx, fr in groups.items()), return_exceptions=True))
+                for (idx, fr), res in zip(groups.items(), results):
+                    vm = self._by_index.get(idx)
+                    if isinstance(res, BaseException) and vm is not None and \
+                            vm.led.index == idx and idx in self.ledger.vms:
+                        # No ack (hung guest, or anything else went wrong): the guest
+                        # cannot be trusted to stay off the pages, so it is stopped like a
+                        # crashed VM (its frames, victims included, are freed). Never swap
+                        # out unacknowledged.
+                        log.error("%s", res)
+                        self._crash_locked(vm, f"shootdown failed: {res}")
+                # Still ours: LOCKED with our token (a VM stopped meanwhile freed its
+                # victims; a frame freed and picked again carries another token).
+                live = victims[(self.ledger.state[victims] == LOCKED)
+                               & (self._inflight[victims] == token)]
+                self._inflight[victims[self._inflight[victims] == token]] = 0
+                settled = True
+                try:
+                    outs = self.ledger.swap_out(live)
+                except OutOfSwap:
+                    self.ledger.unlock(live)
+                    self._restore_present(live)
+                    continue
+            finally:
+                if not settled:  # interrupted in the wait: the victims go back as they were
+                    mine = victims[(self.ledger.state[victims] == LOCKED)
+                                   & (self._inflight[victims] == token)]
+                    self._inflight[victims[self._inflight[victims] == token]] = 0
+                    self.ledger.unlock(mine)
+                    self._restore_present(mine)
+                self.mm_changed.notify_all()
             assert self.swap is not None or not outs
             for so in outs:
                 vm = self._by_index[so.vm]
@@ -459,12 +524,14 @@ class Host:
     async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
         """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
         async with self.mm_lock:
-            if vm.led.index not in self.ledger.vms:
-                raise LedgerError(f"VM {vm.name!r} is not running")
-            gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any side effect
+            while True:
+                if vm.led.index not in self.ledger.vms:
+                    raise LedgerError(f"VM {vm.name!r} is not running")
+                gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any effect
+                if not self._in_flight(vm, gpfns):
+                    break
+                await self.mm_changed.wait()  # a reclaim holds some: let it finish
             cur = vm.led.p2m[gpfns]
-            if np.any(cur >= 0) and np.any(self.ledger.state[cur[cur >= 0]] == 2):
-                raise LedgerError(f"VM {vm.name!r}: a page of the batch is being reclaimed")
             vm.mem.set_not_present(gpfns)  # first: no access can follow the release
             held = cur[cur <= -2]  # host-swapped pages of the batch: their slots free up
             backed, _frames = self.ledger.release(vm.led.index, gpfns)

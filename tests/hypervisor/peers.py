@@ -354,8 +354,11 @@ class Lab:
         return d
 
     async def quiesce(self) -> None:
-        # Wait until no memory operation runs, then check conservation.
+        # Wait until no memory operation runs (none holds the lock, no reclaim is waiting
+        # for a shootdown), then check conservation.
         async with self.host.mm_lock:
+            while np.any(self.host._inflight):
+                await self.host.mm_changed.wait()
             self.host.check_conservation()
 
 

@@ -123,6 +123,80 @@ def test_hung_guest_that_never_acks_a_shootdown_is_stopped():
     run(main())
 
 
+async def _shootdown_in_flight(lab: Lab, guest: GuestPeer) -> None:
+    """Until ``guest`` holds a shootdown and the host has victims in flight."""
+    for _ in range(500):
+        if guest.shootdowns and np.any(lab.host._inflight):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no shootdown reached the guest")
+
+
+def test_a_hung_guest_does_not_stall_the_other_vms():
+    """The host waits for a shootdown ack without its memory lock: while A sits on one,
+    C's faults are served; B's fault, which needs A's frames, waits for A's timeout."""
+    async def main():
+        async with Lab(topo(10, 16, {"a": 8, "b": 8, "c": 8})) as lab:
+            a, b, c = [await lab.guest(n) for n in "abc"]
+            await a.touch(np.arange(8))  # 8 of 10 frames
+            lab.host.vms["a"].machine.shootdown_timeout = 3.0
+            a.ack_shootdowns = False
+            b_faults = asyncio.create_task(b.touch([0, 1, 2]))  # needs one of A's frames
+            await _shootdown_in_flight(lab, a)
+            await c.touch([5])  # a free frame: served now, not after A's timeout
+            assert lab.host.vms["a"].state == "running" and not b_faults.done()
+            assert await c.read(5, 16) == c.stamp(5)
+            await b_faults  # A timed out and was stopped; its frames went to B
+            await lab.quiesce()
+            assert lab.host.vms["a"].state == "crashed"
+            assert (lab.host.vms["b"].led.backed, lab.host.vms["c"].led.backed) == (3, 1)
+            for p in (0, 1, 2):
+                assert await b.read(p, 16) == b.stamp(p)
+    run(main())
+
+
+def test_a_fault_on_a_page_in_flight_waits_for_its_reclaim():
+    """A guest touching its own victim page before it acks: the fault is resumed only once
+    the page went to host swap and came back, with its bytes."""
+    async def main():
+        async with Lab(topo(8, 16, {"a": 8, "b": 8})) as lab:
+            a, b = await lab.guest("a"), await lab.guest("b")
+            await a.touch(np.arange(8))  # every frame
+            a.ack_delay = 0.3
+            b_faults = asyncio.create_task(b.touch([0]))
+            await _shootdown_in_flight(lab, a)
+            victims = np.nonzero(a.ept[:8] == 0)[0]
+            assert victims.size >= 1  # cleared before the shootdown was sent
+            for p in range(8):  # the victims fault, and wait for the reclaim to end
+                assert await a.read(p, 16) == a.stamp(p)
+            await b_faults
+            await lab.quiesce()
+            va = lab.host.vms["a"]
+            assert va.host_swap_out >= victims.size and va.host_swap_in >= victims.size
+            assert await b.read(0, 16) == b.stamp(0)
+    run(main())
+
+
+def test_a_balloon_batch_naming_a_page_in_flight_waits_then_succeeds():
+    async def main():
+        async with Lab(topo(8, 16, {"a": 8, "b": 8})) as lab:
+            a, b = await lab.guest("a"), await lab.guest("b")
+            d = await lab.driver("a")
+            await a.touch(np.arange(8))
+            a.ack_delay = 0.3
+            b_faults = asyncio.create_task(b.touch([0]))
+            await _shootdown_in_flight(lab, a)
+            victim = int(np.nonzero(a.ept[:8] == 0)[0][0])
+            ack = await d.inflate([victim])
+            assert ack.ok, ack
+            await b_faults
+            await lab.quiesce()
+            va = lab.host.vms["a"]
+            assert va.led.p2m[victim] == -1 and va.led.balloon[victim] == 1
+            assert a.ept[victim] == 0
+    run(main())
+
+
 def test_balloon_batches_that_break_the_rules_are_rejected_and_change_nothing():
     async def main():
         async with Lab(topo(64, 0, {"a": 32, "b": 32})) as lab:
