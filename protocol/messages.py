@@ -695,7 +695,7 @@ def _accelerate(cls: type[Message]) -> None:
             for n, _k, _r in spec[1:]:
                 ns[f"_HDR_{cls.__name__}_{n}"] = _batch_header_table(cls, n)
     if _is_batch(cls):
-        src += _batch_decoder_source(cls, var, validate)
+        src += _batch_decoder_source(cls, var)
         ns.update(_DECODER_NAMES)
         ns["_HU"], ns["_HS"] = _batch_header_readers(cls)
         cls._BATCH_VAR = var  # type: ignore[attr-defined]  # for decoder_for's inlining
@@ -810,8 +810,7 @@ def _batch_parse_lines(cls: type[Message], var: dict[str, str], fail: str,
     return [ind + line for line in src]
 
 
-def _batch_decoder_source(cls: type[Message], var: dict[str, str],
-                          validate: list[str]) -> list[str]:
+def _batch_decoder_source(cls: type[Message], var: dict[str, str]) -> list[str]:
     """``_fast_body(body, s, e)``: the page batch in ``body[s:e]`` straight from its
     canonical bytes, skipping the map and copying only the PFN set; None for anything
     else (the generic path decides). ``decoder_for`` inlines the same statements."""
@@ -901,8 +900,6 @@ _DECODER_NAMES = {"_struct_error": struct.error}
 
 _FIXMAP = [bytes((0x80 | i,)) for i in range(16)]
 _ENCODER_NAMES["_FIXMAP"] = _FIXMAP
-_ENCODER_NAMES["_FIXINT"] = [bytes((i,)) for i in range(128)]
-_ENCODER_NAMES["_pack_len"] = struct.Struct(">I").pack
 
 
 def _concrete_messages() -> list[type[Message]]:
