@@ -122,6 +122,45 @@ class HostModel(RuleBasedStateMachine):
         assert not ack.ok and ack.code == "not_ballooned"
         assert np.array_equal(before, self.lab.host.vms[vm].led.p2m)
 
+    @rule(wa=pages_st, wb=pages_st, inflate=pages_st,
+          delay=st.sampled_from([0.0, 0.002, 0.02]))
+    def concurrent_burst(self, wa, wb, inflate, delay):
+        """Both guests write while A's driver inflates, shootdowns answered ``delay`` s
+        late: the host's reclaims wait for acks without its lock, so these interleave."""
+        wa = [p for p in wa if p not in self.balloon["a"]]
+        wb = [p for p in wb if p not in self.balloon["b"]]
+        inflate = [p for p in inflate if p not in self.balloon["a"] and p not in wa]
+        vals = {}
+        for vm, pages in (("a", wa), ("b", wb)):
+            for p in pages:
+                self.counter += 1
+                vals[vm, p] = self.counter.to_bytes(8, "little")
+
+        async def writes(vm, pages):
+            for p in pages:
+                await self.g[vm].write(p, vals[vm, p])
+
+        async def go():
+            jobs = [writes("a", wa), writes("b", wb)]
+            if inflate:
+                jobs.append(self.d["a"].inflate(inflate))
+            return await asyncio.gather(*jobs)
+
+        for g in self.g.values():
+            g.ack_delay = delay
+        try:
+            out = self.call(go())
+        finally:
+            for g in self.g.values():
+                g.ack_delay = 0.0
+        if inflate:
+            assert out[2].ok, out[2]
+            self.balloon["a"] |= set(inflate)
+            for p in inflate:
+                self.data["a"].pop(p, None)
+        for (vm, p), val in vals.items():
+            self.data[vm][p] = val
+
     @rule(vm=st.sampled_from(VMS))
     def verify_all(self, vm):
         async def go():
