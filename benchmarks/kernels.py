@@ -339,8 +339,13 @@ def _c_count_set(n: int, rng: np.random.Generator) -> Ctx:
     return {"state": s, "elems": n}
 
 
-def _c_runs(n: int, rng: np.random.Generator) -> Ctx:
-    s = run_pattern(n, rng)
+#: Mean run length of the "[long]" cases: balloon batches are runs of buddy blocks (an
+#: order-10 block is 1024 pages), so the run kernels see long runs in the real path.
+LONG_RUN = 4096
+
+
+def _c_runs(n: int, rng: np.random.Generator, mean_len: int = 16) -> Ctx:
+    s = run_pattern(n, rng, mean_len)
     runs = P.runs_of_set(s)
     return {"state": s, "runs": runs, "elems": P.runs_total(runs), "n": n}
 
@@ -355,8 +360,8 @@ def _c_check_pfns(n: int, rng: np.random.Generator) -> Ctx:
             "scratch": np.zeros(n, np.uint8), "n": n, "elems": n}
 
 
-def _c_check_runs(n: int, rng: np.random.Generator) -> Ctx:
-    c = _c_runs(n, rng)
+def _c_check_runs(n: int, rng: np.random.Generator, mean_len: int = 16) -> Ctx:
+    c = _c_runs(n, rng, mean_len)
     c["state"] = np.zeros(n, np.uint8)
     c["scratch"] = np.zeros(n, np.uint8)
     return c
@@ -427,8 +432,8 @@ def _c_lookahead(n: int, rng: np.random.Generator) -> Ctx:
             "out": np.empty(n, np.int64), "elems": n}
 
 
-def _c_first_not(n: int, rng: np.random.Generator) -> Ctx:
-    c = _c_runs(n, rng)
+def _c_first_not(n: int, rng: np.random.Generator, mean_len: int = 16) -> Ctx:
+    c = _c_runs(n, rng, mean_len)
     c["runs"] = c["runs"].astype(np.int64)
     c["state"] = np.full(n, GK.PG_ANON, np.uint8)
     return c
@@ -534,6 +539,18 @@ def _cases() -> list[Case]:
                                   "l_state": c["state"].tolist(), "n": c["n"]},
              canon=_check_ok, stream_bytes=2, mem_per_frame=24,
              note="reads state and scratch per page"),
+        Case("pfn.check_runs[long]", "protocol",
+             lambda n, rng: _c_check_runs(n, rng, LONG_RUN),
+             kernel=lambda c: P.check_runs(c["runs"], c["n"], c["state"], c["scratch"],
+                                           want_clear=False),
+             numpy=lambda c: np_check_pfns(np_runs_to_pfns(c["runs"]), c["n"], c["state"],
+                                           False),
+             naive=lambda c: NAIVE_PFN.check_runs(  # type: ignore[union-attr]
+                 c["l_runs"], c["n"], c["l_state"], False),
+             naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
+                                  "l_state": c["state"].tolist(), "n": c["n"]},
+             canon=_check_ok, stream_bytes=2, mem_per_frame=24,
+             note="reads state and scratch per page"),
         Case("pfn.set_runs", "protocol", _c_set_runs,
              kernel=lambda c: (P.set_runs(c["state"], c["runs"], 1), c["state"])[1],
              numpy=lambda c: (c["state"].__setitem__(np_runs_mask(c["n"], c["runs"]), 1),
@@ -619,6 +636,16 @@ def _cases() -> list[Case]:
                                   "l_ept": c["ept"].tolist()},
              mem_per_frame=64, note="random access through a shuffled page table"),
         Case("guest.first_not_in_state", "guest", _c_first_not,
+             kernel=lambda c: int(GK.first_not_in_state(c["runs"], np.uint8(GK.PG_ANON),
+                                                        c["state"])),
+             numpy=lambda c: np_first_not_in_state(c["runs"], GK.PG_ANON, c["state"]),
+             naive=lambda c: _naive_first_not_in_state(c["l_runs"], GK.PG_ANON,
+                                                       c["l_state"]),
+             naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
+                                  "l_state": c["state"].tolist()},
+             stream_bytes=1, mem_per_frame=24),
+        Case("guest.first_not_in_state[long]", "guest",
+             lambda n, rng: _c_first_not(n, rng, LONG_RUN),
              kernel=lambda c: int(GK.first_not_in_state(c["runs"], np.uint8(GK.PG_ANON),
                                                         c["state"])),
              numpy=lambda c: np_first_not_in_state(c["runs"], GK.PG_ANON, c["state"]),

@@ -310,13 +310,48 @@ def isolate_free(min_order, max_runs, out, nxt, prv, forder, state, head, tail, 
     return n
 
 
+_LO7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HI = np.uint64(0x8080808080808080)
+_BYTES = np.uint64(0x0101010101010101)
+
+
 @njit(**_NOALLOC)
 def first_not_in_state(runs, want, state):
-    """First gpfn of ``runs`` whose state is not ``want``, or -1."""
-    for i in range(runs.shape[0]):
-        for g in range(runs[i, 0], runs[i, 0] + runs[i, 1]):
+    """First gpfn of ``runs`` whose state is not ``want``, or -1.
+
+    Head and tail bytes of each run one at a time; the aligned middle eight pages per
+    uint64 load, XORed with ``want`` in every byte (a nonzero byte is a mismatch)."""
+    words = state[: state.shape[0] & ~7].view(np.uint64)
+    pat = np.uint64(want) * _BYTES
+    for r in range(runs.shape[0]):
+        g = np.int64(runs[r, 0])
+        e = g + np.int64(runs[r, 1])
+        if e - g < 24:  # short: bytes (a word loop would only add mispredicted exits)
+            while g < e:
+                if state[g] != want:
+                    return g
+                g += 1
+            continue
+        while g < e and (g & 7):
             if state[g] != want:
                 return g
+            g += 1
+        wi = g >> 3
+        we = e >> 3
+        while wi < we:
+            x = words[wi] ^ pat
+            if x:
+                m = (((x & _LO7) + _LO7) | x) & _HI  # high bit of each nonzero byte
+                k = 0
+                while not (m >> np.uint64(8 * k + 7)) & np.uint64(1):
+                    k += 1
+                return (wi << 3) + k
+            wi += 1
+        g = max(g, wi << 3)
+        while g < e:
+            if state[g] != want:
+                return g
+            g += 1
     return -1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -18,6 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from guest import kernels as K
 from guest.kernels import MAX_ORDER, PG_ANON, PG_BALLOON, PG_FREE, PG_ISOLATED, PG_REPORTED
 from guest.mm import BuddyAllocator, RunError, validate_runs
 from guest_naive import NaiveBuddy
@@ -180,3 +181,20 @@ def test_validate_runs_rejects(runs, code) -> None:
     with pytest.raises(RunError) as e:
         validate_runs(np.array(runs, dtype=np.uint64), 100)
     assert e.value.code == code
+
+
+@settings(deadline=None)
+@given(st.data())
+def test_first_not_in_state_matches_a_plain_loop(data):
+    """Runs over a page-state map that is mostly one state: the first page of the runs, in
+    run order, whose state differs (the word-at-a-time middle and byte head/tail agree)."""
+    n = data.draw(st.integers(1, 80))
+    want = data.draw(st.sampled_from([K.PG_FREE, K.PG_ANON, K.PG_BALLOON]))
+    state = np.full(n, want, np.uint8)
+    for p in data.draw(st.lists(st.integers(0, n - 1), max_size=3)):
+        state[p] = data.draw(st.integers(0, 255).filter(lambda v: v != want))
+    runs = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n)), max_size=6))
+    runs = [(f, min(c, n - f)) for f, c in runs]
+    arr = np.array(runs, dtype=np.int64).reshape(-1, 2)
+    expect = next((g for f, c in runs for g in range(f, f + c) if state[g] != want), -1)
+    assert K.first_not_in_state(arr, np.uint8(want), state) == expect

@@ -86,6 +86,35 @@ def test_check_runs_matches_naive(runs, state, want_clear):
     assert st_arr.tolist() == state
 
 
+@st.composite
+def disjoint_runs(draw):
+    """Ascending, disjoint runs (the shape every producer emits, which takes the
+    word-at-a-time path), some split so that neighbours touch."""
+    bounds = sorted(set(draw(st.lists(st.integers(0, LIMIT), max_size=8))))
+    out = []
+    for f, end in zip(bounds[::2], bounds[1::2]):  # long runs: words of 8 pages inside
+        c = end - f
+        cut = draw(st.integers(0, c - 1))
+        out += [(f, cut), (f + cut, c - cut)] if cut else [(f, c)]
+    return out
+
+
+@FAST
+@given(disjoint_runs(), st.lists(st.integers(0, LIMIT - 1), max_size=3), st.booleans())
+def test_check_runs_on_disjoint_runs_matches_naive(runs, wrong, want_clear):
+    """The state map is right everywhere but at a few pages (anywhere in a word)."""
+    state = [int(want_clear)] * LIMIT
+    for w in wrong:
+        state[w] ^= 1
+    st_arr = np.array(state, dtype=np.uint8)
+    scratch = np.zeros(LIMIT, dtype=np.uint8)
+    res = P.check_runs(np.array(runs, dtype=np.uint64).reshape(-1, 2), LIMIT, st_arr, scratch,
+                       want_clear=want_clear)
+    status, index = naive.check_runs(runs, LIMIT, state, want_clear)
+    assert (res.ok, res.index, res.code) == (status == naive.OK, index, _code(status, want_clear))
+    assert not scratch.any() and st_arr.tolist() == state
+
+
 def test_check_runs_huge_count_is_out_of_range_not_overflow():
     state = np.zeros(LIMIT, dtype=np.uint8)
     scratch = np.zeros(LIMIT, dtype=np.uint8)
