@@ -339,10 +339,11 @@ class Host:
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""
         g = np.unique(pfns)
+        led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
         async with self.mm_lock:
             while True:  # until nothing changed under a wait
                 if vm.state in ("destroyed", "oom_killed", "crashed") or \
-                        vm.led.index not in self.ledger.vms:
+                        vm.led is not led or led.index not in self.ledger.vms:
                     return False
                 if self._in_flight(vm, g):
                     await self.mm_changed.wait()  # its reclaim ends it: look again
