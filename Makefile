@@ -33,9 +33,11 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
+# Every benchmark, results into docs/results (the tables in docs/results.md come from them).
 bench: $(STAMP)
-	$(VENV)/bin/balloonlab bench reclaim
-	$(VENV)/bin/balloonlab bench kernels
+	$(VENV)/bin/balloonlab bench protocol --repeat 9 --breakdown --out docs/results
+	$(VENV)/bin/balloonlab bench reclaim --vm-size 1GiB --repeat 3 --out docs/results
+	$(VENV)/bin/balloonlab bench kernels --repeat 3 --out docs/results
 
 clean:
 	rm -rf build $(VENV) *.egg-info
