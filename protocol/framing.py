@@ -154,7 +154,7 @@ class FrameBuffer:
     __slots__ = ("_buf", "_pos", "_need", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        # bytes while it holds one fed chunk by reference, else a bytearray
+        # bytes while it holds one fed chunk by reference (b"" when empty), else a bytearray
         self._buf: bytes | bytearray = bytearray()
         self._pos = 0
         self._need = -1  # body length once the header is read
