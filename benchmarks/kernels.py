@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -539,18 +539,6 @@ def _cases() -> list[Case]:
                                   "l_state": c["state"].tolist(), "n": c["n"]},
              canon=_check_ok, stream_bytes=2, mem_per_frame=24,
              note="reads state and scratch per page"),
-        Case("pfn.check_runs[long]", "protocol",
-             lambda n, rng: _c_check_runs(n, rng, LONG_RUN),
-             kernel=lambda c: P.check_runs(c["runs"], c["n"], c["state"], c["scratch"],
-                                           want_clear=False),
-             numpy=lambda c: np_check_pfns(np_runs_to_pfns(c["runs"]), c["n"], c["state"],
-                                           False),
-             naive=lambda c: NAIVE_PFN.check_runs(  # type: ignore[union-attr]
-                 c["l_runs"], c["n"], c["l_state"], False),
-             naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
-                                  "l_state": c["state"].tolist(), "n": c["n"]},
-             canon=_check_ok, stream_bytes=2, mem_per_frame=24,
-             note="reads state and scratch per page"),
         Case("pfn.set_runs", "protocol", _c_set_runs,
              kernel=lambda c: (P.set_runs(c["state"], c["runs"], 1), c["state"])[1],
              numpy=lambda c: (c["state"].__setitem__(np_runs_mask(c["n"], c["runs"]), 1),
@@ -644,16 +632,6 @@ def _cases() -> list[Case]:
              naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
                                   "l_state": c["state"].tolist()},
              stream_bytes=1, mem_per_frame=24),
-        Case("guest.first_not_in_state[long]", "guest",
-             lambda n, rng: _c_first_not(n, rng, LONG_RUN),
-             kernel=lambda c: int(GK.first_not_in_state(c["runs"], np.uint8(GK.PG_ANON),
-                                                        c["state"])),
-             numpy=lambda c: np_first_not_in_state(c["runs"], GK.PG_ANON, c["state"]),
-             naive=lambda c: _naive_first_not_in_state(c["l_runs"], GK.PG_ANON,
-                                                       c["l_state"]),
-             naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
-                                  "l_state": c["state"].tolist()},
-             stream_bytes=1, mem_per_frame=24),
         Case("guest.buddy_init", "guest", _c_buddy,
              kernel=lambda c: (_r_buddy(c), int(c["b"].cnt[0]))[1],
              numpy=None,
@@ -738,7 +716,20 @@ def _vcpu_naive_ctx(c: Ctx) -> Ctx:
             "l_gacc": [0] * pages, "l_nz": [0] * pages, "task": c["task"]}
 
 
-CASES: list[Case] = _cases()
+def _with_long_runs(cases: list[Case], names: tuple[str, ...]) -> list[Case]:
+    """Each case of ``names`` followed by a ``[long]`` twin: the same kernel on runs of mean
+    length ``LONG_RUN`` (its ``setup`` must take ``mean_len``)."""
+    out = []
+    for c in cases:
+        out.append(c)
+        if c.name in names:
+            def setup(n: int, rng: np.random.Generator, base: Any = c.setup) -> Ctx:
+                return base(n, rng, LONG_RUN)  # type: ignore[no-any-return]
+            out.append(replace(c, name=f"{c.name}[long]", setup=setup))
+    return out
+
+
+CASES: list[Case] = _with_long_runs(_cases(), ("pfn.check_runs", "guest.first_not_in_state"))
 
 
 def case_names() -> list[str]:
