@@ -310,6 +310,9 @@ def isolate_free(min_order, max_runs, out, nxt, prv, forder, state, head, tail, 
     return n
 
 
+# The same byte-mask constants as protocol.pfn's word scans, kept here: Numba's on-disk
+# cache of a kernel is invalidated by changes to its own file only, not to the files of the
+# functions it calls.
 _LO7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HI = np.uint64(0x8080808080808080)
 _BYTES = np.uint64(0x0101010101010101)

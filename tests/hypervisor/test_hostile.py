@@ -123,6 +123,17 @@ def test_hung_guest_that_never_acks_a_shootdown_is_stopped():
     run(main())
 
 
+async def _a_reclaim_waits_on_a(lab: Lab):
+    """A holds every frame and answers shootdowns 0.3 s late; B faults, so a reclaim takes
+    some of A's frames and waits for A's ack. Returns (a, b, B's fault task)."""
+    a, b = await lab.guest("a"), await lab.guest("b")
+    await a.touch(np.arange(8))  # every frame
+    a.ack_delay = 0.3
+    b_faults = asyncio.create_task(b.touch([0]))
+    await _shootdown_in_flight(lab, a)
+    return a, b, b_faults
+
+
 async def _shootdown_in_flight(lab: Lab, guest: GuestPeer) -> None:
     """Until ``guest`` holds a shootdown and the host has victims in flight."""
     for _ in range(500):
@@ -160,11 +171,7 @@ def test_a_fault_on_a_page_in_flight_waits_for_its_reclaim():
     the page went to host swap and came back, with its bytes."""
     async def main():
         async with Lab(topo(8, 16, {"a": 8, "b": 8})) as lab:
-            a, b = await lab.guest("a"), await lab.guest("b")
-            await a.touch(np.arange(8))  # every frame
-            a.ack_delay = 0.3
-            b_faults = asyncio.create_task(b.touch([0]))
-            await _shootdown_in_flight(lab, a)
+            a, b, b_faults = await _a_reclaim_waits_on_a(lab)
             victims = np.nonzero(a.ept[:8] == 0)[0]
             assert victims.size >= 1  # cleared before the shootdown was sent
             for p in range(8):  # the victims fault, and wait for the reclaim to end
@@ -180,12 +187,8 @@ def test_a_fault_on_a_page_in_flight_waits_for_its_reclaim():
 def test_a_balloon_batch_naming_a_page_in_flight_waits_then_succeeds():
     async def main():
         async with Lab(topo(8, 16, {"a": 8, "b": 8})) as lab:
-            a, b = await lab.guest("a"), await lab.guest("b")
             d = await lab.driver("a")
-            await a.touch(np.arange(8))
-            a.ack_delay = 0.3
-            b_faults = asyncio.create_task(b.touch([0]))
-            await _shootdown_in_flight(lab, a)
+            a, _b, b_faults = await _a_reclaim_waits_on_a(lab)
             victim = int(np.nonzero(a.ept[:8] == 0)[0][0])
             ack = await d.inflate([victim])
             assert ack.ok, ack
