@@ -5,7 +5,7 @@
    written, write counts, corrupted-read count), measured in the same run.
 2. Balloon allocation: 1 GiB (262144 pages) taken from a fresh buddy allocator by
    ``alloc_many`` (highest orders first), in pages per second, against the plain-Python twin
-   from ``tests/guest/naive.py``.
+   from ``guest/testing/naive.py``.
 
 Figures are ratios against same-run references; absolute numbers depend on the machine.
 Units: accesses/s, pages/s (4096-byte pages).
@@ -14,9 +14,7 @@ Units: accesses/s, pages/s (4096-byte pages).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -32,12 +30,9 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def _naive_module() -> Any:
-    path = Path(__file__).resolve().parents[1] / "tests" / "guest" / "naive.py"
-    spec = importlib.util.spec_from_file_location("guest_naive", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from guest.testing import naive
+
+    return naive
 
 
 def stamp_np(task: int, vpn: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -11,8 +11,7 @@ mutates before every timed call (untimed), and runs three formulations of the sa
   JIT compilation or cache loading is never timed);
 * ``numpy`` — a vectorised numpy formulation (``None`` where the algorithm is inherently
   sequential pointer chasing — the buddy free lists — and no honest one exists);
-* ``naive`` — the plain-Python twin from ``tests/<package>/naive.py`` (loaded by path when the
-  tests are present) or a twin kept here; run only up to ``naive_max_log2`` and extrapolated
+* ``naive`` — the plain-Python twin from ``<package>/testing/naive.py`` or a twin kept here; run only up to ``naive_max_log2`` and extrapolated
   per element.
 
 All three must agree on a small size before anything is timed (:func:`cross_check`), so a
@@ -22,13 +21,10 @@ read per element over their time, against the numpy read-bandwidth reference of 
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +35,9 @@ from guest import kernels as GK
 from guest.mm import BuddyAllocator
 from hypervisor import kernels as HK
 from protocol import pfn as P
+from protocol.testing import naive as _naive_pfn
+from guest.testing import naive as _naive_guest
+from hypervisor.testing import naive as _naive_hv
 
 GIB = float(1 << 30)
 #: Each timed sample of a non-mutating kernel loops until it lasts this long, so that small
@@ -59,29 +58,12 @@ Ctx = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------
-# naive twins: the tests' own when the tests are there, else the minimal ones below
+# naive twins: the plain-Python references shipped in each package's ``testing`` module
 # --------------------------------------------------------------------------------------
 
-
-def _load_naive(package: str) -> ModuleType | None:
-    path = Path(__file__).resolve().parent.parent / "tests" / package / "naive.py"
-    if not path.exists():
-        return None
-    name = f"_balloonlab_bench_naive_{package}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        return None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-NAIVE_PFN = _load_naive("protocol")
-NAIVE_HV = _load_naive("hypervisor")
-NAIVE_GUEST = _load_naive("guest")
+NAIVE_PFN: ModuleType = _naive_pfn
+NAIVE_HV: ModuleType = _naive_hv
+NAIVE_GUEST: ModuleType = _naive_guest
 
 
 def _naive_lookahead(pt: list[int], vpns: list[int], ept: list[int], cap: int) -> list[int]:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import references
-from hypervisor.client import ControlClient, ControlError, HostNotRunning
+from balloonlab.client import ControlClient, ControlError, HostNotRunning
 
 PAGE_SIZE = 4096
 GIB = float(1 << 30)

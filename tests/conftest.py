@@ -1,9 +1,9 @@
 """Shared test set-up.
 
 Numba's on-disk cache goes to the project's ignored ``build/`` folder (as `make test` sets
-it). The test helper modules — plain-Python twins of the Numba kernels and in-test peers
-that speak the real wire protocol — are registered under unique names, because the test
-directories have no ``__init__.py`` and several of them hold a ``naive.py``.
+it). The test helper modules — in-test peers that speak the real wire protocol — are registered under unique names, because the test
+directories have no ``__init__.py``. The plain-Python twins of the kernels ship with the
+packages (``protocol.testing.naive``, ``guest.testing.naive``, ``hypervisor.testing.naive``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ _TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("NUMBA_CACHE_DIR", str(_TESTS.parent / "build" / "numba-cache"))
 
 HELPERS = {
-    "proto_naive": "protocol/naive.py",
-    "guest_naive": "guest/naive.py",
     "guest_hostpeer": "guest/hostpeer.py",
-    "hv_naive": "hypervisor/naive.py",
     "hv_peers": "hypervisor/peers.py",
 }
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from benchmarks import kernels as K
 from benchmarks import references as R
-from benchmarks.cli import bench
+from balloonlab.bench import bench
 
 RECLAIM_KEYS = ("e2e_gib_s", "virtio_gib_s", "limit_punch_gib_s", "per_page_punch_gib_s",
                 "refault_gib_s", "limit_first_touch_gib_s", "ratio_e2e_to_limit",

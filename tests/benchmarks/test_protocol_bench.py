@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from benchmarks import protocol as B
-from benchmarks.cli import bench
+from balloonlab.bench import bench
 
 
 def test_protocol_benchmark_reports_every_workload_and_stage(capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypervisor.recording import Snapshot, snapshot_from
+from balloonlab.recording import Snapshot, snapshot_from
 
 FRAMES = 12288  # 48 MiB host
 

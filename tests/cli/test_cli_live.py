@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hypervisor.cli import cli
+from balloonlab.cli import cli
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hypervisor.cli import cli
-from hypervisor.recording import Recorder
+from balloonlab.cli import cli
+from balloonlab.recording import Recorder
 from hypervisor.topology import example_path, list_examples, load_topology
 from tests.cli import synthetic
 

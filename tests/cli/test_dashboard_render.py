@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from hypervisor.dashboard import bar, plain_lines, render
-from hypervisor.recording import rates
+from balloonlab.dashboard import bar, plain_lines, render
+from balloonlab.recording import rates
 from tests.cli import synthetic
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from hypervisor.plot import plot_run
-from hypervisor.recording import (
+from balloonlab.plot import plot_run
+from balloonlab.recording import (
     TIMESERIES_COLUMNS,
     Recorder,
     RecordingError,
@@ -117,7 +117,7 @@ def test_plot_errors(tmp_path: Path) -> None:
 
 
 def test_rate_window_smooths_bursty_stats() -> None:
-    from hypervisor.recording import RateWindow
+    from balloonlab.recording import RateWindow
 
     def snap(t: float, ops: int) -> object:
         stats = {"a": synthetic.memstat(100, 0, 0, ops=ops, faults=0)}

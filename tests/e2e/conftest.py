@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from hypervisor.client import ControlClient, HostNotRunning
+from balloonlab.client import ControlClient, HostNotRunning
 from hypervisor.rundir import pid_alive
 
 PAGE = 4096

@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 from guest import kernels as K
 from guest.kernels import MAX_ORDER, PG_ANON, PG_BALLOON, PG_FREE, PG_ISOLATED, PG_REPORTED
 from guest.mm import BuddyAllocator, RunError, validate_runs
-from guest_naive import NaiveBuddy
+from guest.testing.naive import NaiveBuddy
 
 
 class BuddyMachine(RuleBasedStateMachine):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guest import kernels as K
-from guest_naive import naive_clock_scan, naive_lookahead, naive_stamp, naive_vcpu_run
+from guest.testing.naive import naive_clock_scan, naive_lookahead, naive_stamp, naive_vcpu_run
 
 
 @given(st.integers(0, 2**31), st.integers(0, 2**40), st.integers(0, 2**62))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hv_peers import Lab, frame, raw_connect, read_frame, run, topo
-from hypervisor.client import ControlClient, ControlError, HostNotRunning
+from balloonlab.client import ControlClient, ControlError, HostNotRunning
 
 PAGE = 4096
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypervisor import kernels
-import hv_naive as naive
+from hypervisor.testing import naive
 
 states = st.lists(st.integers(0, 2), min_size=0, max_size=64)
 

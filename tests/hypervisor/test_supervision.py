@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hv_peers import run, topo
 
-from hypervisor.client import ControlClient
+from balloonlab.client import ControlClient
 from hypervisor.host import Host
 from hypervisor.rundir import pid_alive
 from hypervisor.topology import parse_topology

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import proto_naive as naive
+from protocol.testing import naive
 from protocol import pfn as P
 from protocol.errors import ErrorCode
 

@@ -1,4 +1,4 @@
-"""hypervisor.transcript: the demo runs over a real socket pair and shows every step."""
+"""balloonlab.transcript: the demo runs over a real socket pair and shows every step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from hypervisor.transcript import run_transcript
+from balloonlab.transcript import run_transcript
 
 
 @pytest.mark.timeout(60)

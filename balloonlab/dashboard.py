@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hypervisor.client import ControlError
-from hypervisor.recording import (
+from balloonlab.client import ControlError
+from balloonlab.recording import (
     RateWindow,
     Recorder,
     RunSummary,
@@ -53,7 +53,7 @@ EVENT_LINES = 5
 
 
 class ClientLike(Protocol):
-    """What ``Monitor`` needs from ``hypervisor.client.ControlClient``."""
+    """What ``Monitor`` needs from ``balloonlab.client.ControlClient``."""
 
     def call(self, method: str, **params: Any) -> Any: ...
     def events(self, follow: bool) -> Any: ...

@@ -1,4 +1,4 @@
-"""``balloonlab bench reclaim|kernels`` (also ``python -m benchmarks.cli reclaim|kernels``).
+"""``balloonlab bench reclaim|kernels`` (also ``python -m balloonlab.bench reclaim|kernels``).
 
 Results go to ``--out`` (a directory: ``<name>.json``, ``<name>.md`` and, for kernels, a PNG)
 and, with ``--json``, one JSON object on stdout. Sizes take B/KiB/MiB/GiB.
@@ -156,7 +156,7 @@ def protocol_cmd(repeat: int, breakdown: bool, out: Path | None, as_json: bool) 
 
 
 def main() -> None:
-    bench(prog_name="python -m benchmarks.cli")
+    bench(prog_name="python -m balloonlab.bench")
 
 
 if __name__ == "__main__":

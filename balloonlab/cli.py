@@ -1,4 +1,4 @@
-"""The ``balloonlab`` command line (console script ``balloonlab = hypervisor.cli:main``).
+"""The ``balloonlab`` command line (console script ``balloonlab = balloonlab.cli:main``).
 
 ``up`` launches the hypervisor (``python -m hypervisor --topology FILE``), waits until every
 VM runs and its balloon driver has negotiated, then shows the dashboard, records, or
@@ -26,7 +26,10 @@ from typing import Any, NoReturn
 
 import click
 
-from hypervisor.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
+from balloonlab.bench import bench
+from balloonlab.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
+from balloonlab.client import ControlClient, ControlError, HostNotRunning
+from hypervisor.rundir import RunDirError
 from hypervisor.topology import (
     Topology,
     TopologyError,
@@ -58,22 +61,8 @@ def _fail(message: str) -> NoReturn:
 
 def _host_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "no usable host": mapped to one-line errors."""
-    errs: list[type[BaseException]] = [ConnectionError, FileNotFoundError, TimeoutError]
-    try:
-        from hypervisor.rundir import RunDirError
-
-        errs.append(RunDirError)
-    except ImportError:  # pragma: no cover - rundir is part of the package
-        pass
-    try:
-        from hypervisor import client as _client
-
-        for name in ("HostNotRunning", "ControlError"):
-            if hasattr(_client, name):
-                errs.append(getattr(_client, name))
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ConnectionError, FileNotFoundError, TimeoutError, RunDirError, HostNotRunning,
+            ControlError)
 
 
 def _describe_error(e: BaseException) -> str:
@@ -113,14 +102,6 @@ def _print_json(value: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _client_module() -> Any:
-    try:
-        from hypervisor import client
-    except ImportError as e:  # the control client module is missing from this install
-        _fail(f"the control client is not available ({e})")
-    return client
-
-
 def _run_dir_for(host: str | None) -> Path:
     """The run dir of ``--host``: a host name, or a path (for a topology's own ``run_dir``)."""
     from hypervisor.rundir import NoHostFound, find_host, is_live
@@ -138,7 +119,7 @@ def _run_dir_for(host: str | None) -> Path:
 @contextmanager
 def _connect(host: str | None, timeout: float = 5.0) -> Iterator[Any]:
     run_dir = _run_dir_for(host)
-    client = _client_module().ControlClient(run_dir, timeout=timeout)
+    client = ControlClient(run_dir, timeout=timeout)
     try:
         yield client
     finally:
@@ -282,7 +263,7 @@ def topologies(as_json: bool) -> None:
               help="Where to write the PNGs (default: DIRECTORY).")
 def plot(directory: Path, out_dir: Path | None) -> None:
     """Plot a run recorded with `up --record DIRECTORY`: memory.png and host.png."""
-    from hypervisor.plot import plot_run
+    from balloonlab.plot import plot_run
 
     for p in plot_run(directory, out_dir):
         click.echo(str(p))
@@ -361,7 +342,7 @@ def dommemstat(vm: str, host: str | None, as_json: bool) -> None:
 @json_option
 def events(follow: bool, host: str | None, as_json: bool) -> None:
     """Print the host's events (JSON lines with --json)."""
-    from hypervisor.dashboard import _event_line
+    from balloonlab.dashboard import _event_line
 
     with _connect(host, timeout=None if follow else 5.0) as c:  # type: ignore[arg-type]
         for ev in c.events(follow):
@@ -434,9 +415,8 @@ def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT, proc: subprocess
     from hypervisor.rundir import read_pid
 
     pid = proc.pid if proc is not None else read_pid(run_dir)
-    client_mod = _client_module()
     try:
-        c = client_mod.ControlClient(run_dir, timeout=5.0)
+        c = ControlClient(run_dir, timeout=5.0)
         try:
             c.call("shutdown")
         finally:
@@ -521,7 +501,6 @@ def _wait_ready(topo: Topology, proc: subprocess.Popen[bytes], log_path: Path, t
 
     run_dir = _host_run_dir(topo)
     deadline = time.monotonic() + timeout
-    client_mod = _client_module()
     expected = {v.name for v in topo.vms}
     last_state = ""
     while True:
@@ -535,7 +514,7 @@ def _wait_ready(topo: Topology, proc: subprocess.Popen[bytes], log_path: Path, t
                   f"host stopped; see {log_path} and {run_dir}")
         if is_live(run_dir):
             try:
-                c = client_mod.ControlClient(run_dir, timeout=5.0)
+                c = ControlClient(run_dir, timeout=5.0)
                 try:
                     vms = c.call("list_vms")
                 finally:
@@ -627,7 +606,7 @@ def _run_up(
 ) -> dict[str, Any] | None:
     from rich.console import Console
 
-    from hypervisor.dashboard import Monitor
+    from balloonlab.dashboard import Monitor
 
     recorder = Recorder(record, topo) if record is not None else None
     if recorder is not None:
@@ -674,11 +653,10 @@ def _run_up(
             recorder.close()
         return None
 
-    client_mod = _client_module()
-    client = client_mod.ControlClient(run_dir, timeout=5.0)
+    client = ControlClient(run_dir, timeout=5.0)
     monitor = Monitor(
         client,
-        events_client_factory=lambda: client_mod.ControlClient(run_dir, timeout=None),
+        events_client_factory=lambda: ControlClient(run_dir, timeout=None),
         recorder=recorder,
     )
     until = None if for_ is None else time.monotonic() + for_
@@ -761,7 +739,7 @@ def demo(for_: str, record: Path | None) -> None:
     summary = run_up(default_topology(), topo_path=example_path("default"), for_=duration, detach=False, record=record,
                      dashboard=True, boot_timeout=parse_duration(DEFAULT_BOOT_TIMEOUT))
     if summary is not None:
-        from hypervisor.plot import plot_run
+        from balloonlab.plot import plot_run
 
         for p in plot_run(record):
             click.echo(f"plot: {p}")
@@ -771,24 +749,12 @@ def demo(for_: str, record: Path | None) -> None:
 def transcript() -> None:
     """Show the balloon protocol at work: a driver and a device state machine talking over
     a real socket pair (negotiation, target, inflate/deflate, stats, a refused batch)."""
-    from hypervisor.transcript import run_transcript
+    from balloonlab.transcript import run_transcript
 
     run_transcript()
 
 
-def _add_bench() -> None:
-    """`balloonlab bench ...` lives in benchmarks/ (optional: absent in a trimmed install)."""
-    try:
-        from benchmarks.cli import bench  # type: ignore[import-not-found]
-    except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.cli"):
-            raise  # a real bug inside the benchmarks must not hide the command
-        return
-    if isinstance(bench, click.Command):
-        cli.add_command(bench, "bench")
-
-
-_add_bench()
+cli.add_command(bench, "bench")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # headless: never needs a display, safe in tests and over
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hypervisor.recording import RecordingError, read_events, read_timeseries  # noqa: E402
+from balloonlab.recording import RecordingError, read_events, read_timeseries  # noqa: E402
 from hypervisor.units import PAGE_SIZE  # noqa: E402
 
 __all__ = ["plot_run", "MARKED_EVENTS"]

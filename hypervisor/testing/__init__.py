@@ -1,0 +1,1 @@
+"""Plain-Python twins of the hypervisor kernels, shipped so benchmarks and other implementations can check against them."""
