@@ -24,7 +24,8 @@ from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.features import PAGE_SIZE, StatTag
 
 if TYPE_CHECKING:
-    from hypervisor.host import Host, Vm
+    from hypervisor.host import Host
+    from hypervisor.vm import Vm
 
 log = logging.getLogger(__name__)
 

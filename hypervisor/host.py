@@ -37,7 +37,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,8 +46,10 @@ from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
 from hypervisor.kernels import LOCKED
-from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger, p2m_to_slot
+from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
 from hypervisor.machine import MachineServer
+from hypervisor.topology import Topology, VmConfig
+from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
 from protocol.features import Feature, StatTag
 
@@ -69,43 +70,10 @@ DRIVER_BACKOFF = (0.5, 8.0)
 HALT_GRACE = 3.0
 
 
-@dataclass
-class Vm:
-    """Runtime state of one VM."""
-
-    config: Any  # hypervisor.topology.VmConfig
-    mem: VmMemory
-    led: VmLedger
-    machine: MachineServer
-    balloon: BalloonBackend
-    state: str = "created"  # created | running | crashed | destroyed | oom_killed | halted
-    kernel_proc: asyncio.subprocess.Process | None = None
-    driver_proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    driver_restarts: int = 0
-    balloon_violations: int = 0
-    host_swap_out: int = 0
-    host_swap_in: int = 0
-    faults: int = 0
-    fault_pages: int = 0
-    sample_pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    sample_armed_at: float = float("-inf")
-    sample_result: tuple[int, int] = (0, 0)  # (pages sampled, touched) of the last period
-    supervisor: asyncio.Task[None] | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.config.name)
-
-    @property
-    def pages(self) -> int:
-        return int(self.config.pages)
-
-
 class Host:
     """One hypervisor. ``await host.start()``, then ``await host.wait_stopped()``."""
 
-    def __init__(self, topology: Any, *, launch_vm_processes: bool = True,
+    def __init__(self, topology: Topology, *, launch_vm_processes: bool = True,
                  run_dir: Path | None = None,
                  vm_command: Sequence[str] | None = None) -> None:
         self.topology = topology
@@ -176,7 +144,7 @@ class Host:
             await self._teardown()
             raise
 
-    def _create_vm(self, vc: Any) -> Vm:
+    def _create_vm(self, vc: VmConfig) -> Vm:
         mem = VmMemory(vc.name, vc.pages)
         led = self.ledger.add_vm(vc.name, vc.pages, mem.accessed)
         vm_ref: list[Vm] = []
@@ -207,7 +175,7 @@ class Host:
 
     def _balloon_handler(self, vm: Vm) -> Any:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if vm.state in ("destroyed", "oom_killed"):
+            if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED):
                 writer.close()
                 return
             await vm.balloon.serve(reader, writer)
@@ -226,10 +194,10 @@ class Host:
             loop = asyncio.get_running_loop()
             while True:
                 conn, _ = await loop.sock_accept(lsock)
-                if vm.state in ("destroyed", "oom_killed"):
+                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED):
                     conn.close()
                     continue
-                if vm.state == "crashed" and not self.launch and not vm.machine.connected:
+                if vm.state == VmState.CRASHED and not self.launch and not vm.machine.connected:
                     # Without a supervisor, a guest connecting to a crashed VM reboots it.
                     await self.restart_vm(vm)
                     self.emit("vm_restarted", vm.name, restarts=vm.restarts)
@@ -342,7 +310,7 @@ class Host:
         led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
         async with self.mm_lock:
             while True:  # until nothing changed under a wait
-                if vm.state in ("destroyed", "oom_killed", "crashed") or \
+                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED, VmState.CRASHED) or \
                         vm.led is not led or led.index not in self.ledger.vms:
                     return False
                 if self._in_flight(vm, g):
@@ -491,12 +459,12 @@ class Host:
         vm = self._by_index[idx]
         frames, slots = vm.led.backed, vm.led.swapped
         self.oom_kills += 1
-        self._free_vm_locked(vm, "oom_killed")
+        self._free_vm_locked(vm, VmState.OOM_KILLED)
         self.emit("host_oom_kill", vm.name, frames=frames, swap_slots=slots,
                   frames_free=self.ledger.frames_free)
         return True
 
-    def _free_vm_locked(self, vm: Vm, state: str) -> tuple[int, int]:
+    def _free_vm_locked(self, vm: Vm, state: VmState) -> tuple[int, int]:
         """Stop a VM's processes and give back everything it holds (mm_lock held)."""
         vm.state = state
         for proc in (vm.kernel_proc, vm.driver_proc):
@@ -519,7 +487,7 @@ class Host:
         return freed
 
     def _crash_locked(self, vm: Vm, reason: str) -> None:
-        frames, slots = self._free_vm_locked(vm, "crashed")
+        frames, slots = self._free_vm_locked(vm, VmState.CRASHED)
         self.emit("vm_crashed", vm.name, reason=reason, frames=frames, swap_slots=slots)
 
     async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
@@ -556,11 +524,11 @@ class Host:
     # ================================================================== VM life
 
     def _on_boot(self, vm: Vm) -> None:
-        vm.state = "running"
+        vm.state = VmState.RUNNING
         self.emit("vm_booted", vm.name, pages=vm.pages)
 
     def _on_guest_gone(self, vm: Vm, reason: str) -> None:
-        if self._stopping or vm.state in ("destroyed", "oom_killed", "crashed", "halted"):
+        if self._stopping or vm.state.stopped or vm.state is VmState.HALTED:
             return
         if vm.kernel_proc is None:
             # In-test peer (or a kernel we did not launch) left: its memory goes back.
@@ -573,7 +541,7 @@ class Host:
 
     async def _crash(self, vm: Vm, reason: str) -> None:
         async with self.mm_lock:
-            if vm.state in ("crashed", "destroyed", "oom_killed"):
+            if vm.state in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED):
                 return
             self._crash_locked(vm, reason)
 
@@ -589,7 +557,7 @@ class Host:
             self._by_index[led.index] = vm
             vm.balloon.ballooned = led.balloon
             vm.balloon.actual = 0
-            vm.state = "created"
+            vm.state = VmState.CREATED
             vm.restarts += 1
 
     def _vm_argv(self, vm: Vm, which: str) -> list[str]:
@@ -641,11 +609,11 @@ class Host:
             vm.machine.booted = False
             if self._stopping:
                 return
-            if vm.state in ("oom_killed", "destroyed"):
+            if vm.state in (VmState.OOM_KILLED, VmState.DESTROYED):
                 return
             await self._crash(vm, f"guest kernel exited with status {code}")
             if vm.config.on_crash != "restart":
-                vm.state = "destroyed"
+                vm.state = VmState.DESTROYED
                 self.emit("vm_destroyed", vm.name)
                 return
             await self.restart_vm(vm)
@@ -768,7 +736,7 @@ class Host:
 
     def policy_step(self) -> list[Any]:
         """One collect → decide → act round; returns the decisions applied."""
-        running = [vm for vm in self.vms.values() if vm.state in ("running", "created")]
+        running = [vm for vm in self.vms.values() if not vm.state.stopped]
         if self.policy is None or not running:
             return []
         hs = self.host_sample()
@@ -813,7 +781,7 @@ def _warm_up_kernels() -> None:
     kernels.map_free(state, idx)
 
 
-async def run_host(topology: Any, **kwargs: Any) -> None:
+async def run_host(topology: Topology, **kwargs: Any) -> None:
     """Entry point body: start, wait for a signal or ``shutdown``, stop."""
     host = Host(topology, **kwargs)
     await host.start()
