@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # pytest options: both cores, per-test timeout. `make test-quick` skips the slow tests.
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test test-quick bench clean install
+.PHONY: demo test test-quick lint bench clean install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (rules chosen in pyproject.toml) and mypy: strict on protocol/, checked elsewhere.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy protocol hypervisor guest balloonlab benchmarks
 
 test-quick: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
