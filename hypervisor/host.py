@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -45,29 +43,23 @@ import numpy as np
 from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
-from hypervisor.kernels import LOCKED
-from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
+from hypervisor.ledger import FrameLedger
 from hypervisor.machine import MachineServer
+from hypervisor.memory import HostMemory
+from hypervisor.supervisor import HALT_GRACE, Supervisor
 from hypervisor.topology import Topology, VmConfig
 from hypervisor.vm import Vm, VmState
-from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
+from hypervisor.vmmem import VmMemory
 from protocol.features import Feature, StatTag
 
 log = logging.getLogger(__name__)
 
-#: Reclaim at least this many frames per pass (like SWAP_CLUSTER_MAX): one shootdown round
-#: trip then covers many faults instead of one.
-RECLAIM_BATCH = 256
 #: Events kept for ``events`` without ``follow``.
 EVENT_HISTORY = 10_000
 #: Pages whose accessed bits are sampled per VM per interval for the ``share`` policy.
 ACTIVE_SAMPLE = 100
 #: Shortest accessed-bit sampling period, seconds (see Host.active_sample_period).
 ACTIVE_SAMPLE_MIN_PERIOD = 1.0
-#: Driver restart backoff (seconds): doubles from the first value up to the second.
-DRIVER_BACKOFF = (0.5, 8.0)
-#: Seconds a VM process gets to exit after ``halt`` (then SIGKILL).
-HALT_GRACE = 3.0
 
 
 class Host:
@@ -84,19 +76,11 @@ class Host:
         #: over 30 s; an emulator's experiments are minutes long, so a few intervals).
         self.active_sample_period = max(ACTIVE_SAMPLE_MIN_PERIOD,
                                         4 * float(topology.host.policy_interval))
-        self.python = list(vm_command) if vm_command else [sys.executable]
         self.run_dir = Path(run_dir or hc.run_dir or rundir.default_run_dir(hc.name))
-        self.ledger = FrameLedger(hc.frames, hc.swap_slots)
-        self.swap: HostSwap | None = None
         self.vms: dict[str, Vm] = {}
         self._by_index: dict[int, Vm] = {}
-        self.mm_lock = asyncio.Lock()
-        #: Notified (under mm_lock) when a reclaim's in-flight victims are settled.
-        self.mm_changed = asyncio.Condition(self.mm_lock)
-        #: Per frame: the reclaim that holds it in flight (0: none). A frame freed under a
-        #: reclaim (its VM stopped) and picked again by another carries the other's token.
-        self._inflight = np.zeros(self.ledger.frames_total, dtype=np.int64)
-        self._reclaim_seq = 0
+        self.memory = HostMemory(hc.frames, hc.swap_slots, vms=self._by_index, emit=self.emit,
+                                 stop_vm=self._stop_vm)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.event_seq = 0
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -105,13 +89,14 @@ class Host:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._shutdown_started = False
-        self._procs: set[asyncio.subprocess.Process] = set()
+        #: Starts, watches and stops the VM processes (hypervisor.supervisor).
+        self.supervisor = Supervisor(self, list(vm_command) if vm_command
+                                     else [sys.executable])
         self.control: Any = None
         self.policy_name = "none"
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
         self.started_at = 0.0
-        self.oom_kills = 0
 
     # ================================================================== lifetime
 
@@ -121,8 +106,7 @@ class Host:
         try:
             _warm_up_kernels()
             hc = self.topology.host
-            self.swap = HostSwap(self.run_dir / rundir.SWAP_FILE if hc.swap_slots else None,
-                                 hc.swap_slots)
+            self.memory.open_swap(self.run_dir / rundir.SWAP_FILE)
             for vc in self.topology.vms:
                 self._create_vm(vc)
             from hypervisor.control import ControlServer
@@ -139,7 +123,7 @@ class Host:
             self._spawn(self._policy_loop(), "policy")
             if self.launch:
                 for vm in self.vms.values():
-                    vm.supervisor = self._spawn(self._supervise(vm), f"{vm.name}-supervisor")
+                    self.supervisor.start(vm)
         except BaseException:
             await self._teardown()
             raise
@@ -156,8 +140,9 @@ class Host:
             return await self.release_pages(vm_ref[0], g)
 
         machine = MachineServer(vc.name, mem, on_fault=on_fault,
-                                on_boot=lambda: self._on_boot(vm_ref[0]),
-                                on_disconnect=lambda why: self._on_guest_gone(vm_ref[0], why))
+                                on_boot=lambda: self.supervisor.on_boot(vm_ref[0]),
+                                on_disconnect=lambda why: self.supervisor.on_guest_gone(vm_ref[0],
+                                                                        why))
         supported = Feature.from_names(vc.features)
         balloon = BalloonBackend(vc.name, vc.pages, supported=supported, ballooned=led.balloon,
                                  stats_interval=vc.stats_interval, release=release,
@@ -239,15 +224,12 @@ class Host:
         self._shutdown_started = True
         self._stopping = True
         self.emit("host_stopping", None, reason=reason)
-        for vm in self.vms.values():
-            if vm.supervisor is not None:
-                vm.supervisor.cancel()
+        self.supervisor.cancel_all()
         await asyncio.gather(*(vm.machine.halt() for vm in self.vms.values()),
                              return_exceptions=True)
         await asyncio.gather(*(vm.balloon.disconnect() for vm in self.vms.values()),
                              return_exceptions=True)
-        await asyncio.gather(*(self._stop_procs(vm, HALT_GRACE) for vm in self.vms.values()),
-                             return_exceptions=True)
+        await self.supervisor.stop_all(HALT_GRACE)
         await self._teardown()
 
     async def _teardown(self) -> None:
@@ -260,18 +242,11 @@ class Host:
             if t is not me:
                 t.cancel()
         await asyncio.sleep(0)
-        for vm in self.vms.values():
-            await self._stop_procs(vm, 0.0)
-        stragglers = [p for p in self._procs if p.returncode is None]
-        for p in stragglers:
-            _kill(p)
-        if stragglers:
-            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in stragglers],
-                               timeout=5.0)
+        await self.supervisor.stop_all(0.0)
+        await self.supervisor.kill_stragglers()
         for vm in self.vms.values():
             vm.mem.close()
-        if self.swap is not None:
-            self.swap.close()
+        self.memory.close()
         rundir.remove_run_dir(self.run_dir)
         self._stopped.set()
 
@@ -296,177 +271,52 @@ class Host:
         self._subscribers.discard(q)
 
     # ================================================================== memory
+    # The memory path lives in hypervisor.memory; these are its entry points here.
 
-    def _in_flight(self, vm: Vm, gpfns: np.ndarray) -> bool:
-        """Some of ``gpfns`` are backed by frames a reclaim holds in flight (mm_lock held;
-        only in-flight victims are LOCKED while the lock is free)."""
-        cur = vm.led.p2m[gpfns]
-        cur = cur[cur >= 0]
-        return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
+    @property
+    def ledger(self) -> FrameLedger:
+        return self.memory.ledger
+
+    @property
+    def swap(self) -> HostSwap | None:
+        return self.memory.swap
+
+    @property
+    def mm_lock(self) -> asyncio.Lock:
+        return self.memory.lock
+
+    @property
+    def mm_changed(self) -> asyncio.Condition:
+        return self.memory.changed
+
+    @property
+    def _inflight(self) -> np.ndarray:
+        return self.memory.inflight
+
+    @property
+    def oom_kills(self) -> int:
+        return self.memory.oom_kills
 
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""
-        g = np.unique(pfns)
-        led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
-        async with self.mm_lock:
-            while True:  # until nothing changed under a wait
-                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED, VmState.CRASHED) or \
-                        vm.led is not led or led.index not in self.ledger.vms:
-                    return False
-                if self._in_flight(vm, g):
-                    await self.mm_changed.wait()  # its reclaim ends it: look again
-                    continue
-                need = g[vm.led.p2m[g] < 0]
-                if need.size > self.ledger.frames_free:
-                    await self._reclaim(int(need.size), faulting=vm)
-                    continue  # the lock was let go during the shootdown: look again
-                break
-            vm.faults += 1
-            if need.size == 0:
-                # Already backed (another vCPU's exit got there first): make sure the EPT
-                # says so, then just resume.
-                vm.mem.set_present(g)
-                return True
-            viol = need[vm.led.balloon[need] != 0]
-            if viol.size:
-                # A guest bug: it touched pages it gave to the balloon. Back them anyway.
-                vm.balloon_violations += int(viol.size)
-                self.emit("balloon_violation", vm.name, pages=int(viol.size),
-                          first=int(viol[0]))
-            frames, slots = self.ledger.back(vm.led.index, need)
-            swapped = slots >= 0
-            if np.any(swapped):
-                assert self.swap is not None
-                self.swap.swap_in(vm.mem, need[swapped], slots[swapped])
-                self.swap.discard(slots[swapped])  # the ledger freed them in back()
-                vm.host_swap_in += int(swapped.sum())
-            if not np.all(swapped):
-                vm.mem.populate(need[~swapped])
-            self.ledger.unlock(frames)
-            vm.mem.set_present(g)  # every page of the fault is backed now
-            vm.fault_pages += int(need.size)
-            return True
+        return await self.memory.handle_fault(vm, pfns)
 
-    async def _unlocked(self, aw: Any) -> Any:
-        """Await ``aw`` with mm_lock released; it is held again on return (or raise)."""
-        self.mm_lock.release()
-        try:
-            return await aw
-        finally:
-            cancelled = False
-            while True:
-                try:
-                    await self.mm_lock.acquire()
-                    break
-                except asyncio.CancelledError:
-                    cancelled = True  # the caller's `async with` must find it held
-            if cancelled:
-                raise asyncio.CancelledError
-
-    async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
-        """Make ``wanted`` frames free: clock scan, shootdown, swap out, punch (mm_lock held).
-
-        DESIGN §3 order: EPT NOT_PRESENT, ``shootdown``, wait for ``shootdown_ack``, and
-        only then copy to host swap and punch. When host swap cannot take the victims, the
-        VM holding most frames is killed (host OOM) and the loop tries again.
-        """
-        while self.ledger.frames_free < wanted:
-            deficit = wanted - self.ledger.frames_free
-            # Batch like SWAP_CLUSTER_MAX, but never more than 1/16 of the host beyond what
-            # is needed: evicting everything for one fault would only make VMs thrash.
-            batch = max(deficit, min(RECLAIM_BATCH, self.ledger.frames_total // 16))
-            want = min(batch, self.ledger.frames_used)
-            want = min(want, self.ledger.slots_free)
-            if want < deficit:
-                if not self._host_oom():
-                    raise LedgerError("host out of memory and no VM left to kill")
-                continue
-            victims = self.ledger.pick_victims(want)
-            if victims.size == 0:
-                if np.any(self._inflight):
-                    # Every frame left is another reclaim's victim in flight: its end
-                    # frees frames (or settles what to do).
-                    await self.mm_changed.wait()
-                    continue
-                # Every frame is pinned by an operation in flight; only OOM can help.
-                if not self._host_oom():
-                    raise LedgerError("host out of memory: every frame is in flight")
-                continue
-            owners = self.ledger.owner_vm[victims]
-            groups = {int(v): victims[owners == v] for v in np.unique(owners)}
-            for idx, fr in groups.items():
-                self._by_index[idx].mem.set_not_present(self.ledger.owner_gpfn[fr])
-            self._reclaim_seq += 1
-            token = self._reclaim_seq
-            self._inflight[victims] = token
-            settled = False
-            try:
-                # The wait is the guests', not the host's: other VMs' faults and balloon
-                # batches run meanwhile (the victims stay LOCKED, resident, not present).
-                results = await self._unlocked(asyncio.gather(
-                    *(self._by_index[idx].machine.shootdown(int(fr.size))
-                      for idx, fr in groups.items()), return_exceptions=True))
-                for (idx, fr), res in zip(groups.items(), results):
-                    vm = self._by_index.get(idx)
-                    if isinstance(res, BaseException) and vm is not None and \
-                            vm.led.index == idx and idx in self.ledger.vms:
-                        # No ack (hung guest, or anything else went wrong): the guest
-                        # cannot be trusted to stay off the pages, so it is stopped like a
-                        # crashed VM (its frames, victims included, are freed). Never swap
-                        # out unacknowledged.
-                        log.error("%s", res)
-                        self._crash_locked(vm, f"shootdown failed: {res}")
-                # Still ours: LOCKED with our token (a VM stopped meanwhile freed its
-                # victims; a frame freed and picked again carries another token).
-                live = victims[(self.ledger.state[victims] == LOCKED)
-                               & (self._inflight[victims] == token)]
-                self._inflight[victims[self._inflight[victims] == token]] = 0
-                settled = True
-                try:
-                    outs = self.ledger.swap_out(live)
-                except OutOfSwap:
-                    self.ledger.unlock(live)
-                    self._restore_present(live)
-                    continue
-            finally:
-                if not settled:  # interrupted in the wait: the victims go back as they were
-                    mine = victims[(self.ledger.state[victims] == LOCKED)
-                                   & (self._inflight[victims] == token)]
-                    self._inflight[victims[self._inflight[victims] == token]] = 0
-                    self.ledger.unlock(mine)
-                    self._restore_present(mine)
-                self.mm_changed.notify_all()
-            assert self.swap is not None or not outs
-            for so in outs:
-                vm = self._by_index[so.vm]
-                assert self.swap is not None
-                self.swap.swap_out(vm.mem, so.gpfns, so.slots)
-                vm.mem.punch(so.gpfns)
-                vm.host_swap_out += int(so.gpfns.size)
-                self.emit("host_swap_out", vm.name, pages=int(so.gpfns.size),
-                          faulting=None if faulting is None else faulting.name)
-
-    def _restore_present(self, frames: np.ndarray) -> None:
-        for v in np.unique(self.ledger.owner_vm[frames]):
-            sel = frames[self.ledger.owner_vm[frames] == v]
-            self._by_index[int(v)].mem.set_present(self.ledger.owner_gpfn[sel])
+    async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
+        """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
+        return await self.memory.release_pages(vm, gpfns)
 
     def _host_oom(self) -> bool:
-        """Kill the VM holding most frames (ties: the first created). mm_lock held."""
-        idx = self.ledger.largest_vm()
-        if idx is None:
-            return False
-        vm = self._by_index[idx]
-        frames, slots = vm.led.backed, vm.led.swapped
-        self.oom_kills += 1
-        self._free_vm_locked(vm, VmState.OOM_KILLED)
-        self.emit("host_oom_kill", vm.name, frames=frames, swap_slots=slots,
-                  frames_free=self.ledger.frames_free)
-        return True
+        return self.memory.host_oom()
 
     def _free_vm_locked(self, vm: Vm, state: VmState) -> tuple[int, int]:
-        """Stop a VM's processes and give back everything it holds (mm_lock held)."""
-        vm.state = state
+        return self.memory.free_vm(vm, state)
+
+    def _crash_locked(self, vm: Vm, reason: str) -> None:
+        self.memory.crash_vm(vm, reason)
+
+    def _stop_vm(self, vm: Vm) -> None:
+        """Kill a stopped VM's processes and drop its channels (its memory is freed by
+        the memory path, which calls this)."""
         for proc in (vm.kernel_proc, vm.driver_proc):
             if proc is not None and proc.returncode is None:
                 try:
@@ -475,186 +325,20 @@ class Host:
                     pass
         self._spawn(vm.machine.disconnect(), f"{vm.name}-disconnect")
         self._spawn(vm.balloon.disconnect("VM stopped"), f"{vm.name}-bdisconnect")
-        freed = (0, 0)
-        if vm.led.index in self.ledger.vms:
-            held = vm.led.p2m[vm.led.p2m <= -2]
-            freed = self.ledger.remove_vm(vm.led.index)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
-        vm.mem.ept[:] = EPT_NOT_PRESENT
-        vm.mem.punch(np.arange(vm.pages, dtype=np.int64))  # one run: the whole RAM
-        vm.led.balloon[:] = 0
-        return freed
-
-    def _crash_locked(self, vm: Vm, reason: str) -> None:
-        frames, slots = self._free_vm_locked(vm, VmState.CRASHED)
-        self.emit("vm_crashed", vm.name, reason=reason, frames=frames, swap_slots=slots)
-
-    async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
-        """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
-        async with self.mm_lock:
-            while True:
-                if vm.led.index not in self.ledger.vms:
-                    raise LedgerError(f"VM {vm.name!r} is not running")
-                gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any effect
-                if not self._in_flight(vm, gpfns):
-                    break
-                await self.mm_changed.wait()  # a reclaim holds some: let it finish
-            cur = vm.led.p2m[gpfns]
-            vm.mem.set_not_present(gpfns)  # first: no access can follow the release
-            held = cur[cur <= -2]  # host-swapped pages of the batch: their slots free up
-            backed, _frames = self.ledger.release(vm.led.index, gpfns)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
-            calls = vm.mem.punch(backed)
-            return int(backed.size), calls
 
     def resident_total(self) -> int:
-        return sum(vm.mem.resident_pages() for vm in self.vms.values())
+        return self.memory.resident_total()
 
     def check_conservation(self) -> None:
         """frames in use == Σ resident memfd pages, and the ledger's own invariants."""
-        self.ledger.check()
-        for vm in self.vms.values():
-            held = vm.led.backed if vm.led.index in self.ledger.vms else 0
-            res = vm.mem.resident_pages()
-            assert res == held, f"{vm.name}: {res} resident pages but {held} frames held"
-        assert self.ledger.frames_used == self.resident_total()
+        self.memory.check_conservation()
 
     # ================================================================== VM life
-
-    def _on_boot(self, vm: Vm) -> None:
-        vm.state = VmState.RUNNING
-        self.emit("vm_booted", vm.name, pages=vm.pages)
-
-    def _on_guest_gone(self, vm: Vm, reason: str) -> None:
-        if self._stopping or vm.state.stopped or vm.state is VmState.HALTED:
-            return
-        if vm.kernel_proc is None:
-            # In-test peer (or a kernel we did not launch) left: its memory goes back.
-            self._spawn(self._crash(vm, reason), f"{vm.name}-crash")
-        elif vm.kernel_proc.returncode is None:
-            # A kernel that drops its machine channel can never be resumed: stop it; the
-            # supervisor sees the exit and frees, restarts or destroys the VM.
-            log.warning("%s: %s; killing its guest kernel", vm.name, reason)
-            _kill(vm.kernel_proc)
-
-    async def _crash(self, vm: Vm, reason: str) -> None:
-        async with self.mm_lock:
-            if vm.state in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED):
-                return
-            self._crash_locked(vm, reason)
+    # VM processes are supervised by hypervisor.supervisor; this is its entry point here.
 
     async def restart_vm(self, vm: Vm) -> None:
         """Give a crashed VM a fresh ledger entry (its memfds were punched to zero)."""
-        async with self.mm_lock:
-            if vm.led.index in self.ledger.vms:
-                self.ledger.remove_vm(vm.led.index)
-            vm.mem.accessed[:] = 0
-            led = self.ledger.add_vm(vm.name, vm.pages, vm.mem.accessed)
-            self._by_index.pop(vm.led.index, None)
-            vm.led = led
-            self._by_index[led.index] = vm
-            vm.balloon.ballooned = led.balloon
-            vm.balloon.actual = 0
-            vm.state = VmState.CREATED
-            vm.restarts += 1
-
-    def _vm_argv(self, vm: Vm, which: str) -> list[str]:
-        r = self.run_dir
-        if which == "kernel":
-            cfg = vm.config.guest_config(seed=vm.restarts + 1)
-            return [*self.python, "-m", "guest.kernel", "--vm", vm.name,
-                    "--machine-sock", str(rundir.machine_sock(r, vm.name)),
-                    "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
-                    "--config", json.dumps(cfg)]
-        return [*self.python, "-m", "guest.balloon_driver", "--vm", vm.name,
-                "--balloon-sock", str(rundir.balloon_sock(r, vm.name)),
-                "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
-                "--features", ",".join(vm.config.features), "--wire", vm.config.wire]
-
-    async def _spawn_proc(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
-        logf = open(self.run_dir / f"{vm.name}.{which}.log", "ab")
-        try:
-            task = asyncio.ensure_future(asyncio.create_subprocess_exec(
-                *self._vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                stderr=logf, start_new_session=True))
-            # Every process we start is remembered before anyone can cancel the caller, so
-            # teardown can always reach it: no orphans even when a supervisor is cancelled
-            # half-way through a spawn.
-            task.add_done_callback(
-                lambda t: None if t.cancelled() or t.exception() else self._procs.add(t.result()))
-            return await asyncio.shield(task)
-        finally:
-            logf.close()
-
-    async def _supervise(self, vm: Vm) -> None:
-        """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""
-        while not self._stopping:
-            vm.kernel_proc = await self._spawn_proc(vm, "kernel")
-            kernel_wait = asyncio.create_task(vm.kernel_proc.wait())
-            while not vm.machine.booted and not kernel_wait.done():
-                await asyncio.sleep(0.05)
-            # docs/internals.md: the driver starts once the kernel has booted (the kernel
-            # creates <vm>.kernel.sock before it sends boot).
-            driver_task = None if kernel_wait.done() else \
-                asyncio.create_task(self._run_driver(vm))
-            try:
-                code = await kernel_wait
-            finally:
-                if driver_task is not None:
-                    driver_task.cancel()
-                    await asyncio.gather(driver_task, return_exceptions=True)
-                await self._stop_procs(vm, 1.0, kernel=False)
-            vm.machine.booted = False
-            if self._stopping:
-                return
-            if vm.state in (VmState.OOM_KILLED, VmState.DESTROYED):
-                return
-            await self._crash(vm, f"guest kernel exited with status {code}")
-            if vm.config.on_crash != "restart":
-                vm.state = VmState.DESTROYED
-                self.emit("vm_destroyed", vm.name)
-                return
-            await self.restart_vm(vm)
-            self.emit("vm_restarted", vm.name, restarts=vm.restarts)
-            await asyncio.sleep(min(DRIVER_BACKOFF[0] * 2 ** vm.restarts, DRIVER_BACKOFF[1]))
-
-    async def _run_driver(self, vm: Vm) -> None:
-        delay = DRIVER_BACKOFF[0]
-        while not self._stopping:
-            vm.driver_proc = await self._spawn_proc(vm, "driver")
-            t0 = time.monotonic()
-            code = await vm.driver_proc.wait()
-            if self._stopping:
-                return
-            if time.monotonic() - t0 > 30:
-                delay = DRIVER_BACKOFF[0]  # it ran for a while: not a crash loop
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, DRIVER_BACKOFF[1])
-            vm.driver_restarts += 1
-            self.emit("driver_restarted", vm.name, restarts=vm.driver_restarts, status=code)
-
-    async def _stop_procs(self, vm: Vm, grace: float, *, kernel: bool = True) -> None:
-        procs = [p for p in ((vm.kernel_proc if kernel else None), vm.driver_proc)
-                 if p is not None and p.returncode is None]
-        if not procs:
-            return
-        if grace == 0:
-            for p in procs:
-                _kill(p)
-        elif vm.driver_proc in procs:
-            # The kernel was sent `halt`; the driver has no such message, so SIGTERM it.
-            try:
-                vm.driver_proc.terminate()  # type: ignore[union-attr]
-            except ProcessLookupError:
-                pass
-        try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace or 1.0)
-        except asyncio.TimeoutError:
-            for p in procs:
-                _kill(p)
-            await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+        await self.supervisor.restart_vm(vm)
 
     # ================================================================== targets, policy
 
@@ -755,16 +439,6 @@ class Host:
                           reason=d.reason)
                 applied.append(d)
         return applied
-
-
-def _kill(p: asyncio.subprocess.Process) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            p.kill()
-        except ProcessLookupError:
-            pass
 
 
 def _warm_up_kernels() -> None:
