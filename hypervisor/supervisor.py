@@ -1,0 +1,224 @@
+"""VM process supervision: each VM's guest kernel and balloon driver processes, their life and
+their death.
+
+The host owns one :class:`Supervisor`. Per VM it starts the guest kernel, starts the balloon
+driver once the kernel has booted, restarts a dead driver with backoff, and when the kernel
+dies frees the VM's memory and restarts or destroys it as its ``on_crash`` says. At shutdown
+it stops every process it started, SIGKILL for stragglers, so none outlives the host.
+
+Units: seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hypervisor import rundir
+from hypervisor.vm import Vm, VmState
+
+if TYPE_CHECKING:
+    from hypervisor.host import Host
+
+log = logging.getLogger(__name__)
+
+#: Driver restart backoff (seconds): doubles from the first value up to the second.
+DRIVER_BACKOFF = (0.5, 8.0)
+#: Seconds a VM process gets to exit after ``halt`` (then SIGKILL).
+HALT_GRACE = 3.0
+
+
+class Supervisor:
+    """Starts, watches and stops the VM processes of one host."""
+
+    def __init__(self, host: Host, python: Sequence[str]) -> None:
+        self.host = host
+        #: The command that runs Python modules (``[sys.executable]``, or a test's stand-in).
+        self.python = list(python)
+        #: Every process ever started, so teardown can always reach it.
+        self.procs: set[asyncio.subprocess.Process] = set()
+
+    # ------------------------------------------------------------------ start and stop
+
+    def start(self, vm: Vm) -> None:
+        """Begin supervising ``vm`` (its kernel, then its driver)."""
+        vm.supervisor = self.host._spawn(self._supervise(vm), f"{vm.name}-supervisor")
+
+    def cancel_all(self) -> None:
+        for vm in self.host.vms.values():
+            if vm.supervisor is not None:
+                vm.supervisor.cancel()
+
+    async def stop_all(self, grace: float) -> None:
+        """Stop every VM's processes (``grace`` 0: SIGKILL at once)."""
+        await asyncio.gather(*(self.stop_procs(vm, grace) for vm in self.host.vms.values()),
+                             return_exceptions=True)
+
+    async def kill_stragglers(self) -> None:
+        """SIGKILL whatever this supervisor started and is still running."""
+        stragglers = [p for p in self.procs if p.returncode is None]
+        for p in stragglers:
+            kill(p)
+        if stragglers:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in stragglers],
+                               timeout=5.0)
+
+    # ------------------------------------------------------------------ channel callbacks
+
+    def on_boot(self, vm: Vm) -> None:
+        vm.state = VmState.RUNNING
+        self.host.emit("vm_booted", vm.name, pages=vm.pages)
+
+    def on_guest_gone(self, vm: Vm, reason: str) -> None:
+        host = self.host
+        if host._stopping or vm.state.stopped or vm.state is VmState.HALTED:
+            return
+        if vm.kernel_proc is None:
+            # In-test peer (or a kernel we did not launch) left: its memory goes back.
+            host._spawn(self.crash(vm, reason), f"{vm.name}-crash")
+        elif vm.kernel_proc.returncode is None:
+            # A kernel that drops its machine channel can never be resumed: stop it; the
+            # supervisor sees the exit and frees, restarts or destroys the VM.
+            log.warning("%s: %s; killing its guest kernel", vm.name, reason)
+            kill(vm.kernel_proc)
+
+    # ------------------------------------------------------------------ VM life
+
+    async def crash(self, vm: Vm, reason: str) -> None:
+        host = self.host
+        async with host.mm_lock:
+            if vm.state in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED):
+                return
+            host._crash_locked(vm, reason)
+
+    async def restart_vm(self, vm: Vm) -> None:
+        """Give a crashed VM a fresh ledger entry (its memfds were punched to zero)."""
+        host = self.host
+        async with host.mm_lock:
+            if vm.led.index in host.ledger.vms:
+                host.ledger.remove_vm(vm.led.index)
+            vm.mem.accessed[:] = 0
+            led = host.ledger.add_vm(vm.name, vm.pages, vm.mem.accessed)
+            host._by_index.pop(vm.led.index, None)
+            vm.led = led
+            host._by_index[led.index] = vm
+            vm.balloon.ballooned = led.balloon
+            vm.balloon.actual = 0
+            vm.state = VmState.CREATED
+            vm.restarts += 1
+
+    def vm_argv(self, vm: Vm, which: str) -> list[str]:
+        r = self.host.run_dir
+        if which == "kernel":
+            cfg = vm.config.guest_config(seed=vm.restarts + 1)
+            return [*self.python, "-m", "guest.kernel", "--vm", vm.name,
+                    "--machine-sock", str(rundir.machine_sock(r, vm.name)),
+                    "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
+                    "--config", json.dumps(cfg)]
+        return [*self.python, "-m", "guest.balloon_driver", "--vm", vm.name,
+                "--balloon-sock", str(rundir.balloon_sock(r, vm.name)),
+                "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
+                "--features", ",".join(vm.config.features), "--wire", vm.config.wire]
+
+    async def spawn_proc(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
+        logf = open(self.host.run_dir / f"{vm.name}.{which}.log", "ab")
+        try:
+            task = asyncio.ensure_future(asyncio.create_subprocess_exec(
+                *self.vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                stderr=logf, start_new_session=True))
+            # Every process we start is remembered before anyone can cancel the caller, so
+            # teardown can always reach it: no orphans even when a supervisor is cancelled
+            # half-way through a spawn.
+            task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() else self.procs.add(t.result()))
+            return await asyncio.shield(task)
+        finally:
+            logf.close()
+
+    async def _supervise(self, vm: Vm) -> None:
+        """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""
+        host = self.host
+        while not host._stopping:
+            vm.kernel_proc = await self.spawn_proc(vm, "kernel")
+            kernel_wait = asyncio.create_task(vm.kernel_proc.wait())
+            while not vm.machine.booted and not kernel_wait.done():
+                await asyncio.sleep(0.05)
+            # docs/internals.md: the driver starts once the kernel has booted (the kernel
+            # creates <vm>.kernel.sock before it sends boot).
+            driver_task = None if kernel_wait.done() else \
+                asyncio.create_task(self._run_driver(vm))
+            try:
+                code = await kernel_wait
+            finally:
+                if driver_task is not None:
+                    driver_task.cancel()
+                    await asyncio.gather(driver_task, return_exceptions=True)
+                await self.stop_procs(vm, 1.0, kernel=False)
+            vm.machine.booted = False
+            if host._stopping:
+                return
+            if vm.state in (VmState.OOM_KILLED, VmState.DESTROYED):
+                return
+            await self.crash(vm, f"guest kernel exited with status {code}")
+            if vm.config.on_crash != "restart":
+                vm.state = VmState.DESTROYED
+                host.emit("vm_destroyed", vm.name)
+                return
+            await self.restart_vm(vm)
+            host.emit("vm_restarted", vm.name, restarts=vm.restarts)
+            await asyncio.sleep(min(DRIVER_BACKOFF[0] * 2 ** vm.restarts, DRIVER_BACKOFF[1]))
+
+    async def _run_driver(self, vm: Vm) -> None:
+        host = self.host
+        delay = DRIVER_BACKOFF[0]
+        while not host._stopping:
+            vm.driver_proc = await self.spawn_proc(vm, "driver")
+            t0 = time.monotonic()
+            code = await vm.driver_proc.wait()
+            if host._stopping:
+                return
+            if time.monotonic() - t0 > 30:
+                delay = DRIVER_BACKOFF[0]  # it ran for a while: not a crash loop
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DRIVER_BACKOFF[1])
+            vm.driver_restarts += 1
+            host.emit("driver_restarted", vm.name, restarts=vm.driver_restarts, status=code)
+
+    async def stop_procs(self, vm: Vm, grace: float, *, kernel: bool = True) -> None:
+        procs = [p for p in ((vm.kernel_proc if kernel else None), vm.driver_proc)
+                 if p is not None and p.returncode is None]
+        if not procs:
+            return
+        if grace == 0:
+            for p in procs:
+                kill(p)
+        elif vm.driver_proc in procs:
+            # The kernel was sent `halt`; the driver has no such message, so SIGTERM it.
+            try:
+                vm.driver_proc.terminate()  # type: ignore[union-attr]
+            except ProcessLookupError:
+                pass
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace or 1.0)
+        except TimeoutError:
+            for p in procs:
+                kill(p)
+            await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+
+
+def kill(p: asyncio.subprocess.Process) -> None:
+    """SIGKILL a VM process and its session (it is a session leader)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            p.kill()
+        except ProcessLookupError:
+            pass
+
