@@ -43,20 +43,17 @@ import numpy as np
 from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
-from hypervisor.kernels import LOCKED
-from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
+from hypervisor.ledger import FrameLedger
 from hypervisor.machine import MachineServer
+from hypervisor.memory import HostMemory
 from hypervisor.supervisor import HALT_GRACE, Supervisor
 from hypervisor.topology import Topology, VmConfig
 from hypervisor.vm import Vm, VmState
-from hypervisor.vmmem import EPT_NOT_PRESENT, VmMemory
+from hypervisor.vmmem import VmMemory
 from protocol.features import Feature, StatTag
 
 log = logging.getLogger(__name__)
 
-#: Reclaim at least this many frames per pass (like SWAP_CLUSTER_MAX): one shootdown round
-#: trip then covers many faults instead of one.
-RECLAIM_BATCH = 256
 #: Events kept for ``events`` without ``follow``.
 EVENT_HISTORY = 10_000
 #: Pages whose accessed bits are sampled per VM per interval for the ``share`` policy.
@@ -80,17 +77,10 @@ class Host:
         self.active_sample_period = max(ACTIVE_SAMPLE_MIN_PERIOD,
                                         4 * float(topology.host.policy_interval))
         self.run_dir = Path(run_dir or hc.run_dir or rundir.default_run_dir(hc.name))
-        self.ledger = FrameLedger(hc.frames, hc.swap_slots)
-        self.swap: HostSwap | None = None
         self.vms: dict[str, Vm] = {}
         self._by_index: dict[int, Vm] = {}
-        self.mm_lock = asyncio.Lock()
-        #: Notified (under mm_lock) when a reclaim's in-flight victims are settled.
-        self.mm_changed = asyncio.Condition(self.mm_lock)
-        #: Per frame: the reclaim that holds it in flight (0: none). A frame freed under a
-        #: reclaim (its VM stopped) and picked again by another carries the other's token.
-        self._inflight = np.zeros(self.ledger.frames_total, dtype=np.int64)
-        self._reclaim_seq = 0
+        self.memory = HostMemory(hc.frames, hc.swap_slots, vms=self._by_index, emit=self.emit,
+                                 stop_vm=self._stop_vm)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.event_seq = 0
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -107,7 +97,6 @@ class Host:
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
         self.started_at = 0.0
-        self.oom_kills = 0
 
     # ================================================================== lifetime
 
@@ -117,8 +106,7 @@ class Host:
         try:
             _warm_up_kernels()
             hc = self.topology.host
-            self.swap = HostSwap(self.run_dir / rundir.SWAP_FILE if hc.swap_slots else None,
-                                 hc.swap_slots)
+            self.memory.open_swap(self.run_dir / rundir.SWAP_FILE)
             for vc in self.topology.vms:
                 self._create_vm(vc)
             from hypervisor.control import ControlServer
@@ -258,8 +246,7 @@ class Host:
         await self.supervisor.kill_stragglers()
         for vm in self.vms.values():
             vm.mem.close()
-        if self.swap is not None:
-            self.swap.close()
+        self.memory.close()
         rundir.remove_run_dir(self.run_dir)
         self._stopped.set()
 
@@ -284,177 +271,52 @@ class Host:
         self._subscribers.discard(q)
 
     # ================================================================== memory
+    # The memory path lives in hypervisor.memory; these are its entry points here.
 
-    def _in_flight(self, vm: Vm, gpfns: np.ndarray) -> bool:
-        """Some of ``gpfns`` are backed by frames a reclaim holds in flight (mm_lock held;
-        only in-flight victims are LOCKED while the lock is free)."""
-        cur = vm.led.p2m[gpfns]
-        cur = cur[cur >= 0]
-        return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
+    @property
+    def ledger(self) -> FrameLedger:
+        return self.memory.ledger
+
+    @property
+    def swap(self) -> HostSwap | None:
+        return self.memory.swap
+
+    @property
+    def mm_lock(self) -> asyncio.Lock:
+        return self.memory.lock
+
+    @property
+    def mm_changed(self) -> asyncio.Condition:
+        return self.memory.changed
+
+    @property
+    def _inflight(self) -> np.ndarray:
+        return self.memory.inflight
+
+    @property
+    def oom_kills(self) -> int:
+        return self.memory.oom_kills
 
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""
-        g = np.unique(pfns)
-        led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
-        async with self.mm_lock:
-            while True:  # until nothing changed under a wait
-                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED, VmState.CRASHED) or \
-                        vm.led is not led or led.index not in self.ledger.vms:
-                    return False
-                if self._in_flight(vm, g):
-                    await self.mm_changed.wait()  # its reclaim ends it: look again
-                    continue
-                need = g[vm.led.p2m[g] < 0]
-                if need.size > self.ledger.frames_free:
-                    await self._reclaim(int(need.size), faulting=vm)
-                    continue  # the lock was let go during the shootdown: look again
-                break
-            vm.faults += 1
-            if need.size == 0:
-                # Already backed (another vCPU's exit got there first): make sure the EPT
-                # says so, then just resume.
-                vm.mem.set_present(g)
-                return True
-            viol = need[vm.led.balloon[need] != 0]
-            if viol.size:
-                # A guest bug: it touched pages it gave to the balloon. Back them anyway.
-                vm.balloon_violations += int(viol.size)
-                self.emit("balloon_violation", vm.name, pages=int(viol.size),
-                          first=int(viol[0]))
-            frames, slots = self.ledger.back(vm.led.index, need)
-            swapped = slots >= 0
-            if np.any(swapped):
-                assert self.swap is not None
-                self.swap.swap_in(vm.mem, need[swapped], slots[swapped])
-                self.swap.discard(slots[swapped])  # the ledger freed them in back()
-                vm.host_swap_in += int(swapped.sum())
-            if not np.all(swapped):
-                vm.mem.populate(need[~swapped])
-            self.ledger.unlock(frames)
-            vm.mem.set_present(g)  # every page of the fault is backed now
-            vm.fault_pages += int(need.size)
-            return True
+        return await self.memory.handle_fault(vm, pfns)
 
-    async def _unlocked(self, aw: Any) -> Any:
-        """Await ``aw`` with mm_lock released; it is held again on return (or raise)."""
-        self.mm_lock.release()
-        try:
-            return await aw
-        finally:
-            cancelled = False
-            while True:
-                try:
-                    await self.mm_lock.acquire()
-                    break
-                except asyncio.CancelledError:
-                    cancelled = True  # the caller's `async with` must find it held
-            if cancelled:
-                raise asyncio.CancelledError
-
-    async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
-        """Make ``wanted`` frames free: clock scan, shootdown, swap out, punch (mm_lock held).
-
-        DESIGN §3 order: EPT NOT_PRESENT, ``shootdown``, wait for ``shootdown_ack``, and
-        only then copy to host swap and punch. When host swap cannot take the victims, the
-        VM holding most frames is killed (host OOM) and the loop tries again.
-        """
-        while self.ledger.frames_free < wanted:
-            deficit = wanted - self.ledger.frames_free
-            # Batch like SWAP_CLUSTER_MAX, but never more than 1/16 of the host beyond what
-            # is needed: evicting everything for one fault would only make VMs thrash.
-            batch = max(deficit, min(RECLAIM_BATCH, self.ledger.frames_total // 16))
-            want = min(batch, self.ledger.frames_used)
-            want = min(want, self.ledger.slots_free)
-            if want < deficit:
-                if not self._host_oom():
-                    raise LedgerError("host out of memory and no VM left to kill")
-                continue
-            victims = self.ledger.pick_victims(want)
-            if victims.size == 0:
-                if np.any(self._inflight):
-                    # Every frame left is another reclaim's victim in flight: its end
-                    # frees frames (or settles what to do).
-                    await self.mm_changed.wait()
-                    continue
-                # Every frame is pinned by an operation in flight; only OOM can help.
-                if not self._host_oom():
-                    raise LedgerError("host out of memory: every frame is in flight")
-                continue
-            owners = self.ledger.owner_vm[victims]
-            groups = {int(v): victims[owners == v] for v in np.unique(owners)}
-            for idx, fr in groups.items():
-                self._by_index[idx].mem.set_not_present(self.ledger.owner_gpfn[fr])
-            self._reclaim_seq += 1
-            token = self._reclaim_seq
-            self._inflight[victims] = token
-            settled = False
-            try:
-                # The wait is the guests', not the host's: other VMs' faults and balloon
-                # batches run meanwhile (the victims stay LOCKED, resident, not present).
-                results = await self._unlocked(asyncio.gather(
-                    *(self._by_index[idx].machine.shootdown(int(fr.size))
-                      for idx, fr in groups.items()), return_exceptions=True))
-                for (idx, fr), res in zip(groups.items(), results):
-                    vm = self._by_index.get(idx)
-                    if isinstance(res, BaseException) and vm is not None and \
-                            vm.led.index == idx and idx in self.ledger.vms:
-                        # No ack (hung guest, or anything else went wrong): the guest
-                        # cannot be trusted to stay off the pages, so it is stopped like a
-                        # crashed VM (its frames, victims included, are freed). Never swap
-                        # out unacknowledged.
-                        log.error("%s", res)
-                        self._crash_locked(vm, f"shootdown failed: {res}")
-                # Still ours: LOCKED with our token (a VM stopped meanwhile freed its
-                # victims; a frame freed and picked again carries another token).
-                live = victims[(self.ledger.state[victims] == LOCKED)
-                               & (self._inflight[victims] == token)]
-                self._inflight[victims[self._inflight[victims] == token]] = 0
-                settled = True
-                try:
-                    outs = self.ledger.swap_out(live)
-                except OutOfSwap:
-                    self.ledger.unlock(live)
-                    self._restore_present(live)
-                    continue
-            finally:
-                if not settled:  # interrupted in the wait: the victims go back as they were
-                    mine = victims[(self.ledger.state[victims] == LOCKED)
-                                   & (self._inflight[victims] == token)]
-                    self._inflight[victims[self._inflight[victims] == token]] = 0
-                    self.ledger.unlock(mine)
-                    self._restore_present(mine)
-                self.mm_changed.notify_all()
-            assert self.swap is not None or not outs
-            for so in outs:
-                vm = self._by_index[so.vm]
-                assert self.swap is not None
-                self.swap.swap_out(vm.mem, so.gpfns, so.slots)
-                vm.mem.punch(so.gpfns)
-                vm.host_swap_out += int(so.gpfns.size)
-                self.emit("host_swap_out", vm.name, pages=int(so.gpfns.size),
-                          faulting=None if faulting is None else faulting.name)
-
-    def _restore_present(self, frames: np.ndarray) -> None:
-        for v in np.unique(self.ledger.owner_vm[frames]):
-            sel = frames[self.ledger.owner_vm[frames] == v]
-            self._by_index[int(v)].mem.set_present(self.ledger.owner_gpfn[sel])
+    async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
+        """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
+        return await self.memory.release_pages(vm, gpfns)
 
     def _host_oom(self) -> bool:
-        """Kill the VM holding most frames (ties: the first created). mm_lock held."""
-        idx = self.ledger.largest_vm()
-        if idx is None:
-            return False
-        vm = self._by_index[idx]
-        frames, slots = vm.led.backed, vm.led.swapped
-        self.oom_kills += 1
-        self._free_vm_locked(vm, VmState.OOM_KILLED)
-        self.emit("host_oom_kill", vm.name, frames=frames, swap_slots=slots,
-                  frames_free=self.ledger.frames_free)
-        return True
+        return self.memory.host_oom()
 
     def _free_vm_locked(self, vm: Vm, state: VmState) -> tuple[int, int]:
-        """Stop a VM's processes and give back everything it holds (mm_lock held)."""
-        vm.state = state
+        return self.memory.free_vm(vm, state)
+
+    def _crash_locked(self, vm: Vm, reason: str) -> None:
+        self.memory.crash_vm(vm, reason)
+
+    def _stop_vm(self, vm: Vm) -> None:
+        """Kill a stopped VM's processes and drop its channels (its memory is freed by
+        the memory path, which calls this)."""
         for proc in (vm.kernel_proc, vm.driver_proc):
             if proc is not None and proc.returncode is None:
                 try:
@@ -463,51 +325,13 @@ class Host:
                     pass
         self._spawn(vm.machine.disconnect(), f"{vm.name}-disconnect")
         self._spawn(vm.balloon.disconnect("VM stopped"), f"{vm.name}-bdisconnect")
-        freed = (0, 0)
-        if vm.led.index in self.ledger.vms:
-            held = vm.led.p2m[vm.led.p2m <= -2]
-            freed = self.ledger.remove_vm(vm.led.index)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
-        vm.mem.ept[:] = EPT_NOT_PRESENT
-        vm.mem.punch(np.arange(vm.pages, dtype=np.int64))  # one run: the whole RAM
-        vm.led.balloon[:] = 0
-        return freed
-
-    def _crash_locked(self, vm: Vm, reason: str) -> None:
-        frames, slots = self._free_vm_locked(vm, VmState.CRASHED)
-        self.emit("vm_crashed", vm.name, reason=reason, frames=frames, swap_slots=slots)
-
-    async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
-        """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
-        async with self.mm_lock:
-            while True:
-                if vm.led.index not in self.ledger.vms:
-                    raise LedgerError(f"VM {vm.name!r} is not running")
-                gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any effect
-                if not self._in_flight(vm, gpfns):
-                    break
-                await self.mm_changed.wait()  # a reclaim holds some: let it finish
-            cur = vm.led.p2m[gpfns]
-            vm.mem.set_not_present(gpfns)  # first: no access can follow the release
-            held = cur[cur <= -2]  # host-swapped pages of the batch: their slots free up
-            backed, _frames = self.ledger.release(vm.led.index, gpfns)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
-            calls = vm.mem.punch(backed)
-            return int(backed.size), calls
 
     def resident_total(self) -> int:
-        return sum(vm.mem.resident_pages() for vm in self.vms.values())
+        return self.memory.resident_total()
 
     def check_conservation(self) -> None:
         """frames in use == Σ resident memfd pages, and the ledger's own invariants."""
-        self.ledger.check()
-        for vm in self.vms.values():
-            held = vm.led.backed if vm.led.index in self.ledger.vms else 0
-            res = vm.mem.resident_pages()
-            assert res == held, f"{vm.name}: {res} resident pages but {held} frames held"
-        assert self.ledger.frames_used == self.resident_total()
+        self.memory.check_conservation()
 
     # ================================================================== VM life
     # VM processes are supervised by hypervisor.supervisor; this is its entry point here.
