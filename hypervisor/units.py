@@ -2,11 +2,17 @@
 
 Units: sizes are bytes (``int``), durations are seconds (``float``), pages are 4096 bytes.
 
-Accepted size forms (DESIGN §10): a non-negative integer (bytes), or a string holding a
-number followed by one of ``B``, ``KiB``, ``MiB``, ``GiB`` (binary multiples; optional space
-between number and unit, e.g. ``"512MiB"``, ``"1.5 GiB"``), or a plain integer string
-(``"4096"``, ``"0"``). Decimal SI units (``MB``) and bare ``K``/``M``/``G`` are rejected on
-purpose: in a memory emulator "1G" is ambiguous and silently picking one reading hides bugs.
+Accepted size forms: a non-negative integer, or a string holding a number and an optional
+unit with virsh's meanings (optional space between them; the unit's case does not matter):
+
+- ``B``, ``bytes``: bytes;
+- ``K``, ``KiB``, ``M``, ``MiB``, ``G``, ``GiB``, ``T``, ``TiB``, ``P``, ``PiB``, ``E``,
+  ``EiB``: binary multiples (1024, 1024², ...);
+- ``KB``, ``MB``, ``GB``, ``TB``, ``PB``, ``EB``: decimal multiples (1000, 1000², ...).
+
+A number without a unit is in *bare_unit* bytes: 1 (bytes) in topology files, 1024 (KiB)
+for the command line's virsh-style size arguments (``balloonlab setmem a 24576`` is
+24 MiB, as ``virsh setmem``).
 
 Accepted duration forms: a non-negative number (seconds), or a string holding a number
 followed by ``ms``, ``s`` or ``m`` (``"250ms"``, ``"10s"``, ``"2m"``), or a plain number string.
@@ -19,33 +25,58 @@ import re
 from fractions import Fraction
 
 __all__ = [
+    "DURATION_UNITS",
     "PAGE_SIZE",
     "SIZE_UNITS",
-    "DURATION_UNITS",
-    "parse_size",
-    "parse_duration",
-    "format_size",
-    "format_size_exact",
-    "format_pages",
     "format_duration",
+    "format_pages",
+    "format_size",
+    "format_size_echo",
+    "format_size_exact",
+    "parse_duration",
+    "parse_size",
+    "size_unit",
 ]
 
 PAGE_SIZE = 4096
 
-#: Multipliers of the accepted size units, in bytes.
+#: Multipliers of the binary units, in bytes (the units ``format_size`` writes).
 SIZE_UNITS: dict[str, int] = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_PREFIXES = "kmgtpe"
 #: Multipliers of the accepted duration units, in seconds.
 DURATION_UNITS: dict[str, Fraction] = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60)}
 
 _NUMBER_UNIT = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
 
-_SIZE_FORMS = "a non-negative integer (bytes) or a string like '4096', '64KiB', '512MiB', '1GiB' (units: B, KiB, MiB, GiB)"
-_DURATION_FORMS = "a non-negative number (seconds) or a string like '250ms', '10s', '2m' (units: ms, s, m)"
+_SIZE_FORMS = (
+    "a non-negative integer or a string like '64KiB', '512MiB', '1GiB', '500MB' "
+    "(units: B, K/KiB, M/MiB, G/GiB, T/TiB = powers of 1024; KB, MB, GB, TB = powers of 1000)"
+)
+_DURATION_FORMS = (
+    "a non-negative number (seconds) or a string like '250ms', '10s', '2m' (units: ms, s, m)"
+)
 
 
-def parse_size(value: str | int, *, field: str = "size") -> int:
+def size_unit(unit: str) -> int | None:
+    """Bytes per *unit* as virsh reads it (case-insensitive), or ``None`` if unknown."""
+    u = unit.lower()
+    if u in ("b", "byte", "bytes"):
+        return 1
+    if not u or u[0] not in _PREFIXES:
+        return None
+    power = _PREFIXES.index(u[0]) + 1
+    rest = u[1:]
+    if rest in ("", "ib"):
+        return 1024**power
+    if rest == "b":
+        return 1000**power
+    return None
+
+
+def parse_size(value: str | int, *, field: str = "size", bare_unit: int = 1) -> int:
     """Return *value* as a whole number of bytes.
 
+    A number without a unit (an ``int``, or a string without one) counts *bare_unit* bytes.
     Raises ``ValueError`` naming *field*, the offending value and the accepted forms when the
     value is malformed, negative, uses an unknown unit, or is not a whole number of bytes.
     """
@@ -54,7 +85,7 @@ def parse_size(value: str | int, *, field: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{field}: {value!r} is negative; expected {_SIZE_FORMS}")
-        return value
+        return value * bare_unit
     if not isinstance(value, str):
         raise ValueError(
             f"{field}: {value!r} ({type(value).__name__}) is not a size; expected {_SIZE_FORMS}"
@@ -62,11 +93,12 @@ def parse_size(value: str | int, *, field: str = "size") -> int:
     m = _NUMBER_UNIT.match(value)
     if m is None:
         raise ValueError(f"{field}: {value!r} is not a size; expected {_SIZE_FORMS}")
-    unit = m.group("unit") or "B"
-    if unit not in SIZE_UNITS:
+    unit = m.group("unit")
+    scale = size_unit(unit) if unit else bare_unit
+    if scale is None:
         raise ValueError(f"{field}: {value!r} has unknown unit {unit!r}; expected {_SIZE_FORMS}")
     # Fraction keeps "1.5GiB" exact; floats would round large byte counts.
-    nbytes = Fraction(m.group("num")) * SIZE_UNITS[unit]
+    nbytes = Fraction(m.group("num")) * scale
     if nbytes.denominator != 1:
         raise ValueError(f"{field}: {value!r} is not a whole number of bytes")
     return int(nbytes)
@@ -134,6 +166,22 @@ def format_size_exact(nbytes: int) -> str:
         if nbytes % SIZE_UNITS[unit] == 0:
             return f"{nbytes // SIZE_UNITS[unit]}{unit}"
     return f"{nbytes}B"
+
+
+def format_size_echo(nbytes: int) -> str:
+    """A parsed size shown back to the user: ``"24 MiB (24576 KiB)"``, ``"1000 KiB"``,
+    ``"1.5 GiB (1572864 KiB)"``, ``"100 B"`` (KiB is virsh's unit)."""
+    if nbytes < 0:
+        raise ValueError(f"size: {nbytes!r} is negative")
+    if nbytes % 1024:
+        return f"{nbytes} B" if nbytes < 1024 else f"{format_size(nbytes)} ({nbytes} B)"
+    kib = f"{nbytes // 1024} KiB"
+    for unit in ("GiB", "MiB"):
+        if nbytes >= SIZE_UNITS[unit]:
+            if nbytes % SIZE_UNITS[unit] == 0:
+                return f"{nbytes // SIZE_UNITS[unit]} {unit} ({kib})"
+            return f"{format_size(nbytes)} ({kib})"
+    return kib
 
 
 def format_pages(pages: int) -> str:

@@ -11,6 +11,7 @@ from hypervisor.units import (
     format_duration,
     format_pages,
     format_size,
+    format_size_echo,
     format_size_exact,
     parse_duration,
     parse_size,
@@ -30,6 +31,17 @@ from hypervisor.units import (
         ("100B", 100),
         ("1.5GiB", 3 << 29),
         (" 512 MiB ", 512 << 20),
+        # virsh's suffixes: K/M/G/T = KiB/MiB/GiB/TiB, KB/MB/GB = powers of 1000, any case
+        ("24M", 24 << 20),
+        ("24MB", 24_000_000),
+        ("24mib", 24 << 20),
+        ("1K", 1024),
+        ("1KB", 1000),
+        ("1G", 1 << 30),
+        ("2GB", 2 * 10**9),
+        ("1T", 1 << 40),
+        ("1TiB", 1 << 40),
+        ("3 bytes", 3),
     ],
 )
 def test_parse_size_accepts_documented_forms(text: str | int, expected: int) -> None:
@@ -38,7 +50,8 @@ def test_parse_size_accepts_documented_forms(text: str | int, expected: int) -> 
 
 @pytest.mark.parametrize(
     "bad",
-    ["512MB", "1G", "1K", "-1", -1, "abc", "", "1.5", "0.5B", "MiB", True, 1.5, None, "1e3"],
+    ["512Mb2", "1Q", "1KiBs", "-1", -1, "abc", "", "1.5", "0.5B", "MiB", True, 1.5, None, "1e3",
+     "1Mi", "1kbit"],
 )
 def test_parse_size_rejects_with_named_field(bad: object) -> None:
     with pytest.raises(ValueError) as info:
@@ -47,6 +60,22 @@ def test_parse_size_rejects_with_named_field(bad: object) -> None:
     assert msg.startswith("vm[0].memory: ")
     assert repr(bad) in msg
     assert "KiB" in msg or "whole number" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("24576", 24 << 20), (24576, 24 << 20), ("24M", 24 << 20), ("100B", 100), ("8 KB", 8000)],
+)
+def test_bare_number_counts_bare_unit(text: str | int, expected: int) -> None:
+    """The command line's virsh-style sizes: a number without a unit is KiB."""
+    assert parse_size(text, bare_unit=1024) == expected
+
+
+def test_format_size_echo() -> None:
+    assert format_size_echo(24 << 20) == "24 MiB (24576 KiB)"
+    assert format_size_echo(1000 * 1024) == "1000 KiB"
+    assert format_size_echo(3 << 29) == "1.5 GiB (1572864 KiB)"
+    assert format_size_echo(100) == "100 B"
 
 
 @pytest.mark.parametrize(
