@@ -13,13 +13,14 @@ zero on return, so that checking a batch costs O(batch), never O(guest RAM).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from bisect import bisect_right
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from .errors import ErrorCode
+from .errors import ErrorCode, LocalProtocolError
 
 RUN_DTYPE = np.dtype("<u8")
 PFN_DTYPE = np.dtype("<u4")
@@ -67,14 +68,6 @@ def _load_word(a, i, n):
     for b in range(min(8, n - i)):
         w |= np.uint64(a[i + b]) << np.uint64(8 * b)
     return w
-
-
-@njit(cache=True, nogil=True)
-def _is_sorted_unique(a):
-    for i in range(1, a.shape[0]):
-        if a[i] <= a[i - 1]:
-            return False
-    return True
 
 
 @njit(cache=True, nogil=True)
@@ -211,24 +204,33 @@ def _first_bad_state(state, words, a, e, want_clear):
 
 
 @njit(cache=True, nogil=True)
+def _check_run_bounds(runs, limit):
+    """The first run, in batch order, that is empty or reaches beyond ``limit``: returns
+    (status, its index, whether the runs are ascending and disjoint). Overflow-safe for
+    counts up to 2**64 - 1; O(runs)."""
+    n = runs.shape[0]
+    lim = np.uint64(limit)
+    for r in range(n):
+        if runs[r, 1] == 0:
+            return EMPTY_RUN, r, False
+        if runs[r, 0] >= lim or runs[r, 1] > lim - runs[r, 0]:
+            return OUT_OF_RANGE, r, False
+    for r in range(1, n):
+        if runs[r, 0] < runs[r - 1, 0] + runs[r - 1, 1]:
+            return OK, -1, False
+    return OK, -1, True
+
+
+@njit(cache=True, nogil=True)
 def _check_runs(runs, limit, state, scratch, want_clear):
     """Validate a run batch; returns (status, index of first bad run)."""
     n = runs.shape[0]
-    for r in range(n):
-        first = np.int64(runs[r, 0])
-        cnt = np.int64(runs[r, 1])
-        if runs[r, 1] == 0:
-            return EMPTY_RUN, r
-        if runs[r, 0] >= np.uint64(limit) or runs[r, 1] > np.uint64(limit) - runs[r, 0]:
-            return OUT_OF_RANGE, r
+    status, bad, disjoint = _check_run_bounds(runs, limit)
+    if status != OK:
+        return status, bad
     # Ascending, disjoint runs (what every producer here emits) cannot hold a duplicate:
     # the first bad run is the first with a page in the wrong state, found a word at a
     # time with no scratch marks to set and clear.
-    disjoint = True
-    for r in range(1, n):
-        if runs[r, 0] < runs[r - 1, 0] + runs[r - 1, 1]:
-            disjoint = False
-            break
     if disjoint:
         words = state[: state.shape[0] & ~7].view(np.uint64)
         for r in range(n):
@@ -346,6 +348,22 @@ def _runs_of_set(state, words, out):
 # --------------------------------------------------------------------------------------
 
 
+class RunError(LocalProtocolError, ValueError):
+    """A batch names pages it may not. ``code`` is the wire's :class:`ErrorCode`,
+    ``index`` the offending entry of the batch (a run or a pfn), ``pfn`` the first offending
+    page when it is known (else -1). Host and guest raise and answer with the same codes."""
+
+    def __init__(self, code: ErrorCode, message: str, *, index: int = -1, pfn: int = -1) -> None:
+        super().__init__(code, message, index=index, pfn=pfn)
+        self.index = index
+        self.pfn = pfn
+
+    @property
+    def gpfn(self) -> int:
+        """The first offending page (the guest's name for :attr:`pfn`)."""
+        return self.pfn
+
+
 class BatchCheck(NamedTuple):
     """Result of validating a batch: ``ok``, an error ``code`` and the offending index."""
 
@@ -353,6 +371,13 @@ class BatchCheck(NamedTuple):
     code: ErrorCode | None = None
     index: int = -1
     message: str = ""
+
+    def error(self, pfn: int = -1) -> RunError | None:
+        """The failure as a :class:`RunError` (None when the batch is fine)."""
+        if self.ok:
+            return None
+        assert self.code is not None
+        return RunError(self.code, self.message, index=self.index, pfn=pfn)
 
 
 def as_pfns(pfns: np.ndarray | bytes | list[int]) -> np.ndarray:
@@ -478,6 +503,76 @@ def check_runs(
     :func:`check_pfns`)."""
     status, idx = _check_runs(as_runs(runs), np.int64(limit), state, scratch, want_clear)
     return _result(int(status), int(idx), want_clear, "run at index")
+
+
+def _first_overlap(runs: np.ndarray) -> int:
+    """Index (batch order) of the first run that shares a page with an earlier one, or -1.
+    The runs are in bounds and non-empty; O(k log k) plus list inserts, error path only."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for r, (first, count) in enumerate(runs.tolist()):
+        end = first + count
+        i = bisect_right(starts, first)
+        if (i and ends[i - 1] > first) or (i < len(starts) and starts[i] < end):
+            return r
+        starts.insert(i, first)
+        ends.insert(i, end)
+    return -1
+
+
+def _raise(status: int, index: int, pfn: int) -> NoReturn:
+    err = _result(status, index, False, "run at index").error(pfn)
+    assert err is not None
+    raise err
+
+
+def validate_runs(runs: np.ndarray | bytes | list[tuple[int, int]], limit: int) -> np.ndarray:
+    """Check a run batch that has no state map to check against: shape (k, 2), every run
+    non-empty and inside ``limit`` pages, no page named twice. Codes, indices and messages
+    are those of :func:`check_runs`.
+
+    Returns the runs as int64 (k, 2) in batch order; raises :class:`RunError`. Costs O(k)
+    for ascending disjoint runs (what every producer emits), O(k log k) otherwise, never
+    O(limit).
+    """
+    a = runs if isinstance(runs, np.ndarray) else np.asarray(
+        as_runs(runs) if isinstance(runs, (bytes, bytearray, memoryview)) else runs)
+    if a.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise RunError(ErrorCode.BAD_FIELD, f"runs must have shape (k, 2), got {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise RunError(ErrorCode.BAD_FIELD, f"runs must be integers, got {a.dtype}")
+    # negative entries wrap to huge values: reported as beyond guest RAM, like the wire's
+    r = np.ascontiguousarray(a.astype(RUN_DTYPE, copy=False))
+    status, idx, ascending = _check_run_bounds(r, np.int64(limit))
+    if status != OK:
+        _raise(int(status), int(idx), int(r[idx, 0]))
+    out = r.astype(np.int64)
+    if not ascending:
+        s = np.sort(out[:, 0])
+        ends = out[np.argsort(out[:, 0], kind="stable")].sum(axis=1)
+        if s.shape[0] > 1 and np.any(s[1:] < np.maximum.accumulate(ends)[:-1]):
+            bad = _first_overlap(out)
+            _raise(DUPLICATE, bad, int(out[bad, 0]))
+    return out
+
+
+def coalesce_runs(runs: np.ndarray) -> np.ndarray:
+    """Disjoint runs (a validated batch) as ascending maximal runs: int64 (k, 2). Sorts only
+    when the runs are out of order; O(k)."""
+    r = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    if r.shape[0] < 2:
+        return r.copy()
+    if np.any(r[1:, 0] < r[:-1, 0]):
+        r = r[np.argsort(r[:, 0], kind="stable")]
+    starts = np.flatnonzero(np.concatenate(([True], r[1:, 0] != r[:-1, 0] + r[:-1, 1])))
+    if starts.shape[0] == r.shape[0]:
+        return r.copy()
+    out = np.empty((starts.shape[0], 2), dtype=np.int64)
+    out[:, 0] = r[starts, 0]
+    out[:, 1] = np.add.reduceat(r[:, 1], starts)
+    return out
 
 
 def set_pfns(state: np.ndarray, pfns: np.ndarray, value: int) -> None:

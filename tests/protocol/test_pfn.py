@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.testing import naive
 from protocol import pfn as P
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.testing import naive
 
 LIMIT = 96
 pfn_lists = st.lists(st.integers(0, 120), max_size=60)
@@ -191,3 +191,70 @@ def test_wire_views_are_little_endian(pfns):
     runs = [(p, 1) for p in pfns]
     assert P.runs_to_wire(runs) == b"".join(
         f.to_bytes(8, "little") + c.to_bytes(8, "little") for f, c in runs)
+
+
+# ---- one validation family: validate_runs (no state map), RunError, coalesce_runs --------
+
+wide_runs = st.lists(st.tuples(st.integers(0, 110), st.integers(0, 40)), max_size=12)
+
+
+@FAST
+@given(st.one_of(small_runs, wide_runs))
+def test_validate_runs_agrees_with_check_runs(runs):
+    """Without a state map, validation is check_runs on a map that never objects: same
+    verdict, same run index, same code; the pages are returned in batch order as int64."""
+    arr = np.array(runs, dtype=np.uint64).reshape(-1, 2)
+    status, index = naive.check_runs(runs, LIMIT, [0] * LIMIT, False)
+    if status == naive.OK:
+        got = P.validate_runs(arr, LIMIT)
+        assert got.dtype == np.int64 and got.tolist() == [list(r) for r in runs]
+        return
+    with pytest.raises(P.RunError) as e:
+        P.validate_runs(arr, LIMIT)
+    assert (e.value.code, e.value.index) == (_code(status, False), index)
+    assert e.value.pfn == runs[index][0]
+    assert isinstance(e.value, ProtocolError) and isinstance(e.value.code, ErrorCode)
+    assert str(e.value).startswith(str(e.value.code))
+
+
+@pytest.mark.parametrize("runs, code", [
+    (np.zeros((2, 3), dtype=np.uint64), ErrorCode.BAD_FIELD),
+    (np.array([[1.0, 2.0]]), ErrorCode.BAD_FIELD),
+    (np.array([[-1, 2]]), ErrorCode.PFN_OUT_OF_RANGE),
+    (np.array([[5, 2**64 - 3]], dtype=np.uint64), ErrorCode.PFN_OUT_OF_RANGE),
+])
+def test_validate_runs_names_shape_type_and_overflow(runs, code):
+    with pytest.raises(P.RunError) as e:
+        P.validate_runs(runs, LIMIT)
+    assert e.value.code is code
+
+
+def test_validate_runs_costs_the_batch_not_the_limit():
+    """A 2**32-page limit: an O(limit) scratch map would be 4 GiB for one batch."""
+    limit = 1 << 32
+    runs = np.array([[limit - 10, 10], [0, 1 << 20], [1 << 31, 5]], dtype=np.uint64)
+    assert P.validate_runs(runs, limit).tolist() == runs.astype(np.int64).tolist()
+    with pytest.raises(P.RunError) as e:
+        P.validate_runs(np.array([[1 << 31, 10], [5, 3], [(1 << 31) + 9, 1]]), limit)
+    assert (e.value.code, e.value.index, e.value.pfn) == (ErrorCode.DUPLICATE_PFN, 2,
+                                                           (1 << 31) + 9)
+
+
+@FAST
+@given(disjoint_runs(), st.randoms(use_true_random=False))
+def test_coalesce_runs_is_the_maximal_ascending_form(runs, rnd):
+    shuffled = list(runs)
+    rnd.shuffle(shuffled)
+    got = P.coalesce_runs(np.array(shuffled, dtype=np.int64).reshape(-1, 2))
+    assert got.dtype == np.int64
+    assert _runs(got) == naive.pfns_to_runs(naive.runs_to_pfns(runs))
+
+
+def test_batch_check_error_is_the_same_family():
+    state = np.ones(LIMIT, dtype=np.uint8)
+    res = P.check_runs(np.array([[3, 2]], dtype=np.uint64), LIMIT, state,
+                       np.zeros(LIMIT, dtype=np.uint8), want_clear=False)
+    err = res.error(pfn=3)
+    assert isinstance(err, P.RunError)
+    assert (err.code, err.index, err.gpfn) == (ErrorCode.ALREADY_BALLOONED, 0, 3)
+    assert P.BatchCheck(True).error() is None
