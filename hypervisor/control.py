@@ -5,6 +5,16 @@ message}``; a failed call never closes the connection and changes nothing. ``eve
 ``follow: true`` streams ``event {id, event}`` frames (``id`` is the call's) until the client
 disconnects; other calls keep working on the same connection meanwhile.
 
+Stalled clients are cut off, so they cannot pin the host's descriptors: a connection that
+sends nothing for :data:`IDLE_TIMEOUT` while it follows no events, leaves half a frame
+unfinished for :data:`FRAME_TIMEOUT`, or leaves :data:`WRITE_TIMEOUT` seconds of answers or
+events unread gets an ``error`` frame (``unavailable``, when it can still take one) and is
+closed. At most :data:`MAX_CLIENTS` connections are served at once; one more is refused with
+an ``error`` frame at once (see :class:`protocol.aio.Listener`).
+
+The server sees the host through :class:`ControlledHost`, the few attributes and methods it
+reads and calls, and nothing else.
+
 Units: pages of 4096 bytes, bytes where the name says so (virsh's ``dommemstat`` fields are
 KiB in virsh; here, as the rest of the project, memory amounts are **bytes**), times in UNIX
 seconds.
@@ -15,22 +25,88 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
+from hypervisor.vm import Vm
 from protocol import messages as m
-from protocol.aio import Channel, PeerClosed
+from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import ControlServer as ControlConnection
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.features import PAGE_SIZE, StatTag
-
-if TYPE_CHECKING:
-    from hypervisor.host import Host
-    from hypervisor.vm import Vm
 
 log = logging.getLogger(__name__)
 
 #: Events a following client may fall behind by before it is disconnected.
 FOLLOW_BACKLOG = 10_000
+#: Connections served at once. The CLI opens one per command and the dashboard two, so this
+#: leaves room for many operators while bounding the descriptors clients can hold.
+MAX_CLIENTS = 32
+#: Seconds a connection may stay silent while it follows no events (the dashboard polls
+#: every second; a one-shot CLI command is done in well under one).
+IDLE_TIMEOUT = 120.0
+#: Seconds a client may leave a started frame unfinished.
+FRAME_TIMEOUT = 10.0
+#: Seconds of answers or events a client may leave unread before it is disconnected.
+WRITE_TIMEOUT = 10.0
+
+
+class LedgerView(Protocol):
+    """What the control server reads of the frame ledger."""
+
+    frames_total: int
+    swap_slots_total: int
+
+    @property
+    def frames_free(self) -> int: ...
+
+    @property
+    def slots_free(self) -> int: ...
+
+    @property
+    def vms(self) -> Mapping[int, Any]: ...
+
+
+class ControlledHost(Protocol):
+    """The host as the control server sees it (:class:`hypervisor.host.Host` is one)."""
+
+    name: str
+    policy_name: str
+    started_at: float
+    oom_kills: int
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def vms(self) -> Mapping[str, Vm]: ...
+
+    @property
+    def events(self) -> Sequence[dict[str, Any]]: ...
+
+    @property
+    def ledger(self) -> LedgerView: ...
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]: ...
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None: ...
+
+    def emit(self, kind: str, vm: str | None, **fields: Any) -> Any: ...
+
+    def set_balloon_target(self, vm: Vm, pages: int, reason: str = ...) -> None: ...
+
+    def set_policy(self, name: str, params: dict[str, Any] | None = None) -> None: ...
+
+    def request_shutdown(self, reason: str = ...) -> None: ...
+
+
+def _say_unavailable(ch: Channel, text: str) -> None:
+    """Best effort: tell a client why it is being disconnected."""
+    try:
+        ch.send_nowait(m.Error(code=str(ErrorCode.UNAVAILABLE), message=text))
+    except (ProtocolError, OSError, RuntimeError):
+        pass
 
 
 class CallError(Exception):
@@ -55,10 +131,20 @@ def _int_param(params: dict[str, Any], name: str, *, lo: int = 0, hi: int | None
 
 
 class ControlServer:
-    """Serves control connections for one :class:`~hypervisor.host.Host`."""
+    """Serves control connections for one host.
 
-    def __init__(self, host: "Host") -> None:
+    ``idle_timeout``, ``frame_timeout``, ``write_timeout`` (seconds) and ``max_clients``
+    default to the module's constants; tests shorten them.
+    """
+
+    def __init__(self, host: ControlledHost, *, idle_timeout: float = IDLE_TIMEOUT,
+                 frame_timeout: float = FRAME_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT, max_clients: int = MAX_CLIENTS) -> None:
         self.host = host
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.write_timeout = write_timeout
         self.methods: dict[str, Callable[[dict[str, Any]], Any]] = {
             "host_info": self.host_info,
             "list_vms": self.list_vms,
@@ -71,10 +157,13 @@ class ControlServer:
         }
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ch = Channel(ControlConnection(), reader, writer)
+        ch = Channel(ControlConnection(), reader, writer, frame_timeout=self.frame_timeout)
         followers: list[asyncio.Task[None]] = []
         try:
             while True:
+                # A following client is waiting for events, not idle.
+                following = any(not t.done() for t in followers)
+                ch.idle_timeout = None if following else self.idle_timeout
                 msg = await ch.recv()
                 if isinstance(msg, m.Bye):
                     break
@@ -93,7 +182,11 @@ class ControlServer:
                         ch.send_nowait(m.Result(id=msg.id, value=list(self.host.events)))
                 else:
                     ch.send_nowait(self._call(msg.id, msg.method, params))
-                await ch.drain(timeout=10.0)
+                await ch.drain(timeout=self.write_timeout)
+        except PeerStalled as e:
+            log.info("control client disconnected: %s", e)
+            why = str(e).removeprefix("peer ")
+            _say_unavailable(ch, f"closing the connection: the client {why}")
         except (RemoteProtocolError, PeerClosed, asyncio.TimeoutError):
             pass
         finally:
@@ -122,11 +215,11 @@ class ControlServer:
         try:
             for ev in list(self.host.events):
                 ch.send_nowait(m.Event(id=cid, event=ev))
-            await ch.drain(timeout=10.0)
+            await ch.drain(timeout=self.write_timeout)
             while True:
                 ev = await q.get()
                 ch.send_nowait(m.Event(id=cid, event=ev))
-                await ch.drain(timeout=10.0)
+                await ch.drain(timeout=self.write_timeout)
         except (PeerClosed, asyncio.TimeoutError, ProtocolError, ConnectionError):
             await ch.close()
         finally:
@@ -134,7 +227,7 @@ class ControlServer:
 
     # ---------------------------------------------------------------- methods
 
-    def _vm(self, params: dict[str, Any]) -> "Vm":
+    def _vm(self, params: dict[str, Any]) -> Vm:
         name = params.get("vm")
         if type(name) is not str:
             raise CallError(ErrorCode.BAD_PARAMS, "parameter 'vm' (a VM name) is required")

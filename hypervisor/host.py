@@ -50,6 +50,7 @@ from hypervisor.supervisor import HALT_GRACE, Supervisor
 from hypervisor.topology import Topology, VmConfig
 from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import VmMemory
+from protocol.aio import Listener, stream_handler
 from protocol.features import Feature, StatTag
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class Host:
                 self._create_vm(vc)
             from hypervisor.control import ControlServer
             self.control = ControlServer(self)
-            await self._listen_unix(self.run_dir / rundir.CONTROL_SOCK, self.control.serve)
+            await self._listen_unix(self.run_dir / rundir.CONTROL_SOCK, self.control.serve,
+                                    point="control.accept", max_clients=self.control.max_clients)
             for vm in self.vms.values():
                 await self._listen_machine(vm)
                 await self._listen_unix(rundir.balloon_sock(self.run_dir, vm.name),
@@ -153,10 +155,13 @@ class Host:
         self._by_index[led.index] = vm
         return vm
 
-    async def _listen_unix(self, path: Path, handler: Any) -> None:
-        server = await asyncio.start_unix_server(handler, path=str(path), limit=1 << 20)
+    async def _listen_unix(self, path: Path, handler: Any, *, point: str | None = None,
+                           max_clients: int | None = None, raw: bool = False) -> None:
+        lst = Listener.bind(path, handler if raw else stream_handler(handler), name=path.name,
+                            point=point, max_clients=max_clients, on_refused=lambda why:
+                            self.emit("connection_refused", None, socket=path.name, reason=why))
         rundir.secure_socket(path)
-        self._servers.append(server)
+        self._servers.append(lst.start())
 
     def _balloon_handler(self, vm: Vm) -> Any:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -167,28 +172,18 @@ class Host:
         return handler
 
     async def _listen_machine(self, vm: Vm) -> None:
-        path = rundir.machine_sock(self.run_dir, vm.name)
-        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lsock.bind(str(path))
-        rundir.secure_socket(path)
-        lsock.listen(8)
-        lsock.setblocking(False)
-        self._servers.append(lsock)
+        async def serve(conn: socket.socket) -> None:
+            if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED):
+                conn.close()
+                return
+            if vm.state == VmState.CRASHED and not self.launch and not vm.machine.connected:
+                # Without a supervisor, a guest connecting to a crashed VM reboots it.
+                await self.restart_vm(vm)
+                self.emit("vm_restarted", vm.name, restarts=vm.restarts)
+            self._spawn(vm.machine.serve_socket(conn), f"{vm.name}-machine")
 
-        async def accept_loop() -> None:
-            loop = asyncio.get_running_loop()
-            while True:
-                conn, _ = await loop.sock_accept(lsock)
-                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED):
-                    conn.close()
-                    continue
-                if vm.state == VmState.CRASHED and not self.launch and not vm.machine.connected:
-                    # Without a supervisor, a guest connecting to a crashed VM reboots it.
-                    await self.restart_vm(vm)
-                    self.emit("vm_restarted", vm.name, restarts=vm.restarts)
-                self._spawn(vm.machine.serve_socket(conn), f"{vm.name}-machine")
-
-        self._spawn(accept_loop(), f"{vm.name}-accept")
+        await self._listen_unix(rundir.machine_sock(self.run_dir, vm.name), serve,
+                                point="machine.accept", raw=True)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

@@ -234,6 +234,10 @@ class Connection:
             self.state = State.CLOSED
         return frame
 
+    def at_frame_boundary(self) -> bool:
+        """True when no partial frame from the peer is buffered."""
+        return self._frames.at_frame_boundary()
+
     def data_to_send(self) -> bytes:
         """Bytes the connection produced on its own (auto replies); drains the outbox."""
         if not self._out:
