@@ -94,6 +94,7 @@ class Host:
         self.supervisor = Supervisor(self, list(vm_command) if vm_command
                                      else [sys.executable])
         self.control: Any = None
+        self.qmp: Any = None  # hypervisor.qmp.QmpServer once started
         self.policy_name = "none"
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
@@ -118,6 +119,9 @@ class Host:
                 await self._listen_machine(vm)
                 await self._listen_unix(rundir.balloon_sock(self.run_dir, vm.name),
                                         self._balloon_handler(vm))
+            from hypervisor.qmp import QmpServer
+            self.qmp = QmpServer(self)
+            await self.qmp.start()
             self.set_policy(hc.policy, dict(hc.policy_params))
             self.started_at = time.time()
             self.emit("host_started", None, frames=self.ledger.frames_total,
@@ -231,6 +235,8 @@ class Host:
         me = asyncio.current_task()
         for s in self._servers:
             s.close()
+        if self.qmp is not None:
+            await self.qmp.close()
         for vm in self.vms.values():
             await vm.machine.disconnect()
         for t in list(self._tasks):

@@ -60,6 +60,11 @@ def kernel_sock(run_dir: Path, vm: str) -> Path:
     return run_dir / f"{vm}.kernel.sock"
 
 
+def qmp_sock(run_dir: Path, vm: str) -> Path:
+    """The VM's QMP monitor (hypervisor.qmp)."""
+    return run_dir / f"{vm}.qmp.sock"
+
+
 def pid_alive(pid: int) -> bool:
     """True while *pid* runs. A zombie counts as gone; when it is our own child (a host
     started by this process, e.g. `up --detach` in a long-lived caller) it is reaped."""

@@ -102,7 +102,9 @@ def test_kernels_cli_writes_schema(tmp_path: Path):
                                      "--only", "pfn.count_set", "--only", "guest.free_runs",
                                      "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)  # progress goes to stderr: stdout is the JSON alone
+    assert "[1/2] pfn.count_set" in res.stderr
+    assert out["full"] is False
     assert out["benchmark"] == "kernels" and out["read_gib_s"] > 0
     assert [c["name"] for c in out["cases"]] == ["pfn.count_set", "guest.free_runs"]
     row = out["cases"][0]["sizes"][0]
@@ -126,7 +128,8 @@ def test_reclaim_cli_writes_schema(tmp_path: Path):
     res = CliRunner().invoke(bench, ["reclaim", "--vm-size", "32MiB", "--repeat", "1",
                                      "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
+    assert "references" in res.stderr and "fragmented: trial 1/1" in res.stderr
     for key in RECLAIM_KEYS:
         assert key in out and out[key] is not None and out[key] > 0, key
     for sc in ("ranges", "virtio", "fragmented"):
@@ -138,3 +141,33 @@ def test_reclaim_cli_writes_schema(tmp_path: Path):
 def test_reclaim_rejects_bad_size():
     res = CliRunner().invoke(bench, ["reclaim", "--vm-size", "1MiB"])
     assert res.exit_code != 0 and "at least 16 MiB" in res.output
+
+
+def test_progress_without_a_terminal_is_one_line_per_stage():
+    import io
+
+    from balloonlab.bench import _progress
+
+    out = io.StringIO()
+    with _progress("kernels", out) as say:
+        say("[1/3] a: 2^16")
+        say("[1/3] a: 2^16")  # repeated: printed once
+        say("[2/3] a: 2^18")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("bench kernels ") and lines[0].endswith("[1/3] a: 2^16")
+    assert lines[1].endswith("[2/3] a: 2^18")
+
+
+def test_quick_default_and_full_sweep_options():
+    # The default is the quick sweep; --full the long one; an option given wins over both.
+    def sweep(*args: str) -> dict:
+        res = CliRunner().invoke(bench, ["kernels", "--only", "pfn.count_set", *args, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    quick = sweep()
+    assert (quick["sizes_log2"], quick["naive_max_log2"], quick["full"]) == ([16, 18, 20], 14,
+                                                                            False)
+    full = sweep("--full", "--max-log2", "16")
+    assert (full["sizes_log2"], full["naive_max_log2"], full["full"]) == ([16], 16, True)
