@@ -265,7 +265,9 @@ class ControlServer:
             return st.get(int(t))
 
         return {
-            "actual": vm.balloon.actual,
+            # virsh's and QMP's `actual`: the guest's current memory (its size minus what the
+            # driver reports in the balloon), in bytes like every memory amount here.
+            "actual": max(0, vm.pages - vm.balloon.actual) * PAGE_SIZE,
             "swap_in": tag(StatTag.SWAP_IN), "swap_out": tag(StatTag.SWAP_OUT),
             "major_fault": tag(StatTag.MAJFLT), "minor_fault": tag(StatTag.MINFLT),
             "unused": tag(StatTag.MEMFREE), "available": tag(StatTag.MEMTOT),
@@ -289,6 +291,11 @@ class ControlServer:
             "ept_exits": tag(StatTag.EPT_EXITS),
             "guest_faults": tag(StatTag.GUEST_FAULTS),
             "out_of_puff": vm.balloon.metrics.out_of_puff,
+            # What the guest's tasks and kernel hold resident (pages), and whether a manual
+            # target keeps the policy away from this VM.
+            "guest_anon_pages": tag(StatTag.ANON_PAGES),
+            "guest_kernel_pages": tag(StatTag.KERNEL_PAGES),
+            "manual_target": vm.manual_target,
         }
 
     def counters(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -314,13 +321,22 @@ class ControlServer:
         # the rest (rounded up to whole pages).
         pages = vm.pages - nbytes // PAGE_SIZE
         self.host.set_balloon_target(vm, pages, reason="setmem")
-        return {"target_pages": pages}
+        vm.manual_target = True
+        return {"target_pages": pages, "manual_target": True}
 
     def set_balloon(self, params: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(params)
+        release = params.get("release", False)
+        if type(release) is not bool:
+            raise CallError(ErrorCode.BAD_PARAMS, f"release must be true or false, got {release!r}")
+        if release:
+            # Hand the VM back to the policy; its target stays until the policy moves it.
+            vm.manual_target = False
+            return {"target_pages": vm.balloon.target, "manual_target": False}
         pages = _int_param(params, "pages", lo=0, hi=vm.pages)
         self.host.set_balloon_target(vm, pages, reason="set_balloon")
-        return {"target_pages": pages}
+        vm.manual_target = True
+        return {"target_pages": pages, "manual_target": True}
 
     def set_policy(self, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("name")
@@ -333,8 +349,11 @@ class ControlServer:
             self.host.set_policy(name, pp)
         except (ValueError, ImportError, TypeError) as e:
             raise CallError(ErrorCode.BAD_PARAMS, f"cannot load policy {name!r}: {e}") from e
-        self.host.emit("policy", None, policy=name, reason="set_policy")
-        return {"policy": name}
+        released = sorted(v.name for v in self.host.vms.values() if v.manual_target)
+        for v in self.host.vms.values():
+            v.manual_target = False  # a policy set again takes every VM back
+        self.host.emit("policy", None, policy=name, reason="set_policy", released=released)
+        return {"policy": name, "released": released}
 
     def shutdown(self, params: dict[str, Any]) -> None:
         self.host.request_shutdown("control shutdown")

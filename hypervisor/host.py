@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 import socket
 import sys
@@ -343,11 +344,18 @@ class Host:
 
     # ================================================================== targets, policy
 
-    def set_balloon_target(self, vm: Vm, pages: int, reason: str = "manual") -> None:
+    def set_balloon_target(self, vm: Vm, pages: int, reason: str = "manual",
+                           policy: str | None = None) -> None:
+        """Set *vm*'s balloon target; a change is one event: ``policy`` (with the policy's
+        name) when a policy decided it, else ``balloon_target``."""
         old = vm.balloon.target
         vm.balloon.set_target(pages)
         if pages != old:
-            self.emit("balloon_target", vm.name, target_pages=pages, old=old, reason=reason)
+            if policy is not None:
+                self.emit("policy", vm.name, policy=policy, target_pages=pages, old=old,
+                          reason=reason)
+            else:
+                self.emit("balloon_target", vm.name, target_pages=pages, old=old, reason=reason)
 
     def set_policy(self, name: str, params: dict[str, Any] | None = None) -> None:
         try:
@@ -431,13 +439,12 @@ class Host:
         applied = []
         for d in decisions:
             vm = self.vms.get(d.vm)
-            if vm is None:
+            if vm is None or vm.manual_target:
+                # A target set by hand holds until the policy is set again or it is released.
                 continue
             target = max(0, min(int(d.target_pages), vm.pages))
             if target != vm.balloon.target:
-                self.set_balloon_target(vm, target, reason=d.reason)
-                self.emit("policy", vm.name, policy=self.policy_name, target_pages=target,
-                          reason=d.reason)
+                self.set_balloon_target(vm, target, reason=d.reason, policy=self.policy_name)
                 applied.append(d)
         return applied
 
@@ -460,7 +467,10 @@ async def run_host(topology: Topology, **kwargs: Any) -> None:
     """Entry point body: start, wait for a signal or ``shutdown``, stop."""
     host = Host(topology, **kwargs)
     await host.start()
-    handler = logging.FileHandler(host.run_dir / rundir.LOG_FILE)
+    # Never through a link, and only a file this instance created (docs: the run directory).
+    log_fd = rundir.open_new(host.run_dir / rundir.LOG_FILE, os.O_WRONLY | os.O_APPEND)
+    log_file = open(log_fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - host-long
+    handler = logging.StreamHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     host.install_signal_handlers()

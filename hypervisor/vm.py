@@ -61,6 +61,9 @@ class Vm:
     sample_pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     sample_armed_at: float = float("-inf")
     sample_result: tuple[int, int] = (0, 0)  # (pages sampled, touched) of the last period
+    #: Set by a manual ``set_balloon``/``setmem``: the policy leaves this VM's target alone
+    #: until ``set_policy`` or ``set_balloon`` with ``release`` clears it.
+    manual_target: bool = False
     supervisor: asyncio.Task[None] | None = None
 
     @property

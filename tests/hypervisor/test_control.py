@@ -64,10 +64,10 @@ def test_setmem_and_set_balloon_push_config_to_the_driver():
                     return r1, r2
 
             r1, r2 = await asyncio.to_thread(client_side)
-            assert r1 == {"target_pages": 8} and r2 == {"target_pages": 8}
+            assert r1["target_pages"] == 8 and r2["target_pages"] == 8
             r3 = await asyncio.to_thread(
                 lambda: ControlClient(lab.run_dir).call("setmem", vm="a", bytes=16 * PAGE))
-            assert r3 == {"target_pages": 16}
+            assert r3["target_pages"] == 16
             for _ in range(100):
                 if d.targets == [8, 16]:
                     break
