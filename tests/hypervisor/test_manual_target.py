@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from hv_peers import Lab, run, topo
+
 from balloonlab.client import ControlClient, ControlError
 
 PAGE = 4096
