@@ -18,6 +18,13 @@ Terms, as MoM's: a guest's *current* memory is ``memory_pages - balloon_pages`` 
 ``stat_avg_samples`` samples (MoM's ``StatAvg`` over ``sample-history-length`` = 10), host
 free is the average over as many host samples of :func:`host_free_fraction`.
 
+An average alone reacts late: when a guest's working set jumps, the host's frames can be
+all in use while a 10-sample mean of the free fraction still reads above 20 %, and the host
+swaps for seconds before the first balloon target. With ``react_to_current`` (the default)
+the rule takes the *lower* of the average and the current host free fraction, and the
+*higher* of a guest's average and current ``used``: pressure is acted on at the first sample
+that shows it, relief (and a guest shrinking) only once the average agrees.
+
 Before MoM's rule, :class:`GuestGuard` handles stalled drivers and guests under pressure.
 The full derivation, with citations, is in docs/policies.md.
 """
@@ -59,6 +66,8 @@ class MomPolicy(Policy):
         "critical_guest_free_offset": -0.05,
         # MoM's `sample-history-length` (doc/mom-balloon.conf): StatAvg window.
         "stat_avg_samples": 10,
+        # Act on the current sample when it is worse than the average (see the module doc).
+        "react_to_current": True,
         # Count host-swapped pages as negative free memory (see host_free_fraction).
         "swap_debt": True,
         # GuestGuard: seconds without inflation after a stall or guest pressure.
@@ -88,6 +97,7 @@ class MomPolicy(Policy):
         self.min_change = self.param_float("min_balloon_change_percent")
         self.critical_offset = self.param_float("critical_guest_free_offset")
         self.avg_samples = self.param_int("stat_avg_samples")
+        self.react_to_current = self.param_bool("react_to_current")
         self.swap_debt = self.param_bool("swap_debt")
         self.guard = GuestGuard(
             backoff=self.param_float("stall_backoff"),
@@ -95,10 +105,12 @@ class MomPolicy(Policy):
         )
 
     def host_free(self, host: HostSample, vms: Sequence[VmSample], history: History) -> float:
-        """MoM's ``host_free_percent``: StatAvg of the host's free fraction."""
+        """MoM's ``host_free_percent``: StatAvg of the host's free fraction (with
+        ``react_to_current``, the current fraction when that is lower)."""
         recent = recent_host_samples(host, vms, history, self.avg_samples)
         values = [host_free_fraction(h, hv, swap_debt=self.swap_debt) for h, hv in recent]
-        return sum(values) / len(values)
+        avg = sum(values) / len(values)
+        return min(avg, values[0]) if self.react_to_current else avg
 
     def decide(
         self, host: HostSample, vms: Sequence[VmSample], history: History
@@ -152,6 +164,8 @@ class MomPolicy(Policy):
         avg_cur = sum(s.usable_pages for s in recent) / len(recent)
         avg_free = sum(s.free_pages or 0 for s in recent) / len(recent)
         used = avg_cur - avg_free
+        if self.react_to_current:
+            used = max(used, cur - vm.free_pages)
         free_now = vm.free_pages / cur if cur else 0.0
         floor = max(float(vm.min_pages), used + goal * cur)
         if pressure:

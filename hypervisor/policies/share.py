@@ -14,7 +14,10 @@ the VM with the highest rho.
 accessed bits of ``active_sampled`` random backed pages of the VM and counts how many were
 touched again (``active_touched``). The policy keeps two exponentially weighted moving
 averages of ``touched / sampled`` per VM, a slow one and a fast one, and uses their maximum:
-it reacts at once when a working set grows and slowly when it shrinks.
+it reacts at once when a working set grows and slowly when it shrinks. A VM is not reclaimed
+from before its first sample: until then nothing says whether its memory is idle (the VMs of
+a host that just booted would otherwise be picked by their sizes alone). It can still be
+given memory back.
 
 Host states, in fractions of ``frames_total`` (host free as in :func:`host_free_fraction`):
 
@@ -178,7 +181,8 @@ class SharePolicy(Policy):
         if free_frac < self.low_free:
             in_flight = sum(max(0, vm.target_pages - vm.balloon_pages) for vm in vms)
             need = math.ceil(self.low_free * host.frames_total - free) - in_flight
-            order = sorted(free_vms, key=lambda v: (rhos[v.name], v.name))
+            measured = [v for v in free_vms if v.name in self._activity]
+            order = sorted(measured, key=lambda v: (rhos[v.name], v.name))
             head = (
                 f"share: host free {free_frac:.1%} < {self.low_free:.0%}: reclaim from "
                 f"lowest rho"

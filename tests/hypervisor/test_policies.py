@@ -315,7 +315,7 @@ def test_mom_host_swap_counts_against_host_free() -> None:
 
 
 def test_mom_averages_stats_over_history_like_statavg() -> None:
-    policy = MomPolicy({"stat_avg_samples": 3})
+    policy = MomPolicy({"stat_avg_samples": 3, "react_to_current": False})
     hist = [(host(1200, t=98.0), [vm(time=98.0, free_pages=100)]),
             (host(1200, t=99.0), [vm(time=99.0, free_pages=150)])]
     # avg free (100 + 150 + 200) / 3 = 150 -> used 850, floor 970 -> balloon 30.

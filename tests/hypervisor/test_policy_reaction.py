@@ -1,0 +1,77 @@
+"""How fast the adaptive policies react: mom acts on the sample that first shows pressure
+(not once a 10-sample average catches up), and share taxes a VM only once it has measured
+how idle it is. Hand-computed values in the comments (pages; host of 10000 frames)."""
+
+from __future__ import annotations
+
+from hypervisor.policies import HostSample, MomPolicy, SharePolicy, VmSample
+
+
+def host(free: int, t: float) -> HostSample:
+    return HostSample(time=t, frames_total=10000, frames_free=free,
+                      swap_slots_total=5000, swap_slots_free=5000)
+
+
+def vm(name: str, t: float, **kw: object) -> VmSample:
+    fields: dict[str, object] = dict(
+        name=name, time=t, memory_pages=1000, target_pages=0, balloon_pages=0,
+        backed_pages=1000, host_swapped_pages=0, free_pages=500, available_pages=500,
+        swap_in=0, swap_out=0, alloc_stalls=0, major_faults=0, out_of_puff=False,
+        active_sampled=100, active_touched=100, min_pages=0, max_pages=1000, shares=1000,
+    )
+    fields.update(kw)
+    return VmSample(**fields)  # type: ignore[arg-type]
+
+
+def calm_history(n: int) -> list:
+    """``n`` one-second samples of a host with 50 % free and a guest with 500 pages free."""
+    return [(host(5000, float(t)), [vm("a", float(t))]) for t in range(n)]
+
+
+def test_mom_shrinks_at_the_first_sample_under_pressure() -> None:
+    hist = calm_history(9)
+    now = host(0, 9.0)  # every frame in use: a working set just jumped
+    # The 10-sample average is (9 * 50 % + 0 %) / 10 = 45 %: no pressure by the average.
+    assert MomPolicy({"react_to_current": False}).decide(now, [vm("a", 9.0)], hist) == []
+    # Current free 0 % <= 5 %: critical, goal 0 % - 5 % = -5 %, used 500, floor 450;
+    # the 5 % step (950) is above the floor: balloon 50, at once.
+    d = MomPolicy().decide(now, [vm("a", 9.0)], hist)
+    assert [(x.vm, x.target_pages) for x in d] == [("a", 50)]
+    assert "host free 0.0% <= 5% (critical)" in d[0].reason
+
+
+def test_mom_does_not_let_go_until_the_average_agrees() -> None:
+    # Under pressure for nine samples, then one calm sample: the average (9 * 10 % + 50 %)
+    # / 10 = 14 % < 20 % still rules, so mom keeps shrinking instead of growing back.
+    hist = [(host(1000, float(t)), [vm("a", float(t), target_pages=100, balloon_pages=100)])
+            for t in range(9)]
+    cur = vm("a", 9.0, target_pages=100, balloon_pages=100)
+    d = MomPolicy().decide(host(5000, 9.0), [cur], hist)
+    assert d and d[0].target_pages > 100 and "< 20%" in d[0].reason
+
+
+def test_mom_guest_used_follows_a_growing_guest_at_once() -> None:
+    # The guest's free fell from 500 pages to 0 this second: its task grew into all of it.
+    hist = [(host(1500, float(t)), [vm("a", float(t))]) for t in range(9)]
+    now = [vm("a", 9.0, free_pages=0)]
+    # Host free 15 %: goal = 20 % * 15 % / 20 % = 15 %. Current used 1000: the floor
+    # 1000 + 150 is above the guest's 1000 pages, so mom takes nothing from it.
+    assert MomPolicy().decide(host(1500, 9.0), now, hist) == []
+    # The average alone (used 1000 - (9 * 500 + 0) / 10 = 550, floor 700) would take a
+    # 5 % step from a guest that has no free page left.
+    old = MomPolicy({"react_to_current": False}).decide(host(1500, 9.0), now, hist)
+    assert [(x.vm, x.target_pages) for x in old] == [("a", 50)]
+
+
+def test_share_does_not_reclaim_from_unmeasured_vms() -> None:
+    # Host free 5 % < 10 %: share must reclaim 500 pages. Neither VM has an accessed-bit
+    # sample yet (active_sampled 0): nothing says which is idle, so nothing is reclaimed.
+    fresh = [vm("a", 1.0, active_sampled=0, active_touched=0),
+             vm("b", 1.0, active_sampled=0, active_touched=0)]
+    policy = SharePolicy()
+    assert policy.decide(host(500, 1.0), fresh, []) == []
+    # Once b is measured idle (0 of 100 sampled pages touched), b pays the idle tax.
+    later = [vm("a", 5.0, active_sampled=0, active_touched=0),
+             vm("b", 5.0, active_touched=0)]
+    d = policy.decide(host(500, 5.0), later, [])
+    assert [x.vm for x in d] == ["b"] and d[0].target_pages == 50
