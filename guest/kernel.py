@@ -32,7 +32,7 @@ import numpy as np
 from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, RunError, SwapDevice, TaskMem
 from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
-from protocol.aio import Channel, PeerClosed
+from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_handler
 from protocol.connection import KernelServer, MachineGuest
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
@@ -52,6 +52,11 @@ OOM_RESTART_DELAY = 1.0
 DRIVER_HANDOVER = 2.0
 #: Seconds to wait for the driver's answer to ``oom_notify``.
 OOM_NOTIFY_TIMEOUT = 5.0
+#: Connections to the kernel socket served at once: the driver, a restarting driver's
+#: successor waiting for the handover, and room to refuse a stray one with an error frame.
+DRIVER_CONNECTIONS = 4
+#: Seconds the driver may leave a started frame unfinished, or our replies unread.
+DRIVER_STALL_TIMEOUT = 10.0
 
 
 class ConfigError(ValueError):
@@ -150,8 +155,9 @@ class GuestKernel:
         # The kernel socket exists before boot, so the driver can connect once we booted.
         if os.path.exists(self.kernel_sock):
             os.unlink(self.kernel_sock)
-        server = await asyncio.start_unix_server(self._serve_driver, path=self.kernel_sock,
-                                                 limit=1 << 20)
+        server = Listener.bind(self.kernel_sock, stream_handler(self._serve_driver),
+                               name=os.path.basename(self.kernel_sock),
+                               max_clients=DRIVER_CONNECTIONS).start()
         os.chmod(self.kernel_sock, 0o600)
         swap: SwapDevice | None = None
         maps: list[mmap.mmap] = []
@@ -353,7 +359,7 @@ class GuestKernel:
 
     async def _serve_driver(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        ch = Channel(KernelServer(), reader, writer)
+        ch = Channel(KernelServer(), reader, writer, frame_timeout=DRIVER_STALL_TIMEOUT)
         if self.driver is not None:
             # A restarting driver may reconnect before we noticed its old connection close.
             try:
@@ -363,9 +369,12 @@ class GuestKernel:
         if self.driver is not None or self.mm is None:
             # one driver at a time, and only once booted
             try:
-                ch.send_nowait(m.Error(code=ErrorCode.BAD_STATE,
+                ch.send_nowait(m.Error(code=str(ErrorCode.BAD_STATE),
                                        message="a balloon driver is already connected"
                                        if self.mm else "the guest has not booted yet"))
+                await ch.drain(timeout=DRIVER_STALL_TIMEOUT)
+            except (PeerClosed, ProtocolError, asyncio.TimeoutError):
+                pass
             finally:
                 await ch.close()
             return
@@ -378,11 +387,12 @@ class GuestKernel:
                     await self.mm.balloon_reclaim(msg.count)
                 reply = self._driver_request(msg)
                 if reply is not None:
-                    await ch.send(reply)
+                    await ch.send(reply, timeout=DRIVER_STALL_TIMEOUT)
                 if isinstance(msg, (m.Bye, m.Error)):
                     break
-        except (PeerClosed, ProtocolError, ConnectionError):
-            pass
+        except (PeerClosed, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+            if not isinstance(e, PeerClosed) or isinstance(e, PeerStalled):
+                self._log(f"balloon driver disconnected: {type(e).__name__}: {e}")
         finally:
             if self.mm is not None:
                 # reports still in flight die with the driver: pages go back unreported
@@ -450,7 +460,7 @@ class GuestKernel:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._oom_acks[mid] = fut
         try:
-            await ch.send(m.OomNotify(id=mid, pages=pages))
+            await ch.send(m.OomNotify(id=mid, pages=pages), timeout=DRIVER_STALL_TIMEOUT)
             return await asyncio.wait_for(fut, OOM_NOTIFY_TIMEOUT)
         except (asyncio.TimeoutError, PeerClosed, ProtocolError):
             return False

@@ -30,7 +30,7 @@ import numpy as np
 
 from protocol import messages as m
 from protocol import pfn as P
-from protocol.aio import Channel, PeerClosed
+from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.balloon import BalloonDevice, BatchRejected
 from protocol.connection import State
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 #: A driver that leaves this many seconds of our output unread is disconnected: a peer that
 #: stops reading must not make the host buffer without bound.
 WRITE_TIMEOUT = 10.0
+#: A connection must send ``hello`` within this many seconds: until it does it holds the
+#: VM's one driver slot, so a peer that connects and says nothing would lock the driver out.
+HELLO_TIMEOUT = 10.0
+#: Seconds a driver may leave a started frame unfinished.
+FRAME_TIMEOUT = 10.0
 
 
 @dataclass
@@ -131,7 +136,7 @@ class BalloonBackend:
         dev = BalloonDevice(vm=self.vm, guest_pages=self.pages, supported=self.supported,
                             target=self.target, ballooned=self.ballooned,
                             stats_interval_ms=int(self.stats_interval * 1000))
-        ch = Channel(dev, reader, writer)
+        ch = Channel(dev, reader, writer, idle_timeout=HELLO_TIMEOUT, frame_timeout=FRAME_TIMEOUT)
         self.device, self.channel = dev, ch
         poller: asyncio.Task[None] | None = None
         reason = "driver closed the balloon channel"
@@ -143,6 +148,7 @@ class BalloonBackend:
                     self.emit("balloon_rejected", self.vm, code=str(ev.code),
                               message=ev.message, type=ev.request.TYPE)
                 elif isinstance(ev, m.Hello):
+                    ch.idle_timeout = None  # a negotiated driver may stay quiet
                     self.metrics.connects += 1
                     self.emit("driver_connected", self.vm, features=dev.features)
                     if poller is None and self.stats_interval > 0:
@@ -179,6 +185,9 @@ class BalloonBackend:
             log.warning("%s: %s", self.vm, reason)
         except asyncio.TimeoutError:
             reason = "driver stopped reading"
+        except PeerStalled as e:
+            reason = f"driver stalled: {e}"
+            log.warning("%s: %s", self.vm, reason)
         except PeerClosed:
             pass
         finally:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 
 from protocol import messages as m
-from protocol.aio import Channel, PeerClosed
+from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import MachineHost, State
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.features import PAGE_SIZE, PROTOCOL_VERSION
@@ -45,6 +45,9 @@ MAX_OUTSTANDING_FAULTS = 64
 SHOOTDOWN_TIMEOUT = 10.0
 #: A guest that does not send ``boot`` within this many seconds of connecting is dropped.
 BOOT_TIMEOUT = 10.0
+#: Seconds a booted guest may leave a started frame unfinished (it may be silent for as
+#: long as it likes between frames: an idle guest exits nothing).
+FRAME_TIMEOUT = 10.0
 
 
 class ShootdownFailed(Exception):
@@ -100,7 +103,7 @@ class MachineServer:
             sock.close()
             return
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
-        ch = Channel(conn, reader, writer)
+        ch = Channel(conn, reader, writer, frame_timeout=FRAME_TIMEOUT)
         self.channel = ch
         self.booted = True
         self._faults = asyncio.Queue()  # per connection: nothing stale from a previous guest
@@ -130,6 +133,9 @@ class MachineServer:
                     break
         except RemoteProtocolError as e:
             reason = f"protocol error from guest: {e}"
+            log.warning("%s: %s", self.vm, reason)
+        except PeerStalled as e:
+            reason = f"guest stalled: {e}"
             log.warning("%s: %s", self.vm, reason)
         except PeerClosed:
             pass

@@ -93,6 +93,8 @@ class Channel:
             if ev is NEED_DATA:
                 try:
                     data = await self._read()
+                except PeerClosed:
+                    raise
                 except (ConnectionError, OSError) as e:
                     raise PeerClosed(str(e)) from e
                 conn.receive_data(data)
