@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, RunError, SwapDevice, TaskMem
+from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, SwapDevice, TaskMem
 from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
 from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_handler
 from protocol.connection import KernelServer, MachineGuest
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
-from protocol.pfn import pfns_to_wire, runs_to_wire
+from protocol.pfn import RunError, pfns_to_wire, runs_to_wire
 from protocol.sync import SyncChannel
 
 #: Accesses per quantum when no rate limits the task: ~1 ms of vCPU time at tens of
@@ -425,8 +425,7 @@ class GuestKernel:
             try:
                 mm.balloon_free(msg.run_array)
             except RunError as e:
-                return fail(e.code if e.code != "not_in_use" else ErrorCode.NOT_BALLOONED,
-                            f"balloon_free: {e}")
+                return fail(e.code, f"balloon_free: {e.message}")
             return m.Ack(id=msg.id, ok=True)
         if isinstance(msg, m.BalloonList):
             return m.Pages(id=msg.id, runs=runs_to_wire(mm.balloon_list()))
@@ -442,8 +441,8 @@ class GuestKernel:
             try:
                 mm.report_done(msg.run_array)
             except RunError as e:
-                return fail(e.code if e.code != "not_in_use" else ErrorCode.BAD_FIELD,
-                            f"report_done: {e} (only isolated pages can be reported)")
+                return fail(e.code, f"report_done: {e.message} (only isolated pages can be "
+                            "reported)")
             return m.Ack(id=msg.id, ok=True)
         if isinstance(msg, m.Ack):
             fut = self._oom_acks.pop(msg.id, None)

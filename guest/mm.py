@@ -37,7 +37,8 @@ from guest.kernels import (
     PG_ISOLATED,
     PG_KERNEL,
 )
-from protocol.pfn import runs_of_set, runs_to_pfns
+from protocol.errors import ErrorCode
+from protocol.pfn import RunError, runs_of_set, runs_to_pfns, validate_runs  # one run family
 
 #: Pages reclaimed per direct-reclaim attempt (Linux's SWAP_CLUSTER_MAX).
 SWAP_CLUSTER_MAX = 32
@@ -55,49 +56,8 @@ EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
 OomNotify = Callable[[int], Awaitable[bool]]
 
 
-class RunError(ValueError):
-    """A run batch that names pages it may not: ``gpfn`` is the first offending page."""
-
-    def __init__(self, code: str, message: str, gpfn: int = -1) -> None:
-        super().__init__(message)
-        self.code = code
-        self.gpfn = gpfn
-
-
 class OutOfPuff(Exception):
     """Memory is short: the kernel refuses to give pages to the balloon."""
-
-
-def validate_runs(runs: np.ndarray, npages: int) -> np.ndarray:
-    """Check a (k, 2) run array: non-empty runs inside guest RAM, no overlaps.
-
-    Returns an int64 copy; raises :class:`RunError` naming the problem."""
-    r = np.asarray(runs)
-    if r.size == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    if r.ndim != 2 or r.shape[1] != 2:
-        raise RunError("bad_field", f"runs must have shape (k, 2), got {r.shape}")
-    r64 = r.astype(np.uint64)
-    starts, counts = r64[:, 0], r64[:, 1]
-    bad = np.flatnonzero(counts == 0)
-    if bad.size:
-        raise RunError("bad_field", f"run {bad[0]} has a page count of zero", int(starts[bad[0]]))
-    # compare without overflow: start < npages and count <= npages - start
-    bad = np.flatnonzero((starts >= npages) | (counts > np.uint64(npages) - np.minimum(
-        starts, np.uint64(npages))))
-    if bad.size:
-        i = int(bad[0])
-        raise RunError("pfn_out_of_range",
-                       f"run {i} ({int(starts[i])}, {int(counts[i])}) lies beyond guest RAM "
-                       f"of {npages} pages", int(starts[i]))
-    out = r64.astype(np.int64)
-    order = np.argsort(out[:, 0], kind="stable")
-    s = out[order]
-    overlap = np.flatnonzero(s[1:, 0] < s[:-1, 0] + s[:-1, 1])
-    if overlap.size:
-        g = int(s[overlap[0] + 1, 0])
-        raise RunError("duplicate_pfn", f"runs overlap at page {g}", g)
-    return out
 
 
 class BuddyAllocator:
@@ -177,19 +137,23 @@ class BuddyAllocator:
         if len(gpfns):
             K.free_pages(np.ascontiguousarray(gpfns, np.int64), self.npages, *self._arrays())
 
-    def free_runs(self, runs: np.ndarray, *, want_state: int,
-                  reported: bool | None = None) -> None:
-        """Free runs whose pages are all in ``want_state``; else RunError, no change.
+    def free_runs(self, runs: np.ndarray, *, want_state: int, reported: bool | None = None,
+                  code: ErrorCode = ErrorCode.NOT_IN_USE) -> int:
+        """Free runs whose pages are all in ``want_state``; else :class:`RunError` with
+        ``code`` for a page in another state (range and overlap errors carry their own
+        codes), and nothing changes.
 
-        Isolated pages come back marked reported unless ``reported=False``."""
+        Isolated pages come back marked reported unless ``reported=False``. Returns the
+        number of pages freed."""
         r = validate_runs(runs, self.npages)
         bad = int(K.first_not_in_state(r, np.uint8(want_state), self.state))
         if bad >= 0:
-            raise RunError("not_in_use", f"page {bad} is not in the expected state "
-                           f"(it is {_STATE_NAMES[int(self.state[bad])]})", bad)
+            raise RunError(code, f"page {bad} is not in the expected state "
+                           f"(it is {_STATE_NAMES[int(self.state[bad])]})", pfn=bad)
         from_isolated = want_state == PG_ISOLATED
         mark = from_isolated if reported is None else reported
         K.free_runs(r, from_isolated, mark, self.npages, *self._arrays())
+        return int(r[:, 1].sum()) if len(r) else 0
 
     def isolate_free(self, min_order: int, max_runs: int) -> np.ndarray:
         """Isolate unreported free blocks of order >= ``min_order`` (at most ``max_runs``)."""
@@ -666,9 +630,7 @@ class MemoryManager:
 
     def balloon_free(self, runs: np.ndarray) -> int:
         """Return balloon pages to the allocator; all must be in the balloon (RunError)."""
-        r = validate_runs(runs, self.npages)
-        self.buddy.free_runs(r, want_state=PG_BALLOON)
-        return int(r[:, 1].sum()) if len(r) else 0
+        return self.buddy.free_runs(runs, want_state=PG_BALLOON, code=ErrorCode.NOT_BALLOONED)
 
     def balloon_list(self) -> np.ndarray:
         return runs_of_set((self.buddy.state == PG_BALLOON).view(np.uint8)).astype(np.int64)
@@ -688,9 +650,9 @@ class MemoryManager:
         return int(r[:, 1].sum()) if len(r) else 0
 
     def report_done(self, runs: np.ndarray) -> int:
-        r = validate_runs(runs, self.npages)
-        self.buddy.free_runs(r, want_state=PG_ISOLATED)
-        return int(r[:, 1].sum()) if len(r) else 0
+        """Reported pages back to the free lists; all must be isolated (RunError
+        ``not_in_use`` otherwise)."""
+        return self.buddy.free_runs(runs, want_state=PG_ISOLATED)
 
     # ------------------------------------------------------------------ stats
 

@@ -128,6 +128,11 @@ class Host:
             self.emit("host_started", None, frames=self.ledger.frames_total,
                       swap_slots=self.ledger.swap_slots_total)
             self._spawn(self._policy_loop(), "policy")
+            if self.topology.schedule:
+                from hypervisor.schedule import run_schedule
+
+                self._spawn(run_schedule(self, self.topology.schedule, time.monotonic()),
+                            "schedule")
             if self.launch:
                 for vm in self.vms.values():
                     self.supervisor.start(vm)

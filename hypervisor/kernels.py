@@ -138,6 +138,57 @@ def _clock_scan(
     return out[:got], i
 
 
+@njit(cache=True)
+def _runs_first_locked(p2m: np.ndarray, runs: np.ndarray, state: np.ndarray) -> int:
+    # The first page of the runs (in run order) backed by a LOCKED frame, or -1.
+    for r in range(runs.shape[0]):
+        first = runs[r, 0]
+        for g in range(first, first + runs[r, 1]):
+            f = p2m[g]
+            if f >= 0 and state[f] == LOCKED:
+                return g
+    return -1
+
+
+@njit(cache=True)
+def _release_runs(
+    p2m: np.ndarray,
+    runs: np.ndarray,
+    state: np.ndarray,
+    owner_vm: np.ndarray,
+    owner_gpfn: np.ndarray,
+    swap_state: np.ndarray,
+    swap_owner_vm: np.ndarray,
+    swap_owner_gpfn: np.ndarray,
+    slots_out: np.ndarray,
+) -> tuple[int, int]:
+    # One pass over the pages of the runs: a frame or slot found in the P2M goes back to
+    # its map (reverse map cleared), the P2M entry becomes NONE. Freed slots are written
+    # to slots_out in page order while it has room; the counts are returned either way.
+    nf = 0
+    ns = 0
+    room = slots_out.shape[0]
+    for r in range(runs.shape[0]):
+        first = runs[r, 0]
+        for g in range(first, first + runs[r, 1]):
+            v = p2m[g]
+            if v >= 0:
+                state[v] = FREE
+                owner_vm[v] = -1
+                owner_gpfn[v] = -1
+                nf += 1
+            elif v <= -2:
+                s = -(v + 2)
+                swap_state[s] = FREE
+                swap_owner_vm[s] = -1
+                swap_owner_gpfn[s] = -1
+                if ns < room:
+                    slots_out[ns] = s
+                ns += 1
+            p2m[g] = -1
+    return nf, ns
+
+
 def _check_map(state: np.ndarray) -> None:
     if not isinstance(state, np.ndarray) or state.dtype != np.uint8 or state.ndim != 1:
         raise TypeError("state map must be a 1-d uint8 numpy array")
@@ -211,3 +262,45 @@ def make_accessed_list(arrays: list[np.ndarray]) -> TypedList:
             raise TypeError("accessed arrays must be 1-d uint8")
         tl.append(a)
     return tl
+
+
+def _check_runs_in(runs: np.ndarray, size: int) -> np.ndarray:
+    r = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
+    if r.shape[0] and (np.any(r[:, 1] < 0) or np.any(r[:, 0] < 0)
+                       or np.any(r[:, 0] > size - r[:, 1])):
+        raise ValueError(f"runs must lie inside 0..{size - 1}")
+    return r
+
+
+def runs_first_locked(p2m: np.ndarray, runs: np.ndarray, state: np.ndarray) -> int:
+    """The first gpfn of ``runs`` (run order) whose frame is LOCKED in ``state``, or -1.
+
+    ``p2m`` is one VM's P2M (frame >= 0, else not backed); O(pages of the runs)."""
+    return int(_runs_first_locked(p2m, _check_runs_in(runs, p2m.shape[0]), state))
+
+
+def release_runs(
+    p2m: np.ndarray,
+    runs: np.ndarray,
+    state: np.ndarray,
+    owner_vm: np.ndarray,
+    owner_gpfn: np.ndarray,
+    swap_state: np.ndarray,
+    swap_owner_vm: np.ndarray,
+    swap_owner_gpfn: np.ndarray,
+    max_slots: int,
+) -> tuple[int, np.ndarray]:
+    """Drop the backing of every page of ``runs`` (disjoint, inside ``p2m``): frames and
+    host swap slots the P2M names become FREE with their reverse maps cleared, and the P2M
+    entries become NONE (-1). No check of LOCKED frames here (see
+    :func:`runs_first_locked`). ``max_slots`` bounds the swapped pages among the runs (the
+    VM's swapped count will do): the slot array is the only allocation, never O(guest RAM).
+    Returns (frames freed, the freed slots in page order)."""
+    r = _check_runs_in(runs, p2m.shape[0])
+    total = int(r[:, 1].sum()) if r.shape[0] else 0
+    slots = np.empty(max(0, min(int(max_slots), total)), dtype=np.int64)
+    nf, ns = _release_runs(p2m, r, state, owner_vm, owner_gpfn, swap_state, swap_owner_vm,
+                           swap_owner_gpfn, slots)
+    if ns > slots.shape[0]:
+        raise AssertionError(f"{ns} swapped pages in the runs but max_slots was {max_slots}")
+    return int(nf), slots[:ns]

@@ -116,7 +116,10 @@ class Supervisor:
     def vm_argv(self, vm: Vm, which: str) -> list[str]:
         r = self.host.run_dir
         if which == "kernel":
-            cfg = vm.config.guest_config(seed=vm.restarts + 1)
+            from hypervisor.schedule import guest_seed
+
+            seed = guest_seed(self.host.topology.host.seed, vm.name, vm.restarts)
+            cfg = vm.config.guest_config(seed=seed)
             return [*self.python, "-m", "guest.kernel", "--vm", vm.name,
                     "--machine-sock", str(rundir.machine_sock(r, vm.name)),
                     "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),

@@ -55,3 +55,31 @@ def clock_scan(state: list[int], owner_vm: list[int], owner_gpfn: list[int],
         if len(out) == want:
             break
     return out, i
+
+
+def runs_first_locked(p2m: list[int], runs: list[tuple[int, int]], state: list[int]) -> int:
+    for first, count in runs:
+        for g in range(first, first + count):
+            if p2m[g] >= 0 and state[p2m[g]] == 2:
+                return g
+    return -1
+
+
+def release_runs(p2m: list[int], runs: list[tuple[int, int]], state: list[int],
+                 owner_vm: list[int], owner_gpfn: list[int], swap_state: list[int],
+                 swap_owner_vm: list[int], swap_owner_gpfn: list[int]) -> tuple[int, list[int]]:
+    """Page by page: frames and slots named by the P2M freed, P2M entries set to -1."""
+    frames = 0
+    slots: list[int] = []
+    for first, count in runs:
+        for g in range(first, first + count):
+            v = p2m[g]
+            if v >= 0:
+                state[v], owner_vm[v], owner_gpfn[v] = 0, -1, -1
+                frames += 1
+            elif v <= -2:
+                s = -(v + 2)
+                swap_state[s], swap_owner_vm[s], swap_owner_gpfn[s] = 0, -1, -1
+                slots.append(s)
+            p2m[g] = -1
+    return frames, slots
