@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -406,130 +405,62 @@ def policy(name: str, params: tuple[str, ...], host: str | None) -> None:
     click.echo(f"policy {name}{suffix}")
 
 
-from hypervisor.rundir import pid_alive as _pid_alive  # noqa: E402
-
-
-def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT,
+              proc: subprocess.Popen[bytes] | None = None) -> None:
     """Ask the host in *run_dir* to shut down and wait for its process to exit; escalate to
     SIGTERM, then SIGKILL, only for a process this CLI started or that the pid file names."""
-    from hypervisor.rundir import read_pid
+    from balloonlab.launcher import stop_host
 
-    pid = proc.pid if proc is not None else read_pid(run_dir)
-    try:
-        c = ControlClient(run_dir, timeout=5.0)
-        try:
-            c.call("shutdown")
-        finally:
-            c.close()
-    except Exception:  # already going away: fall through to waiting for the process
-        pass
-    if pid is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None:
-            if proc.poll() is not None:
-                return
-        elif not _pid_alive(pid):
-            return
-        time.sleep(0.1)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        end = time.monotonic() + 5.0
-        while time.monotonic() < end:
-            if (proc.poll() is not None) if proc is not None else not _pid_alive(pid):
-                return
-            time.sleep(0.1)
+    stop_host(run_dir, timeout, proc)
+
+
+def _live_hosts() -> list[Path]:
+    """Run directories of every live host under the default base directory."""
+    from hypervisor.rundir import base_dir, is_live
+
+    base = base_dir()
+    if not base.is_dir():
+        return []
+    return sorted(d for d in base.iterdir() if d.is_dir() and is_live(d))
 
 
 @cli.command()
 @host_option
+@click.option("--all", "all_", is_flag=True, help="Stop every running host.")
 @click.option("--timeout", default="20s", show_default=True, help="How long to wait for the host to exit.")
-def down(host: str | None, timeout: str) -> None:
-    """Stop the running host and all its VMs."""
+def down(host: str | None, all_: bool, timeout: str) -> None:
+    """Stop the running host (every running host with --all) and all its VMs."""
+    from hypervisor.rundir import NoHostFound
+
+    from hypervisor import rundir
+
     wait = _duration_arg(timeout, "--timeout")
     assert wait is not None
-    run_dir = _run_dir_for(host)
+    if all_:
+        if host is not None:
+            raise click.UsageError("--all and --host exclude each other")
+        hosts = _live_hosts()
+        if not hosts:
+            _fail("no running host found; nothing to stop")
+        for d in hosts:  # a path names a run directory, as --host accepts
+            click.get_current_context().invoke(down, host=str(d), all_=False, timeout=timeout)
+        return
+    try:
+        run_dir = _run_dir_for(host)
+    except NoHostFound as e:
+        if "several" in str(e):
+            _fail(f"{e}, or stop them all with --all")
+        raise
+    pid = rundir.read_pid(run_dir)
     _shutdown(run_dir, wait)
+    if pid is not None and rundir.pid_alive(pid):
+        _fail(f"host {run_dir.name} (pid {pid}) did not stop; see {rundir.output_path(run_dir)}")
+    if not os.path.lexists(run_dir):  # a clean stop: the host's output is not worth keeping
+        rundir.remove_output(rundir.output_path(run_dir))
     click.echo(f"host {run_dir.name} stopped")
 
 
 # ---- up / demo --------------------------------------------------------------------------------
-
-
-def _host_run_dir(topo: Topology) -> Path:
-    from hypervisor.rundir import default_run_dir
-
-    return Path(topo.host.run_dir) if topo.host.run_dir else default_run_dir(topo.host.name)
-
-
-def _log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-def _launch(topo: Topology, topo_file: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    from hypervisor.rundir import is_live
-
-    run_dir = _host_run_dir(topo)
-    if is_live(run_dir):
-        _fail(f"host {topo.host.name!r} is already running in {run_dir}; stop it with "
-              f"`balloonlab down --host {topo.host.name}`")
-    log = open(log_path, "wb")
-    try:
-        # A new session: Ctrl-C in this terminal reaches only the CLI, which then shuts the
-        # host down in order (drivers, kernels, host) instead of everything dying at once.
-        return subprocess.Popen(
-            [sys.executable, "-m", "hypervisor", "--topology", str(topo_file)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True,
-        )
-    finally:
-        log.close()
-
-
-def _wait_ready(topo: Topology, proc: subprocess.Popen[bytes], log_path: Path, timeout: float,
-                progress: Any = None) -> Path:
-    """Wait until every VM is `running` with its driver `connected`; returns the run dir."""
-    from hypervisor.rundir import is_live
-
-    run_dir = _host_run_dir(topo)
-    deadline = time.monotonic() + timeout
-    expected = {v.name for v in topo.vms}
-    last_state = ""
-    while True:
-        if proc.poll() is not None:
-            tail = _log_tail(log_path)
-            _fail(f"the hypervisor exited with status {proc.returncode} before its VMs were up"
-                  + (f"; last output ({log_path}):\n{tail}" if tail else f"; see {log_path}"))
-        if time.monotonic() > deadline:
-            _shutdown(run_dir, 5.0, proc)
-            _fail(f"VMs not ready after {format_duration(timeout)} ({last_state or 'no control socket'}); "
-                  f"host stopped; see {log_path} and {run_dir}")
-        if is_live(run_dir):
-            try:
-                c = ControlClient(run_dir, timeout=5.0)
-                try:
-                    vms = c.call("list_vms")
-                finally:
-                    c.close()
-            except Exception:
-                vms = None
-            if vms is not None:
-                ready = {v["name"] for v in vms
-                         if v.get("state") == "running" and v.get("driver") == "connected"}
-                last_state = ", ".join(f"{v['name']} {v.get('state')}/{v.get('driver')}" for v in vms)
-                if progress is not None:
-                    progress(f"booting: {last_state}")
-                if expected <= ready:
-                    return run_dir
-        time.sleep(0.1)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -606,46 +537,46 @@ def _run_up(
 ) -> dict[str, Any] | None:
     from rich.console import Console
 
+    from balloonlab import launcher
     from balloonlab.dashboard import Monitor
 
     recorder = Recorder(record, topo) if record is not None else None
+    # The recorded copy of the topology is what the host runs; without a recording, a
+    # topology built in memory goes to a temporary file (the launcher's).
     if recorder is not None:
-        topo_file = (record / "topology.toml").resolve()  # the recorded copy is what the host runs
-    elif topo_path is not None:
-        topo_file = topo_path.resolve()
+        topo_file: Path | None = (record / "topology.toml").resolve()
     else:
-        fd, name = tempfile.mkstemp(prefix=f"balloonlab-{topo.host.name}-", suffix=".toml")
-        with os.fdopen(fd, "w") as f:
-            f.write(topo.to_toml())
-        topo_file = Path(name)
-    # The host's own stdout/stderr (startup errors, tracebacks). Beside the run dir, not in
-    # it: the host wipes a stale run dir when it starts and removes it when it stops.
-    if record is not None:
-        log_path = record / "hypervisor.out"
-    else:
-        log_path = _host_run_dir(topo).parent / f"{topo.host.name}.hypervisor.out"
-        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        topo_file = topo_path.resolve() if topo_path is not None else None
+    # The host's own stdout/stderr (startup errors, tracebacks): DIR/hypervisor.out with
+    # --record, else <run dir>.hypervisor.out beside the run dir (the launcher's default).
+    out = (record / "hypervisor.out") if record is not None else None
 
     err = Console(file=sys.stderr)
     tty = sys.stdout.isatty()
     try:
-        proc = _launch(topo, topo_file, log_path)
-    except BaseException:
+        h = launcher.launch(topo, topo_file=topo_file, output=out)
+    except BaseException as e:
         if recorder is not None:
             recorder.close()
+        if isinstance(e, launcher.LaunchError):
+            _fail(str(e))
         raise
+    proc, log_path = h.proc, h.output
     try:
         if tty:
             with err.status("starting host…") as status:
-                run_dir = _wait_ready(topo, proc, log_path, boot_timeout, status.update)
+                launcher.wait_ready(h, boot_timeout, status.update)
         else:
-            run_dir = _wait_ready(topo, proc, log_path, boot_timeout)
-    except BaseException:
+            launcher.wait_ready(h, boot_timeout)
+    except BaseException as e:
         if proc.poll() is None:
-            _shutdown(_host_run_dir(topo), 5.0, proc)
+            h.stop(5.0, keep_output=True)
         if recorder is not None:
             recorder.close()
+        if isinstance(e, launcher.LaunchError):
+            _fail(str(e))
         raise
+    run_dir = h.run_dir
     if detach:
         click.echo(f"host {topo.host.name} is up: {len(topo.vms)} VMs running (pid {proc.pid}, "
                    f"run dir {run_dir}); `balloonlab down --host {topo.host.name}` stops it")
@@ -688,12 +619,9 @@ def _run_up(
         client.close()
         shutting_down.set()
         click.echo("stopping host…", err=True)
-        _shutdown(run_dir, SHUTDOWN_TIMEOUT, proc)
-        if topo_path is None and recorder is None:
-            topo_file.unlink(missing_ok=True)
+        # A clean run's host output is not worth keeping (a recording keeps it).
+        h.stop(SHUTDOWN_TIMEOUT, keep_output=bool(exited) or recorder is not None)
     summary = recorder.close({"log": str(log_path)}) if recorder is not None else monitor.summary.to_json()
-    if not exited and recorder is None and proc.returncode == 0:
-        log_path.unlink(missing_ok=True)  # a clean run's host output is not worth keeping
     _print_summary(summary)
     if exited:
         _fail(f"{exited[0]} before the run ended; see {log_path} and {run_dir}")

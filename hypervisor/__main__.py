@@ -2,13 +2,17 @@
 
 Loads and validates the topology (``hypervisor.topology``), creates the run dir, launches the
 VMs and serves until SIGINT/SIGTERM or the control ``shutdown`` call. Exit status 0 on a clean
-stop, 2 on a bad topology, 3 when a live host already owns the run dir.
+stop, 1 when the host cannot start (the system refused a resource it needs: a file size limit,
+no descriptor, no memory), 2 on a bad topology, 3 when a live host already owns the run dir, 4
+when the run dir (or the directory holding it) is not safely ours. Every failure to start is
+one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import sys
 
@@ -17,7 +21,7 @@ from hypervisor import rundir
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hypervisor", description=__doc__.splitlines()[0])
-    ap.add_argument("--topology", required=True, help="topology TOML file (DESIGN §10)")
+    ap.add_argument("--topology", required=True, help="topology TOML file (docs/topology.md)")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
@@ -35,7 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     except rundir.HostAlreadyRunning as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except rundir.RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except OSError as e:
+        print(f"error: cannot start host {topo.host.name!r}: {_describe(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe(e: OSError) -> str:
+    """One line for a start-up failure: the system's words, the errno and the file."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    what = f"{e.strerror or e} ({name})" if name else str(e)
+    return f"{what}: {e.filename}" if e.filename else what
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Units: seconds.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor import rundir
 from hypervisor.vm import Vm, VmState
+from protocol import syscalls
 
 if TYPE_CHECKING:
     from hypervisor.host import Host
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 DRIVER_BACKOFF = (0.5, 8.0)
 #: Seconds a VM process gets to exit after ``halt`` (then SIGKILL).
 HALT_GRACE = 3.0
+#: Backoff (seconds) between attempts to start a VM process that failed to start: doubles
+#: from the first value up to the second.
+SPAWN_BACKOFF = (0.2, 5.0)
 
 
 class Supervisor:
@@ -130,11 +135,37 @@ class Supervisor:
                 "--features", ",".join(vm.config.features), "--wire", vm.config.wire]
 
     async def spawn_proc(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
-        logf = open(self.host.run_dir / f"{vm.name}.{which}.log", "ab")
+        """Start ``which`` ("kernel" or "driver") of ``vm``, retrying while it cannot be.
+
+        Opening the log or starting the process can fail for want of descriptors, memory or
+        processes (EMFILE, ENFILE, ENOMEM, EAGAIN) — or anything else the system says. The
+        VM must not stay down silently: each failure is a ``vm_spawn_failed`` event naming
+        the error, and the start is retried with backoff until it works or the host stops.
+        """
+        delay = SPAWN_BACKOFF[0]
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._spawn_once(vm, which)
+            except OSError as e:
+                if self.host._stopping:
+                    raise
+                name = errno.errorcode.get(e.errno or 0, "OSError")
+                log.error("%s: cannot start its %s (attempt %d): %s; retrying in %.1f s",
+                          vm.name, which, attempt, e, delay)
+                self.host.emit("vm_spawn_failed", vm.name, process=which, error=name,
+                               detail=str(e), attempt=attempt, retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SPAWN_BACKOFF[1])
+
+    async def _spawn_once(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
+        syscalls.hit("spawn")
+        logfd = rundir.open_log(self.host.run_dir / f"{vm.name}.{which}.log")
         try:
             task = asyncio.ensure_future(asyncio.create_subprocess_exec(
-                *self.vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                stderr=logf, start_new_session=True))
+                *self.vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logfd,
+                stderr=logfd, start_new_session=True))
             # Every process we start is remembered before anyone can cancel the caller, so
             # teardown can always reach it: no orphans even when a supervisor is cancelled
             # half-way through a spawn.
@@ -142,7 +173,7 @@ class Supervisor:
                 lambda t: None if t.cancelled() or t.exception() else self.procs.add(t.result()))
             return await asyncio.shield(task)
         finally:
-            logf.close()
+            os.close(logfd)
 
     async def _supervise(self, vm: Vm) -> None:
         """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""

@@ -86,7 +86,8 @@ def test_stale_run_dir_is_cleaned_and_found(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     d = rundir.default_run_dir("lab")
     assert d == tmp_path / "balloonlab" / "lab"
-    d.mkdir(parents=True)
+    d.parent.mkdir(mode=0o700)  # the base must be private to this user
+    d.mkdir()
     (d / "hypervisor.pid").write_text("999999999\n")  # no such process
     (d / "control.sock").write_text("stale")
     with pytest.raises(rundir.NoHostFound):
@@ -107,7 +108,7 @@ def test_find_host_finds_the_only_live_host(monkeypatch):
             monkeypatch.setenv("XDG_RUNTIME_DIR", str(lab.base))
             # Lab's run dir is <base>/run; point the default layout at it.
             link = lab.base / "balloonlab"
-            link.mkdir()
+            link.mkdir(mode=0o700)  # the base must be private to this user
             os.symlink(lab.run_dir, link / "t")
             found = await asyncio.to_thread(rundir.find_host)
             assert found.resolve() == lab.run_dir.resolve()
