@@ -196,6 +196,8 @@ class HostConfig:
     policy_params: Mapping[str, object] = field(default_factory=dict)
     policy_interval: float
     run_dir: str | None
+    #: Seeds every guest's workload streams (with the VM's name and restart count).
+    seed: int = 0
 
     @property
     def frames(self) -> int:
@@ -215,6 +217,8 @@ class Topology:
     host: HostConfig
     vms: tuple[VmConfig, ...]
     source: str
+    #: Timed host actions (``hypervisor.schedule.ScheduleEntry``), in file order.
+    schedule: tuple[Any, ...] = ()
 
     def vm(self, name: str) -> VmConfig:
         """The VM called *name*; ``KeyError`` naming the known VMs otherwise."""
@@ -234,8 +238,9 @@ class Topology:
 
 _T = TypeVar("_T")
 
-_TOP_KEYS = ("host", "vm")
-_HOST_KEYS = ("name", "memory", "swap", "policy", "policy_params", "policy_interval", "run_dir")
+_TOP_KEYS = ("host", "vm", "schedule")
+_HOST_KEYS = ("name", "memory", "swap", "policy", "policy_params", "policy_interval", "run_dir",
+              "seed")
 _VM_KEYS = (
     "name",
     "memory",
@@ -422,6 +427,9 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
         if not run_dir:
             raise ctx.error("host.run_dir", "must not be empty (omit it for the default)")
         run_dir = os.path.expanduser(run_dir)
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ctx.error("host.seed", f"expected an integer in [0, 2^63), got {_describe(seed)}")
     return HostConfig(
         name=name,
         memory=memory,
@@ -430,6 +438,7 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
         policy_params=params,
         policy_interval=interval,
         run_dir=run_dir,
+        seed=seed,
     )
 
 
@@ -646,7 +655,12 @@ def _parse_document(doc: Mapping[str, Any], source: str) -> Topology:
         if vm.name in seen:
             raise ctx.error(f"vm[{i}].name", f"duplicate VM name {vm.name!r} (also vm[{seen[vm.name]}])")
         seen[vm.name] = i
-    return Topology(host=host, vms=vms, source=source)
+    schedule: tuple[Any, ...] = ()
+    if "schedule" in doc:
+        from hypervisor.schedule import parse_schedule
+
+        schedule = parse_schedule(ctx, doc["schedule"], host, vms)
+    return Topology(host=host, vms=vms, source=source, schedule=schedule)
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:
@@ -797,6 +811,7 @@ def _to_toml(topo: Topology) -> str:
         f"swap = {_toml_value(format_size_exact(h.swap))}",
         f"policy = {_toml_value(h.policy)}",
         f"policy_interval = {_toml_duration(h.policy_interval)}",
+        f"seed = {h.seed}",
     ]
     if h.run_dir is not None:
         out.append(f"run_dir = {_toml_value(h.run_dir)}")
@@ -828,4 +843,8 @@ def _to_toml(topo: Topology) -> str:
                 for p in task.phases:
                     out.append("  {" + ", ".join(_task_lines(p)) + "},")
                 out.append("]")
+    if topo.schedule:
+        from hypervisor.schedule import schedule_toml
+
+        out += schedule_toml(topo.schedule)
     return "\n".join(out) + "\n"
