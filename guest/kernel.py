@@ -33,10 +33,11 @@ from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, SwapDevice, TaskMem
 from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
 from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_handler
-from protocol.connection import KernelServer, MachineGuest
+from protocol.connection import KernelServer, MachineGuest, State
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
 from protocol.pfn import RunError, pfns_to_wire, runs_to_wire
+from protocol.sync import PeerClosed as SyncPeerClosed
 from protocol.sync import SyncChannel
 
 #: Accesses per quantum when no rate limits the task: ~1 ms of vCPU time at tens of
@@ -162,7 +163,12 @@ class GuestKernel:
         swap: SwapDevice | None = None
         maps: list[mmap.mmap] = []
         try:
-            conn, sock, pages, fds = self._boot()
+            try:
+                conn, sock, pages, fds = self._boot()
+            except (SyncPeerClosed, ProtocolError, TimeoutError, ConnectionResetError,
+                    BrokenPipeError) as e:
+                self._log(f"boot failed: the hypervisor closed the machine channel ({e})")
+                return 1
             ram_fd, ept_fd, acc_fd = fds
             ram_map = mmap.mmap(ram_fd, pages * PAGE_SIZE, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
@@ -270,20 +276,29 @@ class GuestKernel:
     async def ensure_present(self, gpfns: np.ndarray) -> None:
         """EPT fault for every not-present page of ``gpfns``; returns when all resumed."""
         assert self.machine is not None and self.mm is not None
+        ch = self.machine
         ept = self.mm.ept
         g = np.unique(np.asarray(gpfns, np.int64))
         g = g[ept[g] == 0]
         while g.size:
+            # A halt or a closed channel may arrive at any await: no exit can be taken any
+            # more, and the task's access ends here (the kernel is stopping).
+            if self.stopping.is_set() or ch.conn.state is not State.OPEN:
+                raise PeerClosed(f"machine channel closed ({self.halt_reason or 'stopping'})")
             futs = []
             for i in range(0, g.size, EPT_BATCH):
                 chunk = g[i:i + EPT_BATCH]
-                mid = self.machine.conn.new_id()
+                mid = ch.conn.new_id()
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._resumes[mid] = fut
-                self.machine.send_nowait(m.EptFault(id=mid, pfns=pfns_to_wire(
-                    chunk.astype(np.uint32))))
+                try:
+                    ch.send_nowait(m.EptFault(id=mid, pfns=pfns_to_wire(
+                        chunk.astype(np.uint32))))
+                except (ProtocolError, OSError, RuntimeError) as e:
+                    self._resumes.pop(mid, None)
+                    raise PeerClosed(f"machine channel closed: {e}") from None
                 futs.append(fut)
-            await self.machine.drain()
+            await ch.drain()
             for fut in futs:
                 await fut
             g = g[ept[g] == 0]  # a shootdown may have raced with the resume: fault again
@@ -319,19 +334,20 @@ class GuestKernel:
                 t.mapped_hi = wp
                 if t.wl.sleeping(tt):
                     continue
-                if t.spec.rate is not None:
-                    t.tokens = min(QUANTUM, t.tokens + t.spec.rate * (now - t.last))
+                rate = t.wl.rate(tt)  # a phase may set its own
+                if rate is not None:
+                    t.tokens = min(QUANTUM, t.tokens + rate * (now - t.last))
                     t.last = now
                     n = int(t.tokens)
                     # batch a throttled task's accesses (>= RATE_BATCH s worth) instead of
                     # spinning the loop on tiny quanta
-                    if n < min(QUANTUM, max(1.0, t.spec.rate * RATE_BATCH)):
+                    if n < min(QUANTUM, max(1.0, rate * RATE_BATCH)):
                         continue
                 else:
                     n = QUANTUM
                     t.last = now
                 vpns, writes = t.wl.quantum(n, tt)
-                if t.spec.rate is not None:
+                if rate is not None:
                     t.tokens -= len(vpns)
                 if len(vpns):
                     ran = True

@@ -6,8 +6,9 @@ uint8 write flags) for the next quantum, in vectorised numpy; the vCPU loop
 (4096 bytes) inside; durations and times in seconds; ``rate`` in accesses per second.
 
 Kinds (``docs/internals.md``): ``uniform``, ``zipf`` (``skew``), ``scan``, ``hotcold``
-(``hot_fraction``, ``hot_prob``), ``phases`` (a list of specs, each with a ``duration``; the
-list repeats, so working sets grow and shrink periodically), ``idle`` (touch ``size`` once,
+(``hot_fraction``, ``hot_prob``), ``phases`` (a list of specs, each with a ``duration`` and
+optionally its own ``rate``; the list repeats, so working sets and access rates grow and
+shrink periodically), ``idle`` (touch ``size`` once,
 then sleep).
 """
 
@@ -133,6 +134,12 @@ class Workload:
             self._touched = 0
             self._scan_pos = 0
         return s.phases[i]
+
+    def rate(self, t: float) -> float | None:
+        """Accesses per second at task time ``t`` (None: as fast as the vCPU runs): the
+        phase's own ``rate`` when it sets one, else the task's."""
+        a = self.active(t)
+        return a.rate if a.rate is not None else self.spec.rate
 
     def working_pages(self, t: float) -> int:
         return self.active(t).pages

@@ -21,6 +21,7 @@ import numpy as np
 from protocol import messages as m
 from protocol.aio import Channel, PeerClosed
 from protocol.connection import MachineHost
+from protocol.errors import ProtocolError
 
 PAGE = 4096
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -61,6 +62,7 @@ class HostPeer:
         self.acc = np.frombuffer(self._acc_map, np.uint8)
         self.swapped: dict[int, bytes] = {}
         self.faults = 0
+        self.in_flight: dict[int, np.ndarray] = {}  # ept_fault id -> pfns, not resumed yet
         self.fault_pages = 0
         self.booted = asyncio.Event()
         self.gone = asyncio.Event()
@@ -102,6 +104,7 @@ class HostPeer:
             while True:
                 msg = await self.ch.recv()
                 if isinstance(msg, m.EptFault):
+                    self.in_flight[msg.id] = msg.pfn_array.astype(np.int64)
                     # served in its own task: a fault waits while a revoke is in progress,
                     # and this loop must keep reading to see that revoke's shootdown_ack
                     asyncio.create_task(self._fault(msg))
@@ -116,12 +119,27 @@ class HostPeer:
 
     async def _fault(self, msg: m.EptFault) -> None:
         async with self._lock:
+            if self.in_flight.pop(msg.id, None) is None:
+                return  # resumed already by resume_then_halt
             self._back(msg.pfn_array.astype(np.int64))
         assert self.ch is not None
         try:
             await self.ch.send(m.Resume(id=msg.id))
-        except (PeerClosed, ConnectionError):
+        except (PeerClosed, ConnectionError, ProtocolError):
             pass
+
+    async def resume_then_halt(self, reason: str = "test") -> int:
+        """Back and resume every fault in flight and send ``halt`` right behind, in one
+        write: the guest sees its resume and the halt together (the shutdown race). Call
+        with ``_lock`` held, so that no fault is being served meanwhile."""
+        assert self.ch is not None
+        ids = list(self.in_flight)
+        for mid in ids:
+            self._back(self.in_flight.pop(mid))
+            self.ch.send_nowait(m.Resume(id=mid))
+        self.ch.send_nowait(m.Halt(reason=reason))
+        await self.ch.drain()
+        return len(ids)
 
     def _back(self, pfns: np.ndarray) -> None:
         self.faults += 1

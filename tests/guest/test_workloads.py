@@ -96,3 +96,13 @@ def test_phases_grow_and_shrink_and_repeat() -> None:
     # each idle phase touches its own set again
     assert len(wl.quantum(100, 3.2)[0]) == 5 and wl.sleeping(3.3)
     assert len(wl.quantum(100, 7.5)[0]) == 5  # next cycle's idle phase
+
+
+def test_a_phase_sets_its_own_rate_and_inherits_the_tasks_otherwise() -> None:
+    spec = WorkloadSpec.from_dict({"workload": "phases", "rate": 500, "phases": [
+        {"workload": "uniform", "size": PAGE, "duration": 1, "rate": 100},
+        {"workload": "scan", "size": PAGE, "duration": 1}]})
+    wl = Workload(spec, 1)
+    assert wl.rate(0.5) == 100 and wl.rate(1.5) == 500 and wl.rate(2.5) == 100
+    plain = Workload(WorkloadSpec.from_dict({"workload": "uniform", "size": PAGE}), 1)
+    assert plain.rate(0.0) is None
