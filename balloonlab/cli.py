@@ -4,7 +4,8 @@
 VM runs and its balloon driver has negotiated, then shows the dashboard, records, or
 returns (``--detach``). Every other host command is a control-channel client of a running
 host (``--host NAME``, default: the only one running). ``validate``, ``topologies`` and
-``plot`` work offline. Sizes take B/KiB/MiB/GiB, durations ms/s/m (docs/cli.md).
+``plot`` work offline. Sizes take virsh's units (K/KiB, M/MiB, G/GiB, ... binary; KB, MB,
+GB decimal) and a bare number is KiB, as in virsh; durations take ms/s/m (docs/cli.md).
 
 Errors are one line on stderr and exit status 1 (2 for usage errors), never a traceback.
 """
@@ -37,7 +38,14 @@ from hypervisor.topology import (
     list_examples,
     load_topology,
 )
-from hypervisor.units import PAGE_SIZE, format_duration, format_size, parse_duration, parse_size
+from hypervisor.units import (
+    PAGE_SIZE,
+    format_duration,
+    format_size,
+    format_size_echo,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = ["cli", "main"]
 
@@ -133,10 +141,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def _size_arg(value: str, field: str) -> int:
+    """A size argument as virsh reads one: a bare number is KiB; must be whole pages."""
     try:
-        return parse_size(value, field=field)
+        nbytes = parse_size(value, field=field, bare_unit=1024)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    if nbytes % PAGE_SIZE:
+        raise click.BadParameter(
+            f"{value!r} is {format_size_echo(nbytes)}, not a whole number of "
+            f"{PAGE_SIZE // 1024} KiB pages", param_hint=field)
+    return nbytes
 
 
 def _duration_arg(value: str | None, field: str) -> float | None:
@@ -294,9 +308,11 @@ def host(host: str | None, as_json: bool) -> None:
     else:
         click.echo("swap      off")
     click.echo(f"policy    {info.get('policy')}")
+    from balloonlab.dashboard import format_field
+
     for k in sorted(set(info) - {"name", "pid", "frames_total", "frames_free", "swap_slots_total",
                                  "swap_slots_free", "policy"}):
-        click.echo(f"{k:<9} {info[k]}")
+        click.echo(f"{k:<9} {format_field(k, info[k])}")
 
 
 @cli.command("list")
@@ -309,12 +325,52 @@ def list_(host: str | None, as_json: bool) -> None:
     if as_json:
         _print_json(vms)
         return
-    click.echo(f"{'name':<16} {'state':<12} {'driver':<12} {'memory':>12}")
+    click.echo(f"{'name':<16} {'state':<12} {'driver':<12} {'memory':>12} {'balloon':>12} "
+               f"{'target':>12}")
     for vm in vms:
         click.echo(
             f"{vm['name']:<16} {vm.get('state', '?'):<12} {str(vm.get('driver', '-')):<12} "
-            f"{format_size(int(vm.get('memory_pages', 0)) * PAGE_SIZE):>12}"
+            f"{format_size(int(vm.get('memory_pages', 0)) * PAGE_SIZE):>12} "
+            f"{format_size(int(vm.get('balloon_pages') or 0) * PAGE_SIZE):>12} "
+            f"{format_size(int(vm.get('target_pages') or 0) * PAGE_SIZE):>12}"
         )
+
+
+#: ``dommemstat`` fields that are memory amounts in bytes on the control channel: the text
+#: output shows them in KiB (as ``virsh dommemstat``), ``--json`` as ``<name>_bytes``.
+DOMMEMSTAT_BYTES = frozenset({
+    "actual", "swap_in", "swap_out", "unused", "available", "usable", "disk_caches", "rss",
+    "guest_swap_total", "guest_swap_free",
+})
+#: The fields ``virsh dommemstat`` prints, in its order; the project's own fields follow.
+VIRSH_FIELDS = ("actual", "swap_in", "swap_out", "major_fault", "minor_fault", "unused",
+                "available", "usable", "disk_caches", "last_update", "rss")
+
+
+def dommemstat_json(stats: dict[str, Any]) -> dict[str, Any]:
+    """``dommemstat --json``: byte amounts renamed ``<name>_bytes``, everything else as is."""
+    return {f"{k}_bytes" if k in DOMMEMSTAT_BYTES else k: v for k, v in stats.items()}
+
+
+def dommemstat_lines(stats: dict[str, Any]) -> list[str]:
+    """``dommemstat`` text: virsh's fields first, memory amounts in KiB as virsh prints them,
+    then the project's fields (pages with their size, times as local time)."""
+    from balloonlab.dashboard import format_field
+
+    order = [k for k in VIRSH_FIELDS if k in stats] + [k for k in stats if k not in VIRSH_FIELDS]
+    lines = []
+    for k in order:
+        v = stats[k]
+        if v is None:
+            continue  # not reported (yet): virsh leaves such fields out too
+        if k in DOMMEMSTAT_BYTES and isinstance(v, int):
+            text = str(v // 1024)
+        elif isinstance(v, int) and not isinstance(v, bool) and k.endswith("_pages"):
+            text = f"{v}  ({format_size(v * PAGE_SIZE)})"
+        else:
+            text = format_field(k, v)
+        lines.append(f"{k:<20} {text}")
+    return lines
 
 
 @cli.command()
@@ -322,17 +378,15 @@ def list_(host: str | None, as_json: bool) -> None:
 @host_option
 @json_option
 def dommemstat(vm: str, host: str | None, as_json: bool) -> None:
-    """Memory statistics of VM (virsh dommemstat names, plus the host's view)."""
+    """Memory statistics of VM: virsh's fields in KiB (`actual` is the guest's current
+    memory), then the host's view; --json gives bytes, in fields named *_bytes."""
     with _connect(host) as c:
         stats = c.call("dommemstat", vm=vm)
     if as_json:
-        _print_json(stats)
+        _print_json(dommemstat_json(stats))
         return
-    for k, v in stats.items():
-        human = ""
-        if isinstance(v, int) and k.endswith("_pages"):
-            human = f"  ({format_size(v * PAGE_SIZE)})"
-        click.echo(f"{k:<20} {v}{human}")
+    for line in dommemstat_lines(stats):
+        click.echo(line)
 
 
 @cli.command()
@@ -341,41 +395,117 @@ def dommemstat(vm: str, host: str | None, as_json: bool) -> None:
 @json_option
 def events(follow: bool, host: str | None, as_json: bool) -> None:
     """Print the host's events (JSON lines with --json)."""
-    from balloonlab.dashboard import _event_line
+    from balloonlab.dashboard import event_line
 
-    with _connect(host, timeout=None if follow else 5.0) as c:  # type: ignore[arg-type]
+    with _quiet_on_broken_pipe(), _connect(host, timeout=None if follow else 5.0) as c:
         for ev in c.events(follow):
-            click.echo(json.dumps(ev, sort_keys=True, default=str) if as_json else _event_line(ev))
+            click.echo(json.dumps(ev, sort_keys=True, default=str) if as_json else event_line(ev))
+
+
+@contextmanager
+def _quiet_on_broken_pipe() -> Iterator[None]:
+    """`balloonlab events | head`: the reader went away; end quietly with status 0."""
+    try:
+        yield
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that Python's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise click.exceptions.Exit(0) from None
 
 
 # ---- acting commands --------------------------------------------------------------------------
+
+_HOLD_NOTE = ("the policy leaves {vm} alone until `balloonlab policy ...` or "
+              "`balloonlab set-balloon {vm} --release`")
+
+
+def _vm_memory(c: Any, vm: str) -> int:
+    """VM's configured memory in bytes (one-line error naming the VMs when unknown)."""
+    vms = c.call("list_vms")
+    for v in vms:
+        if v["name"] == vm:
+            return int(v["memory_pages"]) * PAGE_SIZE
+    known = ", ".join(v["name"] for v in vms) or "none"
+    _fail(f"no VM named {vm!r} (VMs: {known})")
+
+
+def _check_squeeze(c: Any, vm: str, keep: int, force: bool) -> None:
+    """Refuse (unless *force*) a target that leaves *vm* less memory than its tasks and guest
+    kernel hold resident: the rest would be pushed to guest swap or the OOM killer."""
+    if force:
+        return
+    st = c.call("dommemstat", vm=vm)
+    anon, kernel = st.get("guest_anon_pages"), st.get("guest_kernel_pages")
+    if anon is None:
+        return  # no stats yet: nothing to compare with
+    used = (int(anon) + int(kernel or 0)) * PAGE_SIZE
+    if keep < used:
+        _fail(f"{vm} would keep {format_size(keep)}, less than its tasks use now "
+              f"({format_size(int(anon) * PAGE_SIZE)} resident + "
+              f"{format_size(int(kernel or 0) * PAGE_SIZE)} guest kernel = {format_size(used)}); "
+              "add --force to squeeze it anyway (its pages go to guest swap)")
+
+
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Allow a target that leaves the VM less memory than its tasks use now.")
 
 
 @cli.command()
 @click.argument("vm")
 @click.argument("size")
+@force_option
 @host_option
-def setmem(vm: str, size: str, host: str | None) -> None:
-    """Set VM's logical memory size to SIZE (as QEMU's `balloon`): the balloon takes the rest."""
+def setmem(vm: str, size: str, force: bool, host: str | None) -> None:
+    """Set VM's current memory to SIZE, as `virsh setmem` (a bare number is KiB) and QEMU's
+    `balloon`: the balloon takes the rest. The policy then leaves VM alone until released."""
     nbytes = _size_arg(size, "SIZE")
     with _connect(host) as c:
+        memory = _vm_memory(c, vm)
+        if nbytes > memory:
+            _fail(f"{vm}: SIZE {format_size_echo(nbytes)} is more than its memory "
+                  f"({format_size_echo(memory)})")
+        _check_squeeze(c, vm, nbytes, force)
         c.call("setmem", vm=vm, bytes=nbytes)
-    click.echo(f"{vm}: memory target {format_size(nbytes)}")
+    balloon = memory - nbytes
+    click.echo(f"{vm}: target {format_size_echo(nbytes)}; the balloon takes "
+               f"{format_size(balloon)} ({balloon // PAGE_SIZE} pages); "
+               + _HOLD_NOTE.format(vm=vm))
 
 
 @cli.command("set-balloon")
 @click.argument("vm")
-@click.argument("size")
+@click.argument("size", required=False)
+@click.option("--release", is_flag=True,
+              help="Hand VM back to the policy (its target stays until the policy moves it).")
+@force_option
 @host_option
-def set_balloon(vm: str, size: str, host: str | None) -> None:
-    """Set VM's balloon target to SIZE (a multiple of 4096 bytes)."""
+def set_balloon(vm: str, size: str | None, release: bool, force: bool, host: str | None) -> None:
+    """Set VM's balloon target to SIZE (a bare number is KiB, as everywhere on this command
+    line): the balloon holds SIZE, the guest keeps the rest. The policy then leaves VM
+    alone until `balloonlab policy ...` or `set-balloon VM --release`."""
+    if release:
+        if size is not None:
+            raise click.UsageError("give SIZE or --release, not both")
+        with _connect(host) as c:
+            r = c.call("set_balloon", vm=vm, release=True)
+        click.echo(f"{vm}: released to the policy (balloon target stays "
+                   f"{format_size(int(r['target_pages']) * PAGE_SIZE)} until it moves it)")
+        return
+    if size is None:
+        raise click.UsageError("missing SIZE (or --release)")
     nbytes = _size_arg(size, "SIZE")
-    if nbytes % PAGE_SIZE:
-        raise click.BadParameter(f"{size!r} is not a multiple of the {PAGE_SIZE}-byte page size",
-                                 param_hint="SIZE")
     with _connect(host) as c:
+        memory = _vm_memory(c, vm)
+        if nbytes > memory:
+            _fail(f"{vm}: SIZE {format_size_echo(nbytes)} is more than its memory "
+                  f"({format_size_echo(memory)})")
+        _check_squeeze(c, vm, memory - nbytes, force)
         c.call("set_balloon", vm=vm, pages=nbytes // PAGE_SIZE)
-    click.echo(f"{vm}: balloon target {format_size(nbytes)} ({nbytes // PAGE_SIZE} pages)")
+    click.echo(f"{vm}: balloon target {format_size_echo(nbytes)}, {nbytes // PAGE_SIZE} pages; "
+               f"{vm} keeps {format_size(memory - nbytes)}; " + _HOLD_NOTE.format(vm=vm))
 
 
 def _param_value(text: str) -> Any:
@@ -400,9 +530,11 @@ def policy(name: str, params: tuple[str, ...], host: str | None) -> None:
             raise click.BadParameter(f"{p!r} is not KEY=VALUE", param_hint="--param")
         parsed[key] = _param_value(value)
     with _connect(host) as c:
-        c.call("set_policy", name=name, params=parsed)
+        r = c.call("set_policy", name=name, params=parsed)
     suffix = f" with {json.dumps(parsed, sort_keys=True)}" if parsed else ""
-    click.echo(f"policy {name}{suffix}")
+    released = (r or {}).get("released") if isinstance(r, dict) else None
+    held = f"; manual targets released: {', '.join(released)}" if released else ""
+    click.echo(f"policy {name}{suffix}{held}")
 
 
 def _shutdown(run_dir: Path, timeout: float = SHUTDOWN_TIMEOUT,
@@ -430,9 +562,8 @@ def _live_hosts() -> list[Path]:
 @click.option("--timeout", default="20s", show_default=True, help="How long to wait for the host to exit.")
 def down(host: str | None, all_: bool, timeout: str) -> None:
     """Stop the running host (every running host with --all) and all its VMs."""
-    from hypervisor.rundir import NoHostFound
-
     from hypervisor import rundir
+    from hypervisor.rundir import NoHostFound
 
     wait = _duration_arg(timeout, "--timeout")
     assert wait is not None

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TextIO
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -33,13 +34,16 @@ from balloonlab.recording import (
 from hypervisor.units import PAGE_SIZE, format_size
 
 __all__ = [
-    "render",
-    "plain_lines",
-    "bar",
-    "Monitor",
-    "ClientLike",
-    "REFRESH_HZ",
     "PLAIN_INTERVAL",
+    "REFRESH_HZ",
+    "ClientLike",
+    "Monitor",
+    "bar",
+    "compact_size",
+    "event_line",
+    "format_field",
+    "plain_lines",
+    "render",
 ]
 
 #: Dashboard refresh rate (polls per second while the live view is shown).
@@ -48,8 +52,13 @@ REFRESH_HZ = 4.0
 PLAIN_INTERVAL = 5.0
 #: Width of the per-VM memory bar in characters.
 BAR_WIDTH = 20
-#: Recent events shown under the table.
+#: Recent events shown under the table (fewer when many VMs fill the screen).
 EVENT_LINES = 5
+#: VM rows above which only ``FEW_EVENT_LINES`` events are shown.
+MANY_VMS = 16
+FEW_EVENT_LINES = 2
+#: Terminal width the table needs besides the bar (compact cells, 12 columns).
+TABLE_WIDTH_WITHOUT_BAR = 94
 
 
 class ClientLike(Protocol):
@@ -66,6 +75,38 @@ def _pages(n: int) -> str:
 
 def _opt(nbytes: int | None) -> str:
     return "-" if nbytes is None else format_size(nbytes)
+
+
+def compact_size(nbytes: int) -> str:
+    """A size in at most 5 characters for table cells, binary units: ``"512M"``, ``"1.5G"``,
+    ``"24K"``, ``"0"``, ``"900B"``."""
+    if nbytes == 0:
+        return "0"
+    n = abs(int(nbytes))
+    sign = "-" if nbytes < 0 else ""
+    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult:
+            v = n / mult
+            text = f"{v:.1f}" if v < 10 and n % mult else f"{v:.0f}"
+            return f"{sign}{text}{unit}"
+    return f"{sign}{n}B"
+
+
+def _cpages(n: int) -> str:
+    return compact_size(n * PAGE_SIZE)
+
+
+def _copt(nbytes: int | None) -> str:
+    return "-" if nbytes is None else compact_size(nbytes)
+
+
+def _count(x: float) -> str:
+    """A rate in at most 5 characters: ``"950"``, ``"12.5k"``, ``"100k"``, ``"3.2M"``."""
+    for suffix, mult in (("M", 1e6), ("k", 1e3)):
+        if x >= mult:
+            v = x / mult
+            return f"{v:.1f}{suffix}" if v < 100 else f"{v:.0f}{suffix}"
+    return f"{x:.0f}"
 
 
 def bar(vm: VmSnapshot, width: int = BAR_WIDTH) -> Text:
@@ -107,9 +148,20 @@ def render(
     events: Sequence[Mapping[str, Any]] = (),
     *,
     footer: str = "",
+    width: int | None = None,
 ) -> RenderableType:
-    """The live view: one row per VM, a host row, then the last few events."""
-    table = Table(title=f"balloonlab — {snap.host.name}", title_justify="left", expand=False)
+    """The live view: one row per VM, a host row, then the last few events.
+
+    Cells are compact (sizes like ``512M`` in binary units, rates like ``12.5k``) so that the
+    table fits 100 columns; the memory bar takes what the terminal *width* leaves (up to
+    ``BAR_WIDTH``). The host's policy, frames and swap are in the title line.
+    """
+    bar_width = BAR_WIDTH
+    if width is not None:
+        bar_width = max(6, min(BAR_WIDTH, width - TABLE_WIDTH_WITHOUT_BAR))
+    table = Table(title=_host_line(snap), title_justify="left", expand=False,
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                  show_edge=False)
     for col, justify in (
         ("vm", "left"),
         ("state", "left"),
@@ -117,53 +169,54 @@ def render(
         ("target", "right"),
         ("balloon", "right"),
         ("backed", "right"),
-        ("host swap", "right"),
-        ("guest free", "right"),
-        ("guest swap", "right"),
+        ("h.swap", "right"),
+        ("g.free", "right"),
+        ("g.swap", "right"),
         ("ops/s", "right"),
-        ("faults/s", "right"),
-        ("corrupt", "right"),
+        ("flt/s", "right"),
+        ("bad", "right"),
         ("memory", "left"),
     ):
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for vm in snap.vms:
         ops_s, faults_s = vm_rates.get(vm.name, (0.0, 0.0))
-        state = vm.state if vm.driver in (None, "connected") else f"{vm.state} ({vm.driver})"
+        state = vm.state if vm.driver in (None, "connected") else f"{vm.state}/{vm.driver}"
         table.add_row(
             vm.name,
             Text(state, style="green" if vm.state == "running" else "yellow"),
-            _pages(vm.memory_pages),
-            _pages(vm.target_pages),
-            _pages(vm.balloon_pages),
-            _pages(vm.backed_pages),
-            _pages(vm.host_swapped_pages),
-            _opt(vm.guest_free_bytes),
-            _opt(vm.guest_swap_used_bytes),
-            f"{ops_s:,.0f}",
-            f"{faults_s:,.0f}",
+            _cpages(vm.memory_pages),
+            _cpages(vm.target_pages),
+            _cpages(vm.balloon_pages),
+            _cpages(vm.backed_pages),
+            _cpages(vm.host_swapped_pages),
+            _copt(vm.guest_free_bytes),
+            _copt(vm.guest_swap_used_bytes),
+            _count(ops_s),
+            _count(faults_s),
             Text(str(vm.corrupted_reads), style="bold red" if vm.corrupted_reads else ""),
-            bar(vm),
+            bar(vm, bar_width),
         )
     h = snap.host
     table.add_section()
     table.add_row(
         Text("host", style="bold"),
-        h.policy,
-        _pages(h.frames_total),
+        "",
+        _cpages(h.frames_total),
         "",
         "",
-        _pages(h.frames_used),
-        _pages(h.swap_slots_used) if h.swap_slots_total else "off",
-        f"{_pages(h.frames_free)} free",
+        _cpages(h.frames_used),
+        _cpages(h.swap_slots_used) if h.swap_slots_total else "off",
         "",
         "",
         "",
         "",
-        _host_bar(snap),
+        "",
+        _host_bar(snap, bar_width),
     )
     parts: list[RenderableType] = [table]
-    for ev in list(events)[-EVENT_LINES:]:
-        parts.append(Text(_event_line(ev), style="dim"))
+    shown = EVENT_LINES if len(snap.vms) <= MANY_VMS else FEW_EVENT_LINES
+    for ev in list(events)[-shown:]:
+        parts.append(Text(event_line(ev), style="dim", no_wrap=True, overflow="ellipsis"))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
@@ -178,12 +231,40 @@ def _host_bar(snap: Snapshot, width: int = BAR_WIDTH) -> Text:
     return t
 
 
-def _event_line(ev: Mapping[str, Any]) -> str:
+#: Fields holding a UNIX time, shown as local time.
+_TIME_FIELDS = frozenset({"time", "started", "last_update", "ended", "since"})
+
+
+def format_field(key: str, value: Any) -> str:
+    """One field of an event or a host answer for people: UNIX times as local time, a
+    feature mask as feature names, the rest as is."""
+    if key in _TIME_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            return str(value)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        return f"{stamp}.{int(value * 1000) % 1000:03d}" if not float(value).is_integer() \
+            else stamp
+    if key == "features" and isinstance(value, int) and not isinstance(value, bool):
+        from protocol.features import Feature
+
+        return ",".join(Feature.to_names(value)) or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def event_line(ev: Mapping[str, Any]) -> str:
+    """``HH:MM:SS kind vm key=value ...``: one event for people."""
     when = ev.get("time")
-    stamp = time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "--:--:--"
-    extra = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "kind", "vm", "seq"))
+    stamp = (time.strftime("%H:%M:%S", time.localtime(when))
+             if isinstance(when, (int, float)) else "--:--:--")
+    extra = " ".join(f"{k}={format_field(k, v)}" for k, v in ev.items()
+                     if k not in ("time", "kind", "vm", "seq"))
     vm = f" {ev['vm']}" if ev.get("vm") else ""
     return f"{stamp} {ev.get('kind', '?')}{vm} {extra}".rstrip()
+
+
+_event_line = event_line  # the name the CLI used before
 
 
 def plain_lines(snap: Snapshot, vm_rates: Mapping[str, tuple[float, float]]) -> list[str]:
@@ -231,7 +312,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
         if events_client_factory is not None:
             self._events_client = events_client_factory()
-            self._thread = threading.Thread(target=self._follow, name="balloonlab-events", daemon=True)
+            self._thread = threading.Thread(target=self._follow, name="balloonlab-events",
+                                            daemon=True)
             self._thread.start()
 
     def _follow(self) -> None:
@@ -276,10 +358,11 @@ class Monitor:
             else:
                 self.summary.add_event(ev)
 
-    def renderable(self, footer: str = "") -> RenderableType:
+    def renderable(self, footer: str = "", width: int | None = None) -> RenderableType:
         if self.last is None:
             return Text("waiting for the first sample…")
-        return render(self.last, self.last_rates, list(self.recent_events), footer=footer)
+        return render(self.last, self.last_rates, list(self.recent_events), footer=footer,
+                      width=width)
 
     def run(
         self,
@@ -310,7 +393,7 @@ class Monitor:
                       transient=False) as live:
                 while not finished():
                     self.poll()
-                    live.update(self.renderable(footer()))
+                    live.update(self.renderable(footer(), console.width))
                     stop.wait(period)
             return
         next_line = 0.0

@@ -31,7 +31,7 @@ def list_vms() -> list[dict[str, Any]]:
 
 def memstat(backed: int, balloon: int, target: int, ops: int, faults: int, corrupted: int = 0) -> dict[str, Any]:
     return {
-        "actual": balloon, "swap_in": 0, "swap_out": 8192, "major_fault": faults // 10,
+        "actual": (8192 - balloon) * 4096, "swap_in": 0, "swap_out": 8192, "major_fault": faults // 10,
         "minor_fault": faults - faults // 10, "unused": 4 << 20, "available": 32 << 20,
         "usable": 8 << 20, "disk_caches": 0, "last_update": 0, "rss": backed * 4096,
         "target_pages": target, "balloon_pages": balloon, "backed_pages": backed,
