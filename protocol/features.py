@@ -128,6 +128,9 @@ class StatTag(IntEnum):
     DRIVER_INFLATE_NS = 272  # driver: inflate round trips (protocol + host release)
     DRIVER_DEFLATE_NS = 273  # driver: deflate round trips
     DRIVER_FREE_NS = 274  # driver: balloon_free round trips to the kernel
+    GUEST_SWAP_WRITE_ERRORS = 275  # guest swap writes that failed (the page stayed resident)
+    GUEST_SWAP_READ_ERRORS = 276  # guest swap reads that failed (the task was killed)
+    SWAP_READ_KILLS = 277  # tasks killed (as by SIGBUS) on a guest swap read error
 
     @property
     def unit(self) -> str:
