@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hypervisor import kernels
+from protocol import pfn as P
 
 P2M_NONE = -1
 
@@ -184,12 +185,19 @@ class FrameLedger:
                 raise LedgerError(
                     f"gpfn {bad} is outside VM {vm.name!r} (0..{vm.pages - 1})"
                 )
-            # O(batch + VM) rather than a sort: batches are up to a million pages.
-            seen = np.zeros(vm.pages, dtype=np.bool_)
-            seen[g] = True
-            if int(np.count_nonzero(seen)) != g.size:
+            # O(batch): one pass when sorted (the usual case), a sort otherwise; a batch
+            # with a repeat has fewer pages in its runs than entries.
+            if P.runs_total(P.pfns_to_runs(g)) != g.size:
                 raise LedgerError(f"duplicate gpfns in one batch for VM {vm.name!r}")
         return g
+
+    def _runs(self, vm: VmLedger, runs: np.ndarray) -> np.ndarray:
+        """A run batch's shape, bounds and disjointness, in O(runs) for ascending runs (the
+        pages' states are the caller's: the balloon device checked them); int64 (k, 2)."""
+        try:
+            return P.validate_runs(runs, vm.pages)
+        except P.RunError as e:
+            raise LedgerError(f"VM {vm.name!r}: {e.message}") from None
 
     # ---- counts ------------------------------------------------------------------------
 
@@ -251,33 +259,54 @@ class FrameLedger:
 
         Pages with no backing are fine (nothing to do). Returns (gpfns that were backed, in
         ascending order, and their frames); the caller punches those pages. LOCKED frames
-        (in flight) are refused.
+        (in flight) are refused. The balloon path uses :meth:`release_runs`.
         """
         vm = self._vm(index)
         g = self._gpfns(vm, gpfns)
+        runs = P.pfns_to_runs(g).astype(np.int64)
+        self._refuse_in_flight(vm, runs)
         cur = vm.p2m[g]
         backed = cur >= 0
-        frames = cur[backed]
-        if frames.size and np.any(self.state[frames] == kernels.LOCKED):
-            raise LedgerError(f"VM {vm.name!r}: a page in the batch is in flight")
-        swapped = cur <= -2
-        slots = p2m_to_slot(cur[swapped])
-        if frames.size:
-            kernels.map_free(self.state, frames)
-            self.owner_vm[frames] = -1
-            self.owner_gpfn[frames] = -1
-        if slots.size:
-            kernels.map_free(self.swap_state, slots)
-            self.swap_owner_vm[slots] = -1
-            self.swap_owner_gpfn[slots] = -1
-        vm.p2m[g] = P2M_NONE
-        self.frames_used -= int(frames.size)
-        self.slots_used -= int(slots.size)
-        vm.backed -= int(frames.size)
-        vm.swapped -= int(slots.size)
-        bg = g[backed]
+        bg, frames = g[backed], cur[backed]
+        self._release_runs(vm, runs)
         order = np.argsort(bg, kind="stable")
         return bg[order], frames[order]
+
+    def first_locked(self, index: int, runs: np.ndarray) -> int:
+        """The first gpfn of ``runs`` backed by a LOCKED frame (a reclaim's victim in
+        flight, while the host's lock is free), or -1. O(pages of the runs)."""
+        vm = self._vm(index)
+        return kernels.runs_first_locked(vm.p2m, self._runs(vm, runs), self.state)
+
+    def release_runs(self, index: int, runs: np.ndarray) -> tuple[int, np.ndarray]:
+        """Drop the backing of every page of ``runs`` (disjoint runs of VM ``index``):
+        the frames and host swap slots they hold become free, their P2M entries NONE.
+
+        Pages with no backing are fine. All or nothing: runs outside the VM, overlapping
+        runs or a page in flight (LOCKED) are refused with nothing changed. One pass over
+        the batch's pages, no page arrays: the only allocation is the freed slots'. Returns
+        (frames freed, the freed swap slots), the caller punches the runs and discards the
+        slots.
+        """
+        vm = self._vm(index)
+        r = self._runs(vm, runs)
+        self._refuse_in_flight(vm, r)
+        return self._release_runs(vm, r)
+
+    def _refuse_in_flight(self, vm: VmLedger, runs: np.ndarray) -> None:
+        bad = kernels.runs_first_locked(vm.p2m, runs, self.state)
+        if bad >= 0:
+            raise LedgerError(f"VM {vm.name!r}: page {bad} of the batch is in flight")
+
+    def _release_runs(self, vm: VmLedger, runs: np.ndarray) -> tuple[int, np.ndarray]:
+        freed, slots = kernels.release_runs(
+            vm.p2m, runs, self.state, self.owner_vm, self.owner_gpfn, self.swap_state,
+            self.swap_owner_vm, self.swap_owner_gpfn, max_slots=vm.swapped)
+        self.frames_used -= freed
+        self.slots_used -= int(slots.size)
+        vm.backed -= freed
+        vm.swapped -= int(slots.size)
+        return freed, slots
 
     # ---- reclaim -----------------------------------------------------------------------
 
