@@ -271,14 +271,20 @@ def topologies(as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directories", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to write the PNGs (default: DIRECTORY).")
-def plot(directory: Path, out_dir: Path | None) -> None:
-    """Plot a run recorded with `up --record DIRECTORY`: memory.png and host.png."""
-    from balloonlab.plot import plot_run
+              help="Where to write the PNGs (default: DIRECTORY; for several runs, ./compare).")
+def plot(directories: tuple[Path, ...], out_dir: Path | None) -> None:
+    """Plot a run recorded with `up --record DIRECTORY`: memory.png and host.png. With
+    several directories, overlay the runs: one PNG per metric, one line per run."""
+    from balloonlab.plot import plot_run, plot_runs
 
-    for p in plot_run(directory, out_dir):
+    if len(directories) == 1:
+        paths = plot_run(directories[0], out_dir)
+    else:
+        paths = plot_runs(directories, out_dir if out_dir is not None else Path("compare"))
+    for p in paths:
         click.echo(str(p))
 
 
@@ -614,6 +620,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     if summary.get("events"):
         console.print("events: " + ", ".join(f"{k} {v}" for k, v in summary["events"].items()))
+    from balloonlab.recording import story_lines
+
+    for line in story_lines(summary):
+        console.print(line)
     bad = summary.get("corrupted_reads_total", 0)
     console.print(f"corrupted reads: {bad}" + ("  <-- DATA LOSS" if bad else " (none: nothing was lost)"))
 
@@ -771,8 +781,10 @@ def _run_up(
 @click.option("--no-dashboard", is_flag=True, help="Plain status lines instead of the live table.")
 @click.option("--boot-timeout", default=DEFAULT_BOOT_TIMEOUT, show_default=True, metavar="DURATION",
               help="How long to wait for every VM to boot and negotiate.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, metavar="N",
+              help="Seed of the guest workload streams (overrides the topology's host seed).")
 def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no_dashboard: bool,
-       boot_timeout: str) -> None:
+       boot_timeout: str, seed: int | None) -> None:
     """Start a host from topology FILE (a path or a shipped example name; default: the
     built-in three-VM lab) and watch it."""
     if detach and for_ is not None:
@@ -781,7 +793,13 @@ def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no
     boot = _duration_arg(boot_timeout, "--boot-timeout")
     assert boot is not None
     topo = _resolve_topology(file)
-    run_up(topo, topo_path=_topology_path(file), for_=duration, detach=detach, record=record,
+    topo_path = _topology_path(file)
+    if seed is not None:
+        from dataclasses import replace
+
+        topo = replace(topo, host=replace(topo.host, seed=seed))
+        topo_path = None  # the host reads the topology with this seed from a copy
+    run_up(topo, topo_path=topo_path, for_=duration, detach=detach, record=record,
            dashboard=not no_dashboard, boot_timeout=boot)
 
 
