@@ -185,7 +185,10 @@ class GuestKernel:
                 np.frombuffer(ram_map, dtype=np.uint64),
                 np.frombuffer(ept_map, dtype=np.uint8),
                 np.frombuffer(acc_map, dtype=np.uint8),
-                swap, ensure_present=self.ensure_present, oom_notify=self._oom_notify)
+                swap, ensure_present=self.ensure_present, oom_notify=self._oom_notify,
+                log=self._log)
+            if swap.error is not None:
+                self._log(f"guest swap disabled: {swap.error}")
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
             self.machine = Channel(conn, reader, writer)
             self._make_tasks()
@@ -367,9 +370,13 @@ class GuestKernel:
         if res.corrupted:
             self._log(f"task {t.tid}: {res.corrupted} CORRUPTED READS")
         if res.killed:
-            t.oom_kills += 1
             t.sleeping_until = time.monotonic() + OOM_RESTART_DELAY
-            self._log(f"task {t.tid} OOM-killed; restarts in {OOM_RESTART_DELAY}s")
+            if res.sigbus is not None:
+                self._log(f"task {t.tid} killed by SIGBUS: {res.sigbus}; restarts in "
+                          f"{OOM_RESTART_DELAY}s")
+            else:
+                t.oom_kills += 1
+                self._log(f"task {t.tid} OOM-killed; restarts in {OOM_RESTART_DELAY}s")
 
     # ------------------------------------------------------------------ driver channel
 

@@ -37,6 +37,7 @@ from guest.kernels import (
     PG_ISOLATED,
     PG_KERNEL,
 )
+from protocol import syscalls
 from protocol.errors import ErrorCode
 from protocol.pfn import RunError, runs_of_set, runs_to_pfns, validate_runs  # one run family
 
@@ -190,15 +191,27 @@ def _coalesce(runs: np.ndarray) -> np.ndarray:
 
 
 class SwapDevice:
-    """The guest swap device: a file of 4096-byte slots and a free-slot stack."""
+    """The guest swap device: a file of 4096-byte slots and a free-slot stack.
+
+    Its I/O goes through :mod:`protocol.syscalls` (points ``guestswap.truncate``,
+    ``guestswap.write``, ``guestswap.read``) and fails as a disk does: a file that cannot be
+    sized at boot leaves the guest without swap (``error`` says why); a failed write or read
+    raises ``OSError`` for the memory manager to handle, having changed nothing.
+    """
 
     def __init__(self, path: str, size_bytes: int) -> None:
         if size_bytes < 0:
             raise ValueError(f"guest_swap must be >= 0 bytes, got {size_bytes}")
         self.path = path
         self.nslots = size_bytes // PAGE_SIZE
+        #: Why the device has no slots although some were asked for (None: it has them).
+        self.error: str | None = None
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self.fd, self.nslots * PAGE_SIZE)
+        try:
+            syscalls.ftruncate("guestswap.truncate", self.fd, self.nslots * PAGE_SIZE)
+        except OSError as e:
+            self.error = f"cannot size the guest swap file to {self.nslots} slots: {e}"
+            self.nslots = 0
         # slots handed out lowest first: a stack with slot 0 on top
         self._stack = np.arange(self.nslots - 1, -1, -1, dtype=np.int64)
         self._top = self.nslots
@@ -225,12 +238,13 @@ class SwapDevice:
             self._top += 1
 
     def write(self, slot: int, data: memoryview | bytes) -> None:
-        os.pwrite(self.fd, data, slot * PAGE_SIZE)
+        """Write one page to ``slot``; OSError when the disk refuses (ENOSPC, EIO…)."""
+        syscalls.pwrite_all("guestswap.write", self.fd, data, slot * PAGE_SIZE)
 
     def read_into(self, slot: int, buf: memoryview) -> None:
-        n = os.preadv(self.fd, [buf], slot * PAGE_SIZE)
-        if n != PAGE_SIZE:
-            raise OSError(f"short read from guest swap slot {slot}: {n} bytes")
+        """Read ``slot`` into ``buf``; OSError (and ``buf`` untouched) when the read fails
+        or comes back short."""
+        buf[:] = syscalls.pread_exact("guestswap.read", self.fd, PAGE_SIZE, slot * PAGE_SIZE)
 
     def close(self, unlink: bool = True) -> None:
         try:
@@ -253,6 +267,7 @@ class TaskMem:
     wcount: np.ndarray = field(init=False)
     resident: int = 0
     swapped: int = 0
+    sigbus: int = 0  # times killed by a guest swap read error
 
     def __post_init__(self) -> None:
         self.pt = np.full(self.npages, -1, np.int64)
@@ -265,7 +280,8 @@ class QuantumResult:
     corrupted: int = 0
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
-    killed: bool = False  # the task was OOM-killed while faulting
+    killed: bool = False  # the task was killed while faulting (OOM, or SIGBUS below)
+    sigbus: str | None = None  # why, when a guest swap read error killed it
 
 
 @dataclass
@@ -283,6 +299,9 @@ class VmStats:
     async_reclaim: int = 0
     direct_reclaim: int = 0
     corrupted_reads: int = 0
+    swap_write_errors: int = 0  # pages whose swap-out failed (they stayed resident)
+    swap_read_errors: int = 0  # swap-ins that failed (the faulting task was killed)
+    swap_read_kills: int = 0
     ops: int = 0
     ept_exits: int = 0
     guest_faults: int = 0
@@ -299,7 +318,8 @@ class MemoryManager:
 
     def __init__(self, ram: np.ndarray, ept: np.ndarray, host_acc: np.ndarray,
                  swap: SwapDevice, *, ensure_present: EnsurePresent,
-                 oom_notify: OomNotify | None = None, kernel_pages: int | None = None) -> None:
+                 oom_notify: OomNotify | None = None, kernel_pages: int | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         npages = ept.shape[0]
         if ram.dtype != np.uint64 or ram.shape[0] != npages * PAGE_WORDS:
             raise ValueError("ram must be a uint64 array of pages * 512 words")
@@ -313,6 +333,8 @@ class MemoryManager:
         self.swap = swap
         self.ensure_present = ensure_present
         self.oom_notify = oom_notify
+        self.log = log
+        self.last_swap_error = ""
         self.buddy = BuddyAllocator(npages)
         self.guest_acc = np.zeros(npages, np.uint8)
         self.needs_zero = np.zeros(npages, np.uint8)
@@ -401,7 +423,20 @@ class MemoryManager:
                 await self.ensure_present(np.array([g], np.int64))
             # No await from the EPT check above to the copy below: the host cannot have
             # reclaimed the page in between (it waits for our shootdown_ack).
-            self.swap.read_into(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            try:
+                self.swap.read_into(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            except OSError as e:
+                # As Linux on a swap read error: the page's contents are lost, so the task
+                # that needs it gets SIGBUS rather than wrong bytes.
+                self.needs_zero[g] = 0
+                self.buddy.free_gpfns(np.array([g], np.int64))
+                self.stats.swap_read_errors += 1
+                self.stats.swap_read_kills += 1
+                t.sigbus += 1
+                self.unmap_range(t, 0, t.npages)  # frees its slots, the failed one too
+                self._swap_error(f"guest swap read of slot {slot} failed ({e}); task "
+                                 f"{t.tid} killed (SIGBUS)", self.stats.swap_read_errors)
+                return False
             self.swap.free(np.array([slot]))
             t.swapped -= 1
             self.needs_zero[g] = 0
@@ -453,6 +488,7 @@ class MemoryManager:
         """Run one quantum of ``t``'s access stream, handling guest faults (with fault-around)
         and EPT exits (batched with look-ahead) until the stream is done or ``t`` is killed."""
         res = QuantumResult()
+        sigbus = t.sigbus
         i, n = 0, len(vpns)
         st = self.stats
         while i < n:
@@ -474,6 +510,8 @@ class MemoryManager:
                 st.stall_ns_guest += dt
                 if not ok:
                     res.killed = True
+                    if t.sigbus != sigbus:
+                        res.sigbus = self.last_swap_error
                     break
             else:
                 k = K.lookahead_not_present(t.pt, vpns, i, n, self.ept, self._mark,
@@ -556,10 +594,20 @@ class MemoryManager:
                 break
             t = self.tasks[tid]
             vpn = int(self.rmap_vpn[g])
-            if self.needs_zero[g]:
-                self.swap.write(slot, zero)
-            else:
-                self.swap.write(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            try:
+                if self.needs_zero[g]:
+                    self.swap.write(slot, zero)
+                else:
+                    self.swap.write(slot, self.ram_bytes[g * PAGE_SIZE:(g + 1) * PAGE_SIZE])
+            except OSError as e:
+                # Nothing is lost: the page stays mapped and resident, the slot goes back.
+                # The device is failing, so this batch stops; the caller goes on to other
+                # means (deflate-on-OOM, the OOM killer) if it frees too little.
+                self.swap.free(np.array([slot], np.int64))
+                self.stats.swap_write_errors += 1
+                self._swap_error(f"guest swap write to slot {slot} failed ({e}); the page "
+                                 "stays resident", self.stats.swap_write_errors)
+                break
             t.pt[vpn] = -(slot + 2)
             t.resident -= 1
             t.swapped += 1
@@ -574,6 +622,13 @@ class MemoryManager:
         else:
             self.stats.async_reclaim += done
         return done
+
+    def _swap_error(self, text: str, count: int) -> None:
+        """Remember and log a guest swap I/O error: the 1st, 2nd, 4th, 8th… of each kind,
+        so that a disk that stays full cannot flood the log."""
+        self.last_swap_error = text
+        if self.log is not None and count & (count - 1) == 0:
+            self.log(f"{text} [{count} so far]")
 
     async def kswapd(self) -> int:
         """Background reclaim: wake below the low watermark, work until the high one.
@@ -698,6 +753,9 @@ class MemoryManager:
             T.OUT_OF_PUFF: s.out_of_puff,
             T.STALL_NS_EPT: s.stall_ns_ept,
             T.STALL_NS_GUEST: s.stall_ns_guest,
+            T.GUEST_SWAP_WRITE_ERRORS: s.swap_write_errors,
+            T.GUEST_SWAP_READ_ERRORS: s.swap_read_errors,
+            T.SWAP_READ_KILLS: s.swap_read_kills,
         }
 
     def check_invariants(self) -> None:

@@ -291,6 +291,10 @@ class ControlServer:
             "ept_exits": tag(StatTag.EPT_EXITS),
             "guest_faults": tag(StatTag.GUEST_FAULTS),
             "out_of_puff": vm.balloon.metrics.out_of_puff,
+            # Guest swap I/O errors: writes that failed (the page stayed resident) and reads
+            # that failed (the task that needed the page was killed, as by SIGBUS).
+            "guest_swap_write_errors": tag(StatTag.GUEST_SWAP_WRITE_ERRORS),
+            "guest_swap_read_errors": tag(StatTag.GUEST_SWAP_READ_ERRORS),
             # What the guest's tasks and kernel hold resident (pages), and whether a manual
             # target keeps the policy away from this VM.
             "guest_anon_pages": tag(StatTag.ANON_PAGES),

@@ -33,12 +33,12 @@ def config(pages: int, swap_pages: int, tasks: list[dict]) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def guest_vm(tmp_path: Path, pages: int, cfg: dict):
+async def guest_vm(tmp_path: Path, pages: int, cfg: dict, env: dict | None = None):
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
     peer = HostPeer(str(run_dir / "vm.machine.sock"), "vm", pages)
     await peer.start()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / "build" / "numba-cache"))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "guest.kernel", "--vm", "vm",
