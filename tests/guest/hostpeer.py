@@ -129,13 +129,14 @@ class HostPeer:
             pass
 
     async def resume_then_halt(self, reason: str = "test") -> int:
-        """Back and resume every fault in flight and send ``halt`` right behind, in one
-        write: the guest sees its resume and the halt together (the shutdown race). Call
-        with ``_lock`` held, so that no fault is being served meanwhile."""
+        """Resume every fault in flight *without* backing its pages and send ``halt`` right
+        behind, in one write: the guest sees its resume and the halt together, and its vCPU
+        must exit again at once — on a channel the halt has closed (the shutdown race).
+        Call with ``_lock`` held, so that no fault is being served meanwhile."""
         assert self.ch is not None
         ids = list(self.in_flight)
         for mid in ids:
-            self._back(self.in_flight.pop(mid))
+            del self.in_flight[mid]
             self.ch.send_nowait(m.Resume(id=mid))
         self.ch.send_nowait(m.Halt(reason=reason))
         await self.ch.drain()
