@@ -9,7 +9,11 @@ The dashboard renders snapshots, ``RunSummary`` folds them into the end-of-run t
 - ``timeseries.csv``: one row per VM per tick (``TIMESERIES_COLUMNS``, docs/cli.md);
 - ``events.jsonl``: one JSON object per control-channel event, as received;
 - ``topology.toml``: the topology the run used (``Topology.to_toml``);
-- ``summary.json``: ``RunSummary.to_json()`` at the end of the run.
+- ``meta.json``: provenance, written when the run starts (:func:`provenance`): balloonlab's
+  version, the git commit of the source when it is a git checkout, the machine, the
+  resolved topology, the policy's parameters with their defaults, and the seed;
+- ``summary.json``: ``RunSummary.to_json()`` at the end of the run, with the same
+  provenance under ``"provenance"``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import csv
 import json
 import math
 import os
+import platform
+import socket
+import subprocess
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,22 +37,24 @@ from hypervisor.units import PAGE_SIZE
 
 __all__ = [
     "DOMMEMSTAT_UNIT",
-    "HostSnapshot",
-    "VmSnapshot",
-    "Snapshot",
-    "snapshot_from",
-    "rates",
-    "RateWindow",
     "RATE_WINDOW",
-    "RunSummary",
-    "Recorder",
-    "TIMESERIES_COLUMNS",
-    "RecordingError",
-    "read_timeseries",
-    "read_events",
-    "summary_table_rows",
     "SUMMARY_HEADERS",
+    "TIMESERIES_COLUMNS",
+    "HostSnapshot",
+    "RateWindow",
+    "Recorder",
+    "RecordingError",
+    "RunSummary",
+    "Snapshot",
+    "VmSnapshot",
+    "provenance",
+    "rates",
+    "read_events",
+    "read_timeseries",
+    "snapshot_from",
     "snapshot_to_json",
+    "story_lines",
+    "summary_table_rows",
 ]
 
 #: Bytes per unit of the guest amounts in ``dommemstat`` (``unused``, ``usable``,
@@ -232,6 +241,7 @@ class RateWindow:
 @dataclass
 class _VmTotals:
     last: VmSnapshot | None = None
+    first_backed_pages: int | None = None  # once the guest reported its first stats
     peak_backed_pages: int = 0
     min_backed_pages: int | None = None
     peak_balloon_pages: int = 0
@@ -251,6 +261,10 @@ class RunSummary:
     peak_swap_slots_used: int = 0
     last_host: HostSnapshot | None = None
     events: Counter[str] = field(default_factory=Counter)
+    #: UNIX time of the first balloon target above 0 (policy, manual or scheduled), its VM
+    #: and pages; of the first host swap-out (event, or a snapshot with host swap in use).
+    first_target: tuple[float, str | None, int] | None = None
+    first_host_swap: float | None = None
     _vms: dict[str, _VmTotals] = field(default_factory=dict)
 
     def add(self, snap: Snapshot) -> None:
@@ -261,6 +275,8 @@ class RunSummary:
         self.last_host = snap.host
         self.peak_frames_used = max(self.peak_frames_used, snap.host.frames_used)
         self.peak_swap_slots_used = max(self.peak_swap_slots_used, snap.host.swap_slots_used)
+        if snap.host.swap_slots_used > 0 and self.first_host_swap is None:
+            self.first_host_swap = snap.time
         for vm in snap.vms:
             t = self._vms.setdefault(vm.name, _VmTotals())
             if t.last is not None:
@@ -268,15 +284,32 @@ class RunSummary:
                 delta = vm.ops - t.last.ops
                 t.ops_done += delta if delta >= 0 else vm.ops
             t.last = vm
+            if t.first_backed_pages is None and vm.guest_free_bytes is not None:
+                t.first_backed_pages = vm.backed_pages
             t.peak_backed_pages = max(t.peak_backed_pages, vm.backed_pages)
             t.min_backed_pages = (
-                vm.backed_pages if t.min_backed_pages is None else min(t.min_backed_pages, vm.backed_pages)
+                vm.backed_pages if t.min_backed_pages is None
+                else min(t.min_backed_pages, vm.backed_pages)
             )
             t.peak_balloon_pages = max(t.peak_balloon_pages, vm.balloon_pages)
             t.peak_host_swapped_pages = max(t.peak_host_swapped_pages, vm.host_swapped_pages)
 
     def add_event(self, event: Mapping[str, Any]) -> None:
-        self.events[str(event.get("kind", "?"))] += 1
+        kind = str(event.get("kind", "?"))
+        self.events[kind] += 1
+        when = event.get("time")
+        if not isinstance(when, (int, float)):
+            return
+        if kind == "host_swap_out":
+            if self.first_host_swap is None or when < self.first_host_swap:
+                self.first_host_swap = float(when)
+        elif kind in ("policy", "balloon_target", "schedule") and event.get("vm") is not None:
+            target = event.get("target_pages")
+            if target is None and isinstance(event.get("result"), Mapping):
+                target = event["result"].get("target_pages")
+            if isinstance(target, int) and target > 0 and (
+                    self.first_target is None or when < self.first_target[0]):
+                self.first_target = (float(when), str(event["vm"]), target)
 
     @property
     def duration(self) -> float:
@@ -291,8 +324,15 @@ class RunSummary:
             last = t.last
             assert last is not None
             dur = self.duration
+            first = t.first_backed_pages
             vms[name] = {
                 "state": last.state,
+                "first_backed_pages": first,
+                # Frames the VM gave back (its backed pages fell below where they started)
+                # and frames it took on top (its backed pages rose above that).
+                "gave_pages": None if first is None or t.min_backed_pages is None
+                else max(0, first - t.min_backed_pages),
+                "got_pages": None if first is None else max(0, t.peak_backed_pages - first),
                 "memory_pages": last.memory_pages,
                 "final_backed_pages": last.backed_pages,
                 "final_balloon_pages": last.balloon_pages,
@@ -310,8 +350,16 @@ class RunSummary:
                 "swap_out_bytes": last.swap_out_bytes,
             }
         host = self.last_host
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None or self.started is None else t - self.started
+
         return {
             "topology": self.source,
+            "first_balloon_target_s": rel(self.first_target[0]) if self.first_target else None,
+            "first_balloon_target_vm": self.first_target[1] if self.first_target else None,
+            "first_balloon_target_pages": self.first_target[2] if self.first_target else None,
+            "first_host_swap_out_s": rel(self.first_host_swap),
             "started": self.started,
             "ended": self.ended,
             "duration_s": self.duration,
@@ -387,18 +435,24 @@ class Recorder:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RecordingError(f"cannot create recording directory {self.directory}: {e}") from None
+            raise RecordingError(
+                f"cannot create recording directory {self.directory}: {e}") from None
         if not self.directory.is_dir():
             raise RecordingError(f"{self.directory} is not a directory")
         self.summary = RunSummary(source=topology.source)
+        self.provenance = provenance(topology)
+        self._write_json("meta.json", self.provenance)
         self._rates = RateWindow()
         self._t0: float | None = None
         (self.directory / "topology.toml").write_text(topology.to_toml(), encoding="utf-8")
-        self._csv_file: IO[str] = open(self.directory / "timeseries.csv", "w", newline="", encoding="utf-8")
+        # Both files stay open for the recorder's life (closed by close()).
+        self._csv_file: IO[str] = open(  # noqa: SIM115
+            self.directory / "timeseries.csv", "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._csv_file)
         self._csv.writerow(TIMESERIES_COLUMNS)
         self._csv_file.flush()
-        self._events: IO[str] = open(self.directory / "events.jsonl", "w", encoding="utf-8")
+        self._events: IO[str] = open(  # noqa: SIM115
+            self.directory / "events.jsonl", "w", encoding="utf-8")
         self._closed = False
 
     def tick(self, snap: Snapshot) -> None:
@@ -450,16 +504,20 @@ class Recorder:
     def close(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (plus *extra* keys) and close the files; returns the summary."""
         summary = self.summary.to_json()
+        summary["provenance"] = self.provenance
         if extra:
             summary.update(extra)
         if not self._closed:
             self._closed = True
             self._csv_file.close()
             self._events.close()
-            tmp = self.directory / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
-            tmp.replace(self.directory / "summary.json")
+            self._write_json("summary.json", summary)
         return summary
+
+    def _write_json(self, name: str, value: Any) -> None:
+        tmp = self.directory / f"{name}.tmp"
+        tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        tmp.replace(self.directory / name)
 
     def __enter__(self) -> Recorder:
         return self
@@ -480,7 +538,8 @@ def read_timeseries(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
         reader = csv.DictReader(f)
         missing = {"elapsed", "vm", "backed_pages"} - set(reader.fieldnames or ())
         if missing:
-            raise RecordingError(f"{path}: not a balloonlab timeseries (missing columns {sorted(missing)})")
+            raise RecordingError(
+                f"{path}: not a balloonlab timeseries (missing columns {sorted(missing)})")
         for lineno, raw in enumerate(reader, start=2):
             row: dict[str, Any] = {}
             for k, v in raw.items():
@@ -492,7 +551,8 @@ def read_timeseries(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     try:
                         row[k] = math.nan if v in ("", None) else float(v)
                     except ValueError:
-                        raise RecordingError(f"{path}:{lineno}: column {k!r}: {v!r} is not a number") from None
+                        raise RecordingError(
+                            f"{path}:{lineno}: column {k!r}: {v!r} is not a number") from None
             rows.append(row)
     return rows
 
@@ -550,3 +610,105 @@ SUMMARY_HEADERS: tuple[str, ...] = (
 def snapshot_to_json(snap: Snapshot) -> dict[str, Any]:
     """A snapshot as plain JSON (for ``--json`` output)."""
     return {"time": snap.time, "host": asdict(snap.host), "vms": [asdict(v) for v in snap.vms]}
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance and the run's story
+# --------------------------------------------------------------------------------------------
+
+
+def _git_commit(start: Path) -> str | None:
+    """The commit of the git checkout holding *start* (``+dirty`` when it has changes), or
+    ``None`` when it is not a checkout or git is missing."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(start), *args], capture_output=True,
+                                  text=True, timeout=5, check=True).stdout.strip()
+
+        rev = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "") if rev else None
+
+
+def _machine() -> dict[str, Any]:
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    return {"hostname": socket.gethostname(), "cores": os.cpu_count(), "memory_bytes": mem,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def provenance(topology: Topology) -> dict[str, Any]:
+    """What a recording needs to be compared with another: software, machine and inputs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        bl_version: str | None = version("balloonlab")
+    except PackageNotFoundError:
+        bl_version = None
+    h = topology.host
+    params: dict[str, Any] = dict(h.policy_params)
+    try:
+        from hypervisor.policies import load_policy
+
+        params = dict(getattr(load_policy(h.policy, dict(h.policy_params)), "params", params))
+    except (ImportError, ValueError, TypeError, AttributeError):
+        pass  # a user policy that cannot load here: its given parameters only
+    return {
+        "balloonlab_version": bl_version,
+        "git_commit": _git_commit(Path(__file__).resolve().parent),
+        "machine": _machine(),
+        "seed": h.seed,
+        "policy": h.policy,
+        "policy_params": params,
+        "topology_source": topology.source,
+        "topology": topology.to_toml(),
+        "recorded_at": time.time(),
+    }
+
+
+def story_lines(summary: Mapping[str, Any]) -> list[str]:
+    """What the run showed, in a few sentences with numbers: when the first balloon target
+    came against the first host swap-out, and what each VM gave back or took."""
+    from hypervisor.units import format_size
+
+    def size(pages: int) -> str:
+        return format_size(pages * PAGE_SIZE)
+
+    out = []
+    first = summary.get("first_balloon_target_s")
+    swap = summary.get("first_host_swap_out_s")
+    if first is None:
+        out.append("no balloon target was set")
+    else:
+        out.append(f"first balloon target at {first:.1f} s "
+                   f"({summary.get('first_balloon_target_vm')}: "
+                   f"{size(summary.get('first_balloon_target_pages') or 0)})")
+    if swap is None:
+        out[-1] += "; the host never swapped"
+    elif first is not None and first <= swap:
+        out[-1] += f", {swap - first:.1f} s before the first host swap-out at {swap:.1f} s"
+    else:
+        out[-1] += f"; the host swapped first, at {swap:.1f} s"
+    for name, v in summary.get("vms", {}).items():
+        if v.get("first_backed_pages") is None:
+            continue
+        gave, got = v.get("gave_pages") or 0, v.get("got_pages") or 0
+        parts = [f"backed {size(v['first_backed_pages'])} at start, "
+                 f"{size(v['min_backed_pages'])} lowest, {size(v['peak_backed_pages'])} peak, "
+                 f"{size(v['final_backed_pages'])} at the end"]
+        if v["peak_balloon_pages"]:
+            parts.append(f"balloon up to {size(v['peak_balloon_pages'])}")
+        else:
+            parts.append("never ballooned")
+        verdict = (f"gave back {size(gave)}" if gave >= got and gave else
+                   f"took {size(got)} more" if got else "held steady")
+        out.append(f"{name}: {verdict} ({'; '.join(parts)})")
+    return out

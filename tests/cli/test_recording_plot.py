@@ -33,7 +33,8 @@ def record(tmp_path: Path, ticks: int = 10) -> Path:
     with Recorder(out, topo) as rec:
         for snap in synthetic.run(ticks):
             rec.tick(snap)
-        rec.event({"time": synthetic.run(1)[0].time + 2.0, "kind": "guest_oom_kill", "vm": "b", "pid": 3})
+        rec.event({"time": synthetic.run(1)[0].time + 2.0, "kind": "guest_oom_kill", "vm": "b",
+                   "pid": 3})
         rec.event({"time": synthetic.run(1)[0].time + 1.0, "kind": "balloon_target", "vm": "a",
                    "pages": 2048})
     return out
@@ -132,3 +133,147 @@ def test_rate_window_smooths_bursty_stats() -> None:
     assert out[4] == 400 / 2.0  # over the 2 s window, not 400 / 0.5
     assert out[5] == 400 / 2.0  # base 0.5 s
     assert out[6] == 400 / 2.0  # base 1.0 s
+
+
+# -- provenance, the run's story, decision ticks, several runs ------------------------------
+
+
+def test_recording_carries_provenance(tmp_path: Path) -> None:
+    out = record(tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["provenance"] == meta
+    assert meta["balloonlab_version"]
+    assert meta["machine"]["cores"] >= 1 and meta["machine"]["hostname"]
+    assert meta["machine"]["kernel"] and meta["machine"]["memory_bytes"] > 0
+    assert meta["seed"] == 0 and meta["policy"] == "none"
+    # The topology as resolved (every default spelled out) reads back to the same lab.
+    topo = load_topology(example_path("two-vms-small"))
+    assert parse_topology(meta["topology"], "x") == dataclasses.replace(topo, source="x")
+    # This test runs from a git checkout: the commit is recorded (40 hex digits).
+    assert meta["git_commit"] is None or len(meta["git_commit"].split("+")[0]) == 40
+
+
+def test_provenance_lists_policy_parameters_with_defaults() -> None:
+    from balloonlab.recording import provenance
+
+    topo = parse_topology('[host]\nmemory = "64MiB"\npolicy = "mom"\nseed = 5\n'
+                          '[host.policy_params]\npressure_threshold = 0.3\n'
+                          '[[vm]]\nname = "a"\nmemory = "32MiB"\n', "lab.toml")
+    p = provenance(topo)
+    assert p["seed"] == 5 and p["policy"] == "mom"
+    assert p["policy_params"]["pressure_threshold"] == 0.3
+    assert p["policy_params"]["stat_avg_samples"] == 10  # a default, spelled out
+
+
+def _story_summary(swap_event_at: float | None) -> dict:
+    s = synthetic.run(10)
+    summary = RunSummary()
+    for snap in s:
+        summary.add(snap)
+    summary.add_event({"time": s[0].time + 1.2, "kind": "policy", "vm": "a", "target_pages": 512,
+                       "policy": "mom", "reason": "x"})
+    summary.add_event({"time": s[0].time + 3.0, "kind": "policy", "vm": "a",
+                       "target_pages": 2048, "policy": "mom", "reason": "x"})
+    if swap_event_at is not None:
+        summary.add_event({"time": s[0].time + swap_event_at, "kind": "host_swap_out",
+                           "vm": "b", "pages": 10})
+    return summary.to_json()
+
+
+def test_summary_tells_when_the_policy_acted_and_what_each_vm_gave() -> None:
+    from balloonlab.recording import story_lines
+
+    j = _story_summary(swap_event_at=2.0)
+    assert j["first_balloon_target_s"] == pytest.approx(1.2)
+    assert (j["first_balloon_target_vm"], j["first_balloon_target_pages"]) == ("a", 512)
+    assert j["first_host_swap_out_s"] == pytest.approx(2.0)
+    # a: backed 4096 -> 3072 pages (its balloon took 2048, half of them backed);
+    # b: 1000 -> 4600 pages.
+    assert (j["vms"]["a"]["gave_pages"], j["vms"]["a"]["got_pages"]) == (1024, 0)
+    assert (j["vms"]["b"]["gave_pages"], j["vms"]["b"]["got_pages"]) == (0, 3600)
+    lines = story_lines(j)
+    assert lines[0] == ("first balloon target at 1.2 s (a: 2.0 MiB), 0.8 s before the first "
+                        "host swap-out at 2.0 s")
+    assert lines[1].startswith("a: gave back 4.0 MiB (backed 16.0 MiB at start, 12.0 MiB lowest")
+    assert "balloon up to 8.0 MiB" in lines[1]
+    assert lines[2].startswith("b: took 14.1 MiB more") and "never ballooned" in lines[2]
+
+
+def test_summary_says_when_the_host_swapped_first_or_never() -> None:
+    from balloonlab.recording import story_lines
+
+    assert story_lines(_story_summary(swap_event_at=0.5))[0].endswith(
+        "; the host swapped first, at 0.5 s")
+    assert story_lines(_story_summary(swap_event_at=None))[0].endswith(
+        "; the host never swapped")
+    empty = RunSummary().to_json()
+    assert story_lines(empty) == ["no balloon target was set; the host never swapped"]
+
+
+def test_plot_marks_each_balloon_target_decision(tmp_path: Path) -> None:
+    from balloonlab.plot import _target_ticks
+
+    t0 = 1000.0
+    events = [
+        {"time": t0 + 1.0, "kind": "policy", "vm": "a", "target_pages": 10},
+        {"time": t0 + 1.0, "kind": "balloon_target", "vm": "a", "target_pages": 10},
+        {"time": t0 + 2.5, "kind": "schedule", "vm": "b", "action": "set_balloon"},
+        {"time": t0 + 3.0, "kind": "schedule", "vm": None, "action": "set_policy"},
+        {"time": t0 + 4.0, "kind": "host_swap_out", "vm": "a", "pages": 3},
+    ]
+    assert _target_ticks(events, t0) == {"a": [1.0], "b": [2.5]}
+
+
+def _pixels(path: Path) -> set:
+    img = mpimg.imread(path)
+    return {tuple(px) for px in img.reshape(-1, img.shape[2]).tolist()}
+
+
+def test_plot_draws_target_dashed_in_its_own_colour_and_guest_swap(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgba
+
+    out = record(tmp_path)
+    memory = plot_run(out)[0]
+    colours = _pixels(memory)
+    for name in ("tab:orange", "tab:purple", "tab:green"):  # target, guest swap, balloon
+        rgba = to_rgba(name)
+        assert any(all(abs(a - b) < 0.02 for a, b in zip(px, rgba)) for px in colours), name
+
+
+def test_plot_overlays_several_runs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from balloonlab.cli import cli
+
+    first = record(tmp_path / "one")
+    second = tmp_path / "two" / "rec"
+    with Recorder(second, load_topology(example_path("two-vms-small"))) as rec:
+        for snap in synthetic.run(6, t0=1_800_000_000.0):
+            rec.tick(snap)
+    res = CliRunner().invoke(cli, ["plot", str(first), str(second), "--out",
+                                   str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    names = [Path(p).name for p in res.stdout.split()]
+    assert names == ["compare-host-frames.png", "compare-host-swap.png", "compare-backed.png",
+                     "compare-balloon.png", "compare-guest-swap.png", "compare-ops.png"]
+    for n in names:
+        assert (tmp_path / "cmp" / n).read_bytes()[:8] == PNG_MAGIC
+    # Both runs are named "rec": the legend falls back to their paths.
+    from balloonlab.plot import _run_labels
+
+    assert _run_labels([first, second]) == [str(first), str(second)]
+    assert _run_labels([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
+
+
+def test_plot_of_several_runs_names_the_bad_one(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from balloonlab.cli import cli
+
+    good = record(tmp_path)
+    res = CliRunner().invoke(cli, ["plot", str(good), str(tmp_path / "missing"),
+                                   "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 1
+    assert "missing/timeseries.csv: no such file" in res.output
+    assert not (tmp_path / "cmp").exists()  # nothing written before every run was read
