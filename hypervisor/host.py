@@ -96,6 +96,7 @@ class Host:
                                      else [sys.executable])
         self.control: Any = None
         self.qmp: Any = None  # hypervisor.qmp.QmpServer once started
+        self.metrics_server: Any = None  # hypervisor.metrics.MetricsServer when enabled
         self.policy_name = "none"
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
@@ -107,6 +108,10 @@ class Host:
         """Create the run dir, the VMs and the servers; launch VM processes."""
         rundir.prepare_run_dir(self.run_dir)
         try:
+            if self.topology.host.metrics is not None:
+                from hypervisor.metrics import MetricsServer
+                # Bound first: a taken address fails the start before any VM exists.
+                self.metrics_server = await MetricsServer.start(self, self.topology.host.metrics)
             _warm_up_kernels()
             hc = self.topology.host
             self.memory.open_swap(self.run_dir / rundir.SWAP_FILE)
@@ -243,6 +248,8 @@ class Host:
             s.close()
         if self.qmp is not None:
             await self.qmp.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         for vm in self.vms.values():
             await vm.machine.disconnect()
         for t in list(self._tasks):

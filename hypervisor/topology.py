@@ -198,6 +198,8 @@ class HostConfig:
     run_dir: str | None
     #: Seeds every guest's workload streams (with the VM's name and restart count).
     seed: int = 0
+    #: ``HOST:PORT`` of the Prometheus ``/metrics`` endpoint (hypervisor.metrics); None: off.
+    metrics: str | None = None
 
     @property
     def frames(self) -> int:
@@ -240,7 +242,7 @@ _T = TypeVar("_T")
 
 _TOP_KEYS = ("host", "vm", "schedule")
 _HOST_KEYS = ("name", "memory", "swap", "policy", "policy_params", "policy_interval", "run_dir",
-              "seed")
+              "seed", "metrics")
 _VM_KEYS = (
     "name",
     "memory",
@@ -430,6 +432,15 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ctx.error("host.seed", f"expected an integer in [0, 2^63), got {_describe(seed)}")
+    metrics = raw.get("metrics")
+    if metrics is not None:
+        from hypervisor.metrics import parse_listen_address
+
+        metrics = ctx.string("host.metrics", metrics)
+        try:
+            parse_listen_address(metrics)
+        except ValueError as e:
+            raise ctx.error("host.metrics", str(e)) from None
     return HostConfig(
         name=name,
         memory=memory,
@@ -439,6 +450,7 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
         policy_interval=interval,
         run_dir=run_dir,
         seed=seed,
+        metrics=metrics,
     )
 
 
@@ -815,6 +827,8 @@ def _to_toml(topo: Topology) -> str:
     ]
     if h.run_dir is not None:
         out.append(f"run_dir = {_toml_value(h.run_dir)}")
+    if h.metrics is not None:
+        out.append(f"metrics = {_toml_value(h.metrics)}")
     if h.policy_params:
         out += ["", "[host.policy_params]"]
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in h.policy_params.items()]
