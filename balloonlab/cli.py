@@ -59,7 +59,9 @@ class CliError(click.ClickException):
     """One-line user-facing error (exit status 1)."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"balloonlab: error: {self.format_message()}", err=True)
+        # Several problems (a topology's) are one line each, every one with the prefix.
+        for line in self.format_message().splitlines() or [""]:
+            click.echo(f"balloonlab: error: {line}", err=True)
 
 
 def _fail(message: str) -> NoReturn:
@@ -238,7 +240,10 @@ def _resolve_topology(file: str | None) -> Topology:
         return default_topology()
     path = _topology_path(file)
     assert path is not None
-    return load_topology(path)
+    topo = load_topology(path)
+    for warning in topo.warnings:
+        click.echo(f"balloonlab: {warning}", err=True)
+    return topo
 
 
 @cli.command()

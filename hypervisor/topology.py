@@ -96,7 +96,9 @@ class TopologyError(ValueError):
     """A topology could not be read or is invalid.
 
     ``str(e) == f"{source}: {key}: {problem}"``, plus ``" (did you mean 'x'?)"`` when a close
-    match for a misspelt key or value exists (then also in ``e.suggestion``).
+    match for a misspelt key or value exists (then also in ``e.suggestion``). A file with
+    several problems raises one error whose ``errors`` lists them all (the first is the
+    error itself) and whose ``str`` is their lines joined by newlines.
     """
 
     def __init__(self, source: str, key: str, problem: str, suggestion: str | None = None) -> None:
@@ -107,7 +109,23 @@ class TopologyError(ValueError):
         text = f"{source}: {key}: {problem}"
         if suggestion is not None:
             text += f" (did you mean {suggestion!r}?)"
+        self.line = text
+        self.errors: list[TopologyError] = [self]
         super().__init__(text)
+
+    @classmethod
+    def several(cls, errors: list[TopologyError]) -> TopologyError:
+        """One error carrying every problem in *errors* (in order)."""
+        first = errors[0]
+        if len(errors) == 1:
+            return first
+        e = cls(first.source, first.key, first.problem, first.suggestion)
+        e.errors = list(errors)
+        e.args = ("\n".join(x.line for x in errors),)
+        return e
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.line
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +239,9 @@ class Topology:
     source: str
     #: Timed host actions (``hypervisor.schedule.ScheduleEntry``), in file order.
     schedule: tuple[Any, ...] = ()
+    #: Things that are allowed but probably not meant (``SOURCE: KEY: warning: ...`` lines),
+    #: e.g. a task larger than its VM's memory, which then lives partly in guest swap.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def vm(self, name: str) -> VmConfig:
         """The VM called *name*; ``KeyError`` naming the known VMs otherwise."""
@@ -276,6 +297,20 @@ class _Ctx:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        #: Problems found so far; parsing goes on past one so that all are reported at once.
+        self.errors: list[TopologyError] = []
+        self.warnings: list[str] = []
+
+    def collect(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+        """``fn(*args)``, or ``None`` with its ``TopologyError`` recorded."""
+        try:
+            return fn(*args, **kwargs)
+        except TopologyError as e:
+            self.errors.extend(e.errors)
+            return None
+
+    def warn(self, key: str, problem: str) -> None:
+        self.warnings.append(f"{self.source}: {key}: warning: {problem}")
 
     def error(self, key: str, problem: str, suggestion: str | None = None) -> TopologyError:
         return TopologyError(self.source, key, problem, suggestion)
@@ -286,11 +321,12 @@ class _Ctx:
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 where = f"{prefix}.{key}" if prefix else key
-                raise self.error(
+                # Not fatal: the rest of the table is still checked and reported.
+                self.errors.append(self.error(
                     where,
                     f"unknown key (allowed: {', '.join(allowed)})",
                     close[0] if close else None,
-                )
+                ))
 
     def table(self, value: Any, key: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
@@ -559,7 +595,7 @@ def _parse_task(
     )
 
 
-def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig) -> VmConfig:
+def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfig:
     raw = ctx.table(raw, key)
     ctx.check_keys(raw, _VM_KEYS, key)
     if "name" not in raw:
@@ -570,7 +606,7 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig) -> VmConfig:
     memory = ctx.size(f"{key}.memory", raw["memory"])
     if memory == 0:
         raise ctx.error(f"{key}.memory", "must be larger than 0")
-    if memory > host.memory + host.swap:
+    if host is not None and memory > host.memory + host.swap:
         raise ctx.error(
             f"{key}.memory",
             f"{format_size_exact(memory)} is larger than host memory + host swap "
@@ -602,10 +638,20 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig) -> VmConfig:
     raw_tasks = raw.get("task", [])
     if not isinstance(raw_tasks, list):
         raise ctx.error(f"{key}.task", "expected an array of tables: write [[vm.task]]")
-    tasks = tuple(
-        _parse_task(ctx, t, f"{key}.task[{i}]", memory + guest_swap)
-        for i, t in enumerate(raw_tasks)
-    )
+    parsed = [ctx.collect(_parse_task, ctx, t, f"{key}.task[{i}]", memory + guest_swap)
+              for i, t in enumerate(raw_tasks)]
+    tasks = tuple(t for t in parsed if t is not None)
+    for i, t in enumerate(parsed):
+        if t is not None and t.size > memory:
+            ctx.warn(f"{key}.task[{i}].size",
+                     f"{format_size_exact(t.size)} is larger than the VM's memory "
+                     f"({format_size_exact(memory)}): the task will live partly in guest swap")
+    together = sum(t.size for t in tasks)
+    if len(tasks) > 1 and together > memory + guest_swap:
+        ctx.warn(f"{key}.task",
+                 f"the tasks' sizes add up to {format_size_exact(together)}, more than the VM's "
+                 f"memory plus guest swap ({format_size_exact(memory + guest_swap)}): the OOM "
+                 "killer will run if they are all resident at once")
 
     # 10 % of memory, rounded down to whole MiB (to a page for VMs under 10 MiB).
     unit = 1 << 20 if memory >= 10 << 20 else PAGE_SIZE
@@ -651,28 +697,47 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig) -> VmConfig:
 
 
 def _parse_document(doc: Mapping[str, Any], source: str) -> Topology:
+    # Every problem is collected (ctx.collect, and unknown keys) and all are raised together
+    # at the end, so that one `validate` run shows each of them.
     ctx = _Ctx(source)
     ctx.check_keys(doc, _TOP_KEYS, "")
+    host: HostConfig | None = None
     if "host" not in doc:
-        raise ctx.error("host", "missing: a [host] table with at least memory = \"...\"")
-    host = _parse_host(ctx, ctx.table(doc["host"], "host"))
+        ctx.errors.append(
+            ctx.error("host", "missing: a [host] table with at least memory = \"...\""))
+    else:
+        host = ctx.collect(lambda: _parse_host(ctx, ctx.table(doc["host"], "host")))
     raw_vms = doc.get("vm")
+    parsed: list[tuple[int, VmConfig]] = []
     if raw_vms is None or raw_vms == []:
-        raise ctx.error("vm", "no VMs: add at least one [[vm]] table")
-    if not isinstance(raw_vms, list):
-        raise ctx.error("vm", "expected an array of tables: write [[vm]], not [vm]")
-    vms = tuple(_parse_vm(ctx, v, f"vm[{i}]", host) for i, v in enumerate(raw_vms))
+        ctx.errors.append(ctx.error("vm", "no VMs: add at least one [[vm]] table"))
+    elif not isinstance(raw_vms, list):
+        ctx.errors.append(ctx.error("vm", "expected an array of tables: write [[vm]], not [vm]"))
+    else:
+        for i, v in enumerate(raw_vms):
+            vm = ctx.collect(_parse_vm, ctx, v, f"vm[{i}]", host)
+            if vm is not None:
+                parsed.append((i, vm))
+    vms = tuple(vm for _, vm in parsed)
     seen: dict[str, int] = {}
-    for i, vm in enumerate(vms):
+    for i, vm in parsed:
         if vm.name in seen:
-            raise ctx.error(f"vm[{i}].name", f"duplicate VM name {vm.name!r} (also vm[{seen[vm.name]}])")
-        seen[vm.name] = i
+            ctx.errors.append(ctx.error(
+                f"vm[{i}].name", f"duplicate VM name {vm.name!r} (also vm[{seen[vm.name]}])"))
+        else:
+            seen[vm.name] = i
     schedule: tuple[Any, ...] = ()
-    if "schedule" in doc:
+    # The schedule names VMs: check it only against a complete list of them.
+    if "schedule" in doc and host is not None and isinstance(raw_vms, list) \
+            and len(parsed) == len(raw_vms):
         from hypervisor.schedule import parse_schedule
 
-        schedule = parse_schedule(ctx, doc["schedule"], host, vms)
-    return Topology(host=host, vms=vms, source=source, schedule=schedule)
+        schedule = ctx.collect(parse_schedule, ctx, doc["schedule"], host, vms) or ()
+    if ctx.errors:
+        raise TopologyError.several(ctx.errors)
+    assert host is not None
+    return Topology(host=host, vms=vms, source=source, schedule=schedule,
+                    warnings=tuple(ctx.warnings))
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:

@@ -47,7 +47,7 @@ def test_validate_resolved_is_loadable(runner: CliRunner, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[host]\nmemory = "1GiB"\n[[vm]]\nname = "a"\nmemroy = "1MiB"\n',
+        ('[host]\nmemory = "1GiB"\n[[vm]]\nname = "a"\nmemory = "1MiB"\nmemroy = "1MiB"\n',
          "vm[0].memroy: unknown key (allowed: name, memory, features, wire, stats_interval, "
          "guest_swap, on_crash, task, min_memory, max_memory, shares, initial_balloon) "
          "(did you mean 'memory'?)"),
@@ -69,6 +69,32 @@ def test_validate_bad_files_one_line_error(
     assert line.startswith(f"balloonlab: error: {f}: ")
     assert expected in line
     assert "Traceback" not in res.output
+
+
+def test_validate_reports_every_error_one_line_each(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "lab.toml"
+    f.write_text('[host]\nmemory = "1GiB"\n[[vm]]\nname = "web"\nmemory = "512MiB"\n'
+                 'guest_swap = "0"\n[[vm.task]]\nworkload = "zipf"\nsize = "600MiB"\n'
+                 '[[vm]]\nname = "b"\nmemory = "64MiB"\nmemroy = "1MiB"\n')
+    res = runner.invoke(cli, ["validate", str(f)])
+    assert res.exit_code == 1 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2, res.stderr
+    assert lines[0].startswith(f"balloonlab: error: {f}: vm[0].task[0].size: 600MiB is larger")
+    assert lines[1].startswith(f"balloonlab: error: {f}: vm[1].memroy: unknown key")
+
+
+def test_validate_prints_warnings(runner: CliRunner, tmp_path: Path) -> None:
+    """A task larger than its VM but within memory + guest swap is valid, with a warning."""
+    f = tmp_path / "lab.toml"
+    f.write_text('[host]\nmemory = "1GiB"\n[[vm]]\nname = "web"\nmemory = "512MiB"\n'
+                 '[[vm.task]]\nworkload = "zipf"\nsize = "600MiB"\n')
+    res = runner.invoke(cli, ["validate", str(f)])
+    assert res.exit_code == 0, res.output
+    assert f"{f}: ok" in res.stdout
+    assert res.stderr.strip() == (
+        f"balloonlab: {f}: vm[0].task[0].size: warning: 600MiB is larger than the VM's memory "
+        "(512MiB): the task will live partly in guest swap")
 
 
 def test_validate_missing_file(runner: CliRunner) -> None:

@@ -109,7 +109,7 @@ def test_phases_inherit_and_size_defaults_to_largest_phase() -> None:
         (('memory = "32MiB"', 'memroy = "32MiB"'), "vm[0].memroy", "unknown key", "memory"),
         (('[host]', '[host]\npolcy = "mom"'), "host.polcy", "unknown key", "policy"),
         (('workload = "zipf"', 'workload = "zipff"'), "vm[0].task[0].workload", "not one of", "zipf"),
-        (('size = "8MiB"', 'size = "8MB"'), "vm[0].task[0].size", "unknown unit 'MB'", None),
+        (('size = "8MiB"', 'size = "8XB"'), "vm[0].task[0].size", "unknown unit 'XB'", None),
         (('size = "8MiB"', 'size = "64MiB"'), "vm[0].task[0].size", "larger than its VM", None),
         (('memory = "32MiB"', 'memory = "200MiB"'), "vm[0].memory", "host memory + host swap", None),
         (('memory = "32MiB"', 'memory = 5000'), "vm[0].memory", "not a multiple of the 4096", None),
@@ -153,7 +153,57 @@ def test_validation_messages(
     expected = f"t.toml: {key}: {err.problem}"
     if suggestion:
         expected += f" (did you mean {suggestion!r}?)"
-    assert str(err) == expected
+    assert str(err).splitlines()[0] == expected
+
+
+def test_every_error_is_reported_at_once() -> None:
+    """The documented example: problems in several VMs and keys, one line each, in order."""
+    text = """
+    [host]
+    memory = "1GiB"
+    polcy = "mom"
+
+    [[vm]]
+    name = "web"
+    memory = "512MiB"
+    guest_swap = "0"
+    [[vm.task]]
+    workload = "zipf"
+    size = "600MiB"
+    [[vm.task]]
+    workload = "zipff"
+    size = "8MiB"
+
+    [[vm]]
+    name = "batch"
+    memroy = "512MiB"
+    """
+    err = error_of(text)
+    lines = str(err).splitlines()
+    assert [e.key for e in err.errors] == [
+        "host.polcy", "vm[0].task[0].size", "vm[0].task[1].workload", "vm[1].memroy",
+        "vm[1].memory"]
+    assert lines == [e.line for e in err.errors]
+    assert all(line.startswith("t.toml: ") for line in lines)
+    assert "(did you mean 'policy'?)" in lines[0]
+    assert "600MiB is larger than its VM's memory plus guest swap (512MiB)" in lines[1]
+    assert "(did you mean 'memory'?)" in lines[3]
+    assert (err.key, err.source) == ("host.polcy", "t.toml")  # the first problem
+
+
+def test_task_larger_than_vm_memory_is_a_warning() -> None:
+    """A task may overcommit its guest up to memory + guest swap: valid, with a warning."""
+    text = BASE.replace('size = "8MiB"', 'size = "40MiB"')  # 32 MiB VM + 16 MiB guest swap
+    topo = parse(text)
+    assert topo.vms[0].tasks[0].size == 40 * MiB
+    assert topo.warnings == (
+        "t.toml: vm[0].task[0].size: warning: 40MiB is larger than the VM's memory (32MiB): "
+        "the task will live partly in guest swap",)
+    assert parse(BASE).warnings == ()
+    text = BASE + '[[vm.task]]\nworkload = "idle"\nsize = "30MiB"\n' \
+        '[[vm.task]]\nworkload = "scan"\nsize = "30MiB"\n'
+    (warning,) = parse(text).warnings
+    assert warning.startswith("t.toml: vm[0].task: warning: the tasks' sizes add up to 68MiB")
 
 
 def test_duplicate_vm_names() -> None:
