@@ -146,7 +146,7 @@ def snapshot_from(
     memstats: Mapping[str, Mapping[str, Any]],
     now: float | None = None,
 ) -> Snapshot:
-    """Build a ``Snapshot`` from control-channel values (DESIGN §7).
+    """Build a ``Snapshot`` from control-channel values (docs/protocol.md, "Control channel").
 
     *vms* is ``list_vms``' value; *memstats* maps VM name to its ``dommemstat`` value (a VM
     missing there, e.g. not booted yet, gets zeros and ``None``).

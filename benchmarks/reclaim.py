@@ -102,7 +102,7 @@ def _mib(nbytes: int) -> str:
 
 
 def topology_toml(plan: Plan, host_name: str, run_dir: Path) -> str:
-    """The topology of one trial (DESIGN §10)."""
+    """The topology of one trial (docs/topology.md)."""
     size = plan.vm_bytes
     host_mem = size + max(64 * MIB, size // 4)  # every guest page fits: no host swap path
     lines = [

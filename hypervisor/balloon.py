@@ -1,4 +1,4 @@
-"""Balloon device backend (``<vm>.balloon.sock``): the host side of DESIGN §5.
+"""Balloon device backend (``<vm>.balloon.sock``): the host side of the balloon channel.
 
 Logic, dispatch and metrics are kept apart, as in firecracker's balloon device:
 

@@ -1,4 +1,4 @@
-"""Control server (``control.sock``, DESIGN §7): the operator's and the CLI's view of the host.
+"""Control server (``control.sock``): the operator's and the CLI's view of the host.
 
 Request ``call {id, method, params}`` → ``result {id, value}`` or ``error {id, code,
 message}``; a failed call never closes the connection and changes nothing. ``events`` with

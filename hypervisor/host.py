@@ -2,7 +2,7 @@
 
 Units: pages/frames/slots of 4096 bytes; times in seconds (UNIX time in events).
 
-What it does (DESIGN §2–3, §5–7):
+What it does (docs/architecture.md, "The host"):
 
 - creates the run dir, the frame ledger, the host swap file and per VM its memory
   (:class:`~hypervisor.vmmem.VmMemory`), machine channel (:mod:`hypervisor.machine`) and

@@ -5,7 +5,7 @@ a *slot* is one page of the host swap file; a *gpfn* is a guest page number.
 
 The ledger is pure bookkeeping (no file descriptors, no IO), so it can be checked against a
 plain model with hypothesis. ``hypervisor.vmmem`` and the host perform the side effects in
-the order DESIGN §3 fixes; the ledger only moves numbers.
+the reclaim order of docs/architecture.md ("Reclaim"); the ledger only moves numbers.
 
 Per frame: a state byte (``kernels.FREE``/``USED``/``LOCKED``) and the reverse map
 (``owner_vm``, ``owner_gpfn``). Per swap slot: a state byte and the same reverse map. Per VM:

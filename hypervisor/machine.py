@@ -1,7 +1,8 @@
 """Machine channel server (``<vm>.machine.sock``): the host end of a VM's vCPU exits.
 
 One guest kernel per VM connects, sends ``boot`` and receives ``boot_ok`` with the RAM, EPT
-and accessed memfds attached by SCM_RIGHTS on the same ``sendmsg`` as the frame (DESIGN §6).
+and accessed memfds attached by SCM_RIGHTS on the same ``sendmsg`` as the frame
+(docs/protocol.md, "boot_ok").
 The boot exchange runs on the raw socket (asyncio streams cannot attach descriptors); the
 socket is then handed to a :class:`protocol.aio.Channel` driven by the same
 :class:`protocol.connection.MachineHost` state machine.

@@ -1,4 +1,4 @@
-"""Topology files: the TOML description of one host and its VMs (DESIGN §10, docs/topology.md).
+"""Topology files: the TOML description of one host and its VMs (docs/topology.md).
 
 ``parse_topology`` turns TOML text into frozen, fully validated ``Topology`` objects; every
 default is filled in here, so the launcher, policies and CLI never see a missing field.

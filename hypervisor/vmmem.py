@@ -5,7 +5,7 @@ Units: pages of ``PAGE_SIZE`` (4096) bytes; offsets in the RAM memfd are ``gpfn 
 The RAM memfd is sparse: a page is resident (costs the OS a page) exactly when the host has
 populated it with ``fallocate(mode=0)`` (zeros) or written swapped-in bytes into it, and stops
 being resident when ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` removes it. Both are issued once per
-contiguous run of gpfns, never once per page where a run exists (DESIGN §3): the punch-hole
+contiguous run of gpfns, never once per page where a run exists: the punch-hole
 path is what makes inflate fast, and the per-call cost dominates small runs.
 
 EPT and accessed arrays are one byte per guest page, mmap'd shared into numpy arrays here and

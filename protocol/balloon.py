@@ -1,4 +1,4 @@
-"""Balloon channel state machines (DESIGN §5): the device (hypervisor end) and the driver.
+"""Balloon channel state machines: the device (hypervisor end) and the driver.
 
 Units: pages of 4096 bytes; ``num_pages`` is the balloon *target*, ``actual`` the pages the
 driver says are in the balloon, ``guest_pages`` the size of guest RAM.

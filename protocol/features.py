@@ -15,7 +15,7 @@ PROTOCOL_VERSION = 1
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
-#: Frames carry at most 8 MiB of msgpack (DESIGN §4). With RANGES a run costs 16 bytes, so
+#: Frames carry at most 8 MiB of msgpack (the framing limit). With RANGES a run costs 16 bytes, so
 #: one frame can describe ~500k runs; a virtio-style pfn list ~2M pages.
 MAX_FRAME = 8 * 1024 * 1024
 

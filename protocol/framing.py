@@ -1,4 +1,4 @@
-"""Framing (DESIGN §4): a 4-byte big-endian length N (1 ≤ N ≤ 8 MiB), then N bytes holding
+"""Framing: a 4-byte big-endian length N (1 ≤ N ≤ 8 MiB), then N bytes holding
 exactly one msgpack map with string keys.
 
 :class:`FrameBuffer` is the receive side: ``feed(data)`` then ``next_frame()`` until it

@@ -1,6 +1,6 @@
 """PFN-set encodings used on the wire, and batch validation, as Numba kernels.
 
-Units: a pfn is a guest page number (4 KiB pages). Two wire encodings (DESIGN §4):
+Units: a pfn is a guest page number (4 KiB pages). Two wire encodings (docs/protocol.md, "inflate"):
 
 * ``pfns``: little-endian uint32 page numbers, virtio style, any order;
 * ``runs``: little-endian uint64 pairs ``(first pfn, page count)``, with RANGES.

@@ -1,6 +1,6 @@
 """Synthetic control-channel values for CLI, dashboard and recording tests.
 
-Built the way a host reports them (DESIGN §7): ``host_info``, ``list_vms``, ``dommemstat``
+Built the way a host reports them (docs/cli.md): ``host_info``, ``list_vms``, ``dommemstat``
 (guest amounts in bytes, as this host reports its guests' virtio stats). A small deterministic "run": a balloon inflating in one VM while the
 other grows, so recordings and plots have shape.
 """

@@ -1,4 +1,4 @@
-"""Control server and client (DESIGN §7) against a running Host with in-test peers."""
+"""Control server and client against a running Host with in-test peers."""
 
 from __future__ import annotations
 
