@@ -726,6 +726,8 @@ def _run_up(
     if detach:
         click.echo(f"host {topo.host.name} is up: {len(topo.vms)} VMs running (pid {proc.pid}, "
                    f"run dir {run_dir}); `balloonlab down --host {topo.host.name}` stops it")
+        if topo.host.metrics is not None and not topo.host.metrics.endswith(":0"):
+            click.echo(f"metrics: http://{topo.host.metrics}/metrics")
         if recorder is not None:
             recorder.close()
         return None
@@ -788,8 +790,10 @@ def _run_up(
               help="How long to wait for every VM to boot and negotiate.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, metavar="N",
               help="Seed of the guest workload streams (overrides the topology's host seed).")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9177).")
 def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no_dashboard: bool,
-       boot_timeout: str, seed: int | None) -> None:
+       boot_timeout: str, seed: int | None, metrics: str | None) -> None:
     """Start a host from topology FILE (a path or a shipped example name; default: the
     built-in three-VM lab) and watch it."""
     if detach and for_ is not None:
@@ -804,8 +808,35 @@ def up(file: str | None, for_: str | None, detach: bool, record: Path | None, no
 
         topo = replace(topo, host=replace(topo.host, seed=seed))
         topo_path = None  # the host reads the topology with this seed from a copy
+    if metrics is not None:
+        from dataclasses import replace
+
+        topo = replace(topo, host=replace(topo.host, metrics=metrics))
+        topo_path = None
+    if topo.host.metrics is not None:
+        _check_metrics_address(topo.host.metrics)
     run_up(topo, topo_path=topo_path, for_=duration, detach=detach, record=record,
            dashboard=not no_dashboard, boot_timeout=boot)
+
+
+def _check_metrics_address(addr: str) -> None:
+    """Fail in one line, before anything starts, when the metrics address is invalid or
+    cannot be bound (taken, or not an address of this machine)."""
+    import socket
+
+    from hypervisor.metrics import parse_listen_address
+
+    try:
+        host, port = parse_listen_address(addr)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, stype, proto, _name, sockaddr = infos[0]
+        with socket.socket(family, stype, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the host's server
+            s.bind(sockaddr)
+    except ValueError as e:
+        _fail(f"--metrics: {e}")
+    except OSError as e:
+        _fail(f"metrics address {addr} cannot be used: {e.strerror or e}")
 
 
 @cli.command()
