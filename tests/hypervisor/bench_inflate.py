@@ -1,14 +1,22 @@
 """Inflate release rate, end to end through the Host (not a test: a quick measurement).
 
     NUMBA_CACHE_DIR=build/numba-cache .venv/bin/python tests/hypervisor/bench_inflate.py [MiB]
+    NUMBA_CACHE_DIR=build/numba-cache .venv/bin/python tests/hypervisor/bench_inflate.py \
+        sizes [MiB ...]
 
 An in-test guest faults in the whole VM, then an in-test driver inflates all of it over the
 real balloon socket: RANGES with contiguous runs in 64 Ki-page batches, RANGES with every
 other page (runs of one page: one punch per page), and virtio-style 256-pfn messages.
 Each rate is printed with the same-run references: one PUNCH_HOLE over the same size, and
 one PUNCH_HOLE per 4 KiB page, on a scratch memfd.
-"""
 
+``sizes`` (default 256 1024 4096 MiB) holds the batches fixed and varies the VM: in each VM
+the guest backs the same 64 MiB (at the start of RAM) and the driver inflates it as 8
+contiguous batches of 8 MiB (one run each) and then, after a deflate and a refault, as 8
+batches of 2048 one-page runs (every other page). It prints the host's release time per
+batch (``BalloonBackend.release_seconds``: EPT, ledger, punch) per VM size: it should follow
+the batch's pages and runs, not the size of the VM.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import Lab, topo  # noqa: E402
+from peers import Lab, topo
 
-from hypervisor.vmmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate  # noqa: E402
+from hypervisor.vmmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 PAGE = 4096
 
@@ -73,7 +81,46 @@ async def one_case(pages: int, case: str) -> float:
         return want / dt
 
 
+async def sizes_case(pages: int) -> dict[str, float]:
+    """Host release seconds per batch for fixed batches in a VM of ``pages`` pages."""
+    span = 64 * 256  # 64 MiB of pages
+    async with Lab(topo(pages + 1024, 0, {"a": pages})) as lab:
+        g = await lab.guest("a")
+        d = await lab.driver("a")
+        vm = lab.host.vms["a"]
+        out: dict[str, float] = {}
+        for shape in ("contiguous", "one-page runs"):
+            await g.touch(np.arange(span), stamp=False)
+            if shape == "contiguous":
+                batches = [np.arange(s, s + span // 8) for s in range(0, span, span // 8)]
+            else:
+                odd = np.arange(0, span, 2)
+                batches = [odd[i:i + 2048] for i in range(0, odd.size, 2048)]
+            t0 = vm.balloon.release_seconds
+            for b in batches:
+                ack = await d.inflate(b)
+                assert ack.ok, ack
+            out[shape] = (vm.balloon.release_seconds - t0) / len(batches)
+            ballooned = np.concatenate(batches)
+            assert (await d.deflate(ballooned)).ok
+        async with lab.host.mm_lock:
+            lab.host.check_conservation()
+        return out
+
+
+def sizes(mibs: list[int]) -> None:
+    print("host release time per inflate batch (64 MiB backed, 8 batches of 8 MiB)")
+    print(f"{'VM MiB':>8} {'contiguous (1 run)':>20} {'2048 one-page runs':>20}")
+    for mib in mibs:
+        r = asyncio.run(sizes_case(mib * 256))
+        print(f"{mib:>8} {r['contiguous'] * 1e3:>17.2f} ms "
+              f"{r['one-page runs'] * 1e3:>17.2f} ms")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "sizes":
+        sizes([int(a) for a in sys.argv[2:]] or [256, 1024, 4096])
+        return
     mib = int(sys.argv[1]) if len(sys.argv) > 1 else 256
     pages = mib * 256
     one, per_page = reference(pages)
