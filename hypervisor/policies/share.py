@@ -28,8 +28,9 @@ Host states, in fractions of ``frames_total`` (host free as in :func:`host_free_
   deflations in flight), highest rho first, with the same per-VM step cap;
 * in between: nothing (hysteresis, so reclaim and give-back never alternate).
 
-Steps smaller than ``min_step_percent`` (0.25 %) of a VM's memory are skipped. Before the
-rule, :class:`GuestGuard` handles stalled drivers and guests under pressure; see
+Steps smaller than ``min_step_percent`` (0.25 %) of a VM's memory are skipped; when the
+whole remaining need is that small for the VM whose turn it is, nothing moves this round.
+Before the rule, :class:`GuestGuard` handles stalled drivers and guests under pressure; see
 docs/policies.md.
 """
 
@@ -222,7 +223,14 @@ class SharePolicy(Policy):
             else:
                 room = base - lo
             step = min(amount, cap, room)
-            if step <= 0 or step < self.min_step * vm.memory_pages:
+            if step <= 0:
+                continue
+            if step < self.min_step * vm.memory_pages:
+                if step == amount:
+                    # What is left is too small to be worth a balloon operation on this VM;
+                    # it is not handed on to a VM further down the order (a smaller VM,
+                    # whose own threshold it passes, would be taxed out of turn).
+                    break
                 continue
             target = base + sign * step
             amount -= step

@@ -75,3 +75,16 @@ def test_share_does_not_reclaim_from_unmeasured_vms() -> None:
              vm("b", 5.0, active_touched=0)]
     d = policy.decide(host(500, 5.0), later, [])
     assert [x.vm for x in d] == ["b"] and d[0].target_pages == 50
+
+
+def test_share_does_not_hand_a_tiny_need_to_the_next_vm() -> None:
+    # Host free 24.8 % under low_free 25 %: need = 2500 - 2480 = 20 pages. The idle VM b
+    # (rho lowest) skips it: 20 < 0.25 % of its 10000 pages. The active VM a would pass
+    # its own threshold (0.25 % of 1000 = 2.5) but must not be taxed out of turn.
+    vms = [vm("a", 5.0, memory_pages=1000, max_pages=1000),
+           vm("b", 5.0, memory_pages=10000, max_pages=10000, backed_pages=10000,
+              active_touched=0)]
+    assert SharePolicy({"low_free": 0.25, "high_free": 0.4}).decide(host(2480, 5.0), vms, []) == []
+    # A need worth b's while still goes to b alone.
+    d = SharePolicy({"low_free": 0.25, "high_free": 0.4}).decide(host(2400, 5.0), vms, [])
+    assert [(x.vm, x.target_pages) for x in d] == [("b", 100)]
