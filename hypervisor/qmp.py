@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -92,6 +93,8 @@ GUEST_STATS: tuple[tuple[str, StatTag], ...] = (
 )
 #: Seconds a guest kernel gets to halt after ``system_powerdown`` before it is killed.
 POWERDOWN_GRACE = 3.0
+#: Longest wait for a VM's processes to show as stopped after ``stop``'s SIGSTOP, seconds.
+STOP_WAIT = 5.0
 
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -348,18 +351,22 @@ def greeting() -> dict[str, Any]:
 class QmpSession:
     """One client's QMP state: capabilities negotiation, then dispatch to a monitor.
 
-    Sans-IO: :meth:`handle` takes one request's text and returns the answer to send.
+    :meth:`handle` takes one request's text and returns the answer to send (awaiting only
+    commands that wait for the guest, such as ``stop``).
     """
 
     def __init__(self, monitor: VmMonitor) -> None:
         self.monitor = monitor
         self.negotiated = False
 
-    def handle(self, text: bytes) -> dict[str, Any]:
+    async def handle(self, text: bytes) -> dict[str, Any]:
         req: dict[str, Any] | None = None
         try:
             req, name, raw_args = parse_request(text)
-            answer = {"return": self._dispatch(name, raw_args)}
+            result = self._dispatch(name, raw_args)
+            if inspect.isawaitable(result):
+                result = await result
+            answer = {"return": result}
         except QmpError as e:
             req = req if req is not None else getattr(e, "request", None)
             answer = {"error": {"class": e.cls, "desc": e.desc}}
@@ -493,7 +500,7 @@ class VmMonitor:
         self.vm.balloon.stats_interval = float(value)
         return {}
 
-    def cmd_stop(self) -> dict[str, Any]:
+    async def cmd_stop(self) -> dict[str, Any]:
         if self.is_paused():
             return {}
         if self.vm.state is not VmState.RUNNING:
@@ -502,6 +509,12 @@ class VmMonitor:
         for pid in pids:
             _signal_group(pid, signal.SIGSTOP)
         self.paused, self.paused_pids = True, pids
+        # As QEMU's stop, answer once the vCPUs are stopped (a signal is delivered a moment
+        # after kill returns); the bound only keeps a vanished process from holding us.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_WAIT):
+                while not all(_stopped(pid) for pid in pids):
+                    await asyncio.sleep(0.005)
         self.server.broadcast(self.vm.name, event("STOP"))
         return {}
 
@@ -549,10 +562,20 @@ class VmMonitor:
                             await asyncio.sleep(0.01)
             async with host.mm_lock:
                 frames, slots = host.memory.free_vm(vm, VmState.HALTED)
+                vm.balloon.actual = 0  # a halted VM has no balloon (nor memory)
             host.emit("vm_halted", vm.name, reason="system_powerdown", frames=frames,
                       swap_slots=slots)
         finally:
             self.powering_down = False
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T), or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] in (b"T", b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -692,7 +715,7 @@ class QmpServer:
                     break
                 for text in texts:
                     was = session.negotiated
-                    answer = session.handle(text)
+                    answer = await session.handle(text)
                     if session.negotiated and not was:
                         self.clients[vm].add(out)
                     while out.qsize() >= ANSWER_BACKLOG and not writer_task.done():

@@ -1,0 +1,147 @@
+"""QMP and Prometheus metrics against a real host started by ``balloonlab up --detach``:
+hypervisor, guest kernels and balloon drivers as processes.
+
+A short private XDG_RUNTIME_DIR per test keeps it away from any other host on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from qemu.qmp import ExecuteError, QMPClient
+
+from balloonlab.cli import cli
+from balloonlab.client import ControlClient
+from hypervisor.rundir import pid_alive
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 60.0  # bounds a hang only
+MIB = 1 << 20
+
+
+@pytest.fixture
+def xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="bl-"))  # short: socket paths are limited to 108 bytes
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(d))
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(REPO / "build" / "numba-cache"))
+    yield d
+    if (d / "balloonlab" / "small" / "hypervisor.pid").exists():
+        CliRunner().invoke(cli, ["down", "--host", "small", "--timeout", "10s"])
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred, what: str):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[-1].split()[0].decode()
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(url, timeout=WAIT) as r:
+        text = r.read().decode()
+    return {(s.name, s.labels.get("domain", "")): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_qmp_and_metrics_on_a_real_host(xdg: Path) -> None:
+    port = free_port()
+    r = CliRunner()
+    res = r.invoke(cli, ["up", "two-vms-small", "--detach", "--boot-timeout", "90s",
+                         "--metrics", f"127.0.0.1:{port}"])
+    assert res.exit_code == 0, (res.output, res.stderr)
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert url in res.stdout
+    run_dir = xdg / "balloonlab" / "small"
+    client = ControlClient(run_dir, timeout=10.0)
+    vms = {v["name"]: v for v in client.call("list_vms")}
+    pids = [p for v in vms.values() for p in (v["pid"], v["driver_pid"])]
+
+    # Metrics agree with dommemstat (guest stats move, so compare the host-side ones).
+    m = scrape(url)
+    st = client.call("dommemstat", vm="a")
+    assert m[("libvirt_domain_info_maximum_memory_bytes", "a")] == 32 * MIB
+    assert m[("libvirt_domain_memory_stats_actual_balloon_bytes", "a")] == st["actual"]
+    assert m[("balloonlab_domain_running", "b")] == 1
+    assert m[("balloonlab_corrupted_reads_total", "a")] == 0
+
+    async def qmp_session() -> None:
+        a, b = QMPClient("a"), QMPClient("b")
+        await a.connect(str(run_dir / "a.qmp.sock"))
+        await b.connect(str(run_dir / "b.qmp.sock"))
+        with a.listener() as la, b.listener() as lb:
+            # stop: both guest processes are really stopped, and resumed by cont.
+            await a.execute("stop")
+            assert (await a.execute("query-status"))["status"] == "paused"
+            assert [proc_state(p) for p in (vms["a"]["pid"], vms["a"]["driver_pid"])] == \
+                ["T", "T"]
+            await a.execute("cont")
+            assert (await a.execute("query-status"))["status"] == "running"
+            assert proc_state(vms["a"]["pid"]) != "T"
+            # balloon: the guest ends with 24 MiB; BALLOON_CHANGE says so.
+            await a.execute("balloon", {"value": 24 * MIB})
+            async with asyncio.timeout(WAIT):
+                while True:
+                    ev = await la.get()
+                    if ev["event"] == "BALLOON_CHANGE" and ev["data"]["actual"] == 24 * MIB:
+                        break
+            assert await a.execute("query-balloon") == {"actual": 24 * MIB}
+            # An error changes nothing.
+            with pytest.raises(ExecuteError) as ei:
+                await a.execute("qom-get", {"path": "/machine/nope", "property": "x"})
+            assert ei.value.error_class == "DeviceNotFound"
+            # system_powerdown halts b for good; a keeps running.
+            await b.execute("system_powerdown")
+            seen = []
+            async with asyncio.timeout(WAIT):
+                while "SHUTDOWN" not in seen:
+                    seen.append((await lb.get())["event"])
+            assert seen == ["POWERDOWN", "SHUTDOWN"]
+            assert (await b.execute("query-status"))["status"] == "shutdown"
+            assert (await a.execute("query-status"))["status"] == "running"
+        await a.disconnect()
+        await b.disconnect()
+
+    asyncio.run(asyncio.wait_for(qmp_session(), WAIT * 2))
+    assert client.call("dommemstat", vm="a")["actual"] == 24 * MIB
+    assert wait_for(lambda: not pid_alive(vms["b"]["pid"]), "b's guest kernel to exit")
+    states = {v["name"]: v["state"] for v in client.call("list_vms")}
+    assert states == {"a": "running", "b": "halted"}
+    m = scrape(url)
+    assert m[("libvirt_domain_memory_stats_actual_balloon_bytes", "a")] == 24 * MIB
+    assert m[("balloonlab_domain_running", "b")] == 0
+    assert m[("libvirt_domain_memory_stats_rss_bytes", "b")] == 0
+    assert m[("balloonlab_corrupted_reads_total", "a")] == 0
+    client.close()
+
+    assert "stopped" in r.invoke(cli, ["down", "--host", "small"]).stdout
+    wait_for(lambda: not any(pid_alive(p) for p in pids), "every VM process to exit")
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        raise AssertionError("metrics still served after down")
