@@ -267,8 +267,9 @@ def run_trial(plan: Plan, workdir: Path, trial: int) -> dict[str, Any]:
             time.sleep(POLL_S)
         corrupted = s.get("corrupted_reads") or 0
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in
-             ("inflate_batches", "punch_calls", "released_frames", "inflated")
-             if isinstance(after.get(k), int)}
+             ("inflate_batches", "punch_calls", "released_frames", "inflated",
+              "release_seconds")
+             if isinstance(after.get(k), (int, float))}
     refault_pages = last_b - base
     return {
         "scenario": plan.scenario, "wire": plan.wire, "pages": pages, "target_pages": target,
