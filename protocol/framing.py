@@ -32,13 +32,13 @@ MAX_ARRAY = 1 << 20
 MAX_MAP = 1 << 16
 
 
-def _no_ext(code: int, data: bytes) -> Any:
+def no_ext(code: int, data: bytes) -> Any:
     raise LocalProtocolError(ErrorCode.BAD_MSGPACK, f"msgpack ext type {code} is not allowed")
 
 
 def encode_frame(payload: dict[str, Any]) -> bytes:
     """Pack one map into a length-prefixed frame."""
-    body = msgpack.packb(payload, use_bin_type=True)
+    body: bytes = msgpack.packb(payload, use_bin_type=True)
     return pack_frame_header(len(body)) + body
 
 
@@ -116,7 +116,7 @@ def decode_payload(body: bytes | memoryview) -> dict[str, Any]:
             raw=False,
             use_list=True,
             strict_map_key=False,  # nested stats maps use integer tags
-            ext_hook=_no_ext,
+            ext_hook=no_ext,
             max_str_len=MAX_STR,
             max_bin_len=MAX_FRAME,
             max_array_len=MAX_ARRAY,
@@ -151,7 +151,7 @@ class FrameBuffer:
     and leaves the buffer as it was (the caller closes the connection).
     """
 
-    __slots__ = ("_buf", "_pos", "_need", "max_frame")
+    __slots__ = ("_buf", "_need", "_pos", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         # bytes while it holds one fed chunk by reference (b"" when empty), else a bytearray
@@ -170,13 +170,15 @@ class FrameBuffer:
             return
         if not data:
             return
-        if type(self._buf) is bytes:
-            self._buf = bytearray(memoryview(self._buf)[self._pos:])
+        buf = self._buf
+        if isinstance(buf, bytearray):
+            if self._pos and self._pos >= len(buf) // 2:
+                del buf[: self._pos]
+                self._pos = 0
+        else:
+            buf = self._buf = bytearray(memoryview(buf)[self._pos:])
             self._pos = 0
-        elif self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data  # type: ignore[operator]
+        buf += data
 
     def __len__(self) -> int:
         """Bytes buffered and not yet returned as frames (a parsed header counts)."""
