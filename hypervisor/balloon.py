@@ -151,7 +151,7 @@ class BalloonBackend:
                     ch.idle_timeout = None  # a negotiated driver may stay quiet
                     self.metrics.connects += 1
                     self.emit("driver_connected", self.vm, features=dev.features)
-                    if poller is None and self.stats_interval > 0:
+                    if poller is None:
                         poller = asyncio.create_task(self._poll_stats(dev, ch))
                 elif isinstance(ev, (m.Inflate, m.Report)):
                     await self._release_batch(dev, ev)
@@ -225,9 +225,10 @@ class BalloonBackend:
 
     async def _poll_stats(self, dev: BalloonDevice, ch: Channel) -> None:
         while self.device is dev:
-            if dev.request_stats():
+            if self.stats_interval > 0 and dev.request_stats():
                 ch.flush()
-            await asyncio.sleep(self.stats_interval)
+            # 0 turns polling off (it can be turned on again, e.g. by QMP's qom-set).
+            await asyncio.sleep(self.stats_interval if self.stats_interval > 0 else 1.0)
 
     async def disconnect(self, reason: str = "host shutting down") -> None:
         ch = self.channel

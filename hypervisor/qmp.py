@@ -480,7 +480,8 @@ class VmMonitor:
         self._balloon_property(path, property)
         b = self.vm.balloon
         if property == "guest-stats-polling-interval":
-            return int(b.stats_interval)
+            # Whole seconds, as QEMU's property; a sub-second interval reads as 1 (0 is off).
+            return max(1, round(b.stats_interval)) if b.stats_interval > 0 else 0
         if b.last_update is None:
             raise generic("guest hasn't updated any stats yet")
         st = b.stats

@@ -172,10 +172,14 @@ def test_guest_stats_and_polling_interval_through_qom():
             assert abs(got["last-update"] - vm.balloon.last_update) < 1
             # The polling interval, in seconds, read and set as QEMU's property.
             get = {"path": path, "property": "guest-stats-polling-interval"}
-            assert await c.execute("qom-get", get) == 0  # the topology's 50 ms
+            assert await c.execute("qom-get", get) == 1  # the topology's 50 ms
             assert await c.execute("qom-set", {**get, "value": 3}) == {}
             assert vm.balloon.stats_interval == 3.0
             assert await c.execute("qom-get", get) == 3
+            # 0 turns polling off, and it can be turned on again.
+            assert await c.execute("qom-set", {**get, "value": 0}) == {}
+            assert await c.execute("qom-get", get) == 0
+            assert await c.execute("qom-set", {**get, "value": 3}) == {}
             for value, cls in ((-1, "GenericError"), (2**32, "GenericError"),
                                ("2", "GenericError")):
                 with pytest.raises(ExecuteError) as ei:
