@@ -1,24 +1,24 @@
 """Blocking control client for ``control.sock`` (used by the CLI, dashboard and tests).
 
-    with ControlClient(run_dir_or_socket) as c:
+    with ControlClient.find("lab") as c:          # or ControlClient(run_dir_or_socket)
         c.call("set_balloon", vm="web", pages=1024)
         for ev in c.events(follow=True): ...
 
-``call`` raises :class:`ControlError` (``code``, ``message``) when the host refuses a call and
-:class:`HostNotRunning` when nothing listens on the socket.
+docs/client.md is the guide. ``call`` raises :class:`ControlError` (``code``, ``message``)
+when the host refuses a call and :class:`HostNotRunning` when nothing listens on the socket.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from hypervisor.rundir import CONTROL_SOCK
 from protocol import messages as m
 from protocol.connection import ControlClient as ControlConnection
 from protocol.sync import PeerClosed, SyncChannel
-
-from hypervisor.rundir import CONTROL_SOCK
 
 
 class ControlError(Exception):
@@ -55,6 +55,17 @@ class ControlClient:
             raise
         self._ch = SyncChannel(sock, ControlConnection())
 
+    @classmethod
+    def find(cls, name: str | None = None, timeout: float | None = 5.0) -> ControlClient:
+        """Connect to the running host called *name* (None: the only one running), found
+        in the default run directories as the CLI's ``--host`` finds it.
+
+        Raises ``hypervisor.rundir.NoHostFound`` (none, or several and no name given).
+        """
+        from hypervisor.rundir import find_host
+
+        return cls(find_host(name), timeout=timeout)
+
     def call(self, method: str, **params: Any) -> Any:
         """Call ``method`` and return its value."""
         conn = self._ch.conn
@@ -65,7 +76,7 @@ class ControlClient:
                 msg = self._ch.recv()
             except PeerClosed as e:
                 raise HostNotRunning(f"the host closed the control connection ({e})") from e
-            except socket.timeout as e:
+            except TimeoutError as e:
                 raise TimeoutError(f"no answer to {method!r} from {self.path}") from e
             if isinstance(msg, m.Result) and msg.id == cid:
                 return msg.value
@@ -97,7 +108,7 @@ class ControlClient:
     def close(self) -> None:
         self._ch.close()
 
-    def __enter__(self) -> "ControlClient":
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
