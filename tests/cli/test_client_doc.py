@@ -49,7 +49,7 @@ def test_client_guide_examples_run(xdg: Path) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         for block in python_blocks(DOC.read_text()):
-            exec(compile(block, str(DOC), "exec"), scope)  # noqa: S102 - the doc's own code
+            exec(compile(block, str(DOC), "exec"), scope)  # the doc's own code
     printed = out.getvalue().splitlines()
     assert printed[0].startswith("host small: ") and "frames free" in printed[0]
     assert printed[1].startswith("a running current memory 32768 KiB")
