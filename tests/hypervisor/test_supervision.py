@@ -13,12 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hv_peers import run, topo
 
 from balloonlab.client import ControlClient
 from hypervisor.host import Host
 from hypervisor.rundir import pid_alive
 from hypervisor.topology import parse_topology
+from protocol import syscalls
 
 FAKEVM = Path(__file__).resolve().parent / "fakevm.py"
 
@@ -166,3 +168,73 @@ def _procs_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+# ---------------------------------------------------------------- starting a process fails
+
+
+@pytest.mark.parametrize("plan, error", [
+    ("spawn@3=EMFILE", "EMFILE"),
+    ("spawn@3=ENOMEM", "ENOMEM"),
+    ("rundir.open@5=ENFILE", "ENFILE"),
+])
+def test_a_vm_process_that_cannot_start_is_retried_with_an_event(plan, error):
+    """The restart after a crash cannot start the kernel (no descriptor for its log, no
+    memory for the fork): an event names the error, and the VM comes back on a retry."""
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        host = Host(parse_topology(topo(64, 16, {"a": 32})), run_dir=base / "run",
+                    vm_command=[sys.executable, str(FAKEVM)])
+        syscalls.install(plan)  # calls 1, 2: kernel, driver (for rundir.open, 1-2 are
+        try:                    # the pid and generation files)
+            await host.start()
+            vm = host.vms["a"]
+            await _wait_event(host, "driver_connected")
+            vm.kernel_proc.kill()
+            await _wait_event(host, "vm_spawn_failed")
+            failed = next(e for e in host.events if e["kind"] == "vm_spawn_failed")
+            assert failed["vm"] == "a" and failed["process"] == "kernel"
+            assert failed["error"] == error and failed["attempt"] == 1
+            await _wait_event(host, "vm_booted", 2)
+            await _wait_event(host, "driver_connected", 2)
+            assert vm.state == "running"
+            async with host.mm_lock:
+                host.check_conservation()
+        finally:
+            syscalls.clear()
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+    run(main())
+
+
+def test_a_vm_stays_down_while_descriptors_are_short_then_comes_back():
+    """Every attempt fails while the shortage lasts (one event each, with backoff); the VM
+    boots once descriptors are available again."""
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        host = Host(parse_topology(topo(64, 16, {"a": 32})), run_dir=base / "run",
+                    vm_command=[sys.executable, str(FAKEVM)])
+        syscalls.install("rundir.open@5+=EMFILE")
+        try:
+            await host.start()
+            vm = host.vms["a"]
+            await _wait_event(host, "driver_connected")
+            vm.kernel_proc.kill()
+            await _wait_event(host, "vm_spawn_failed", 3)
+            fails = [e for e in host.events if e["kind"] == "vm_spawn_failed"]
+            assert [e["attempt"] for e in fails[:3]] == [1, 2, 3]
+            assert fails[1]["retry_in"] > fails[0]["retry_in"]  # backing off
+            assert vm.state == "created" and vm.kernel_proc.returncode is not None
+            assert sum(1 for e in host.events if e["kind"] == "vm_booted") == 1
+            syscalls.clear()  # descriptors are back
+            try:
+                await _wait_event(host, "vm_booted", 2)
+            except AssertionError:
+                print("KLOG", (base / "run" / "a.kernel.log").read_text())
+                raise
+            await _wait_event(host, "driver_connected", 2)
+        finally:
+            syscalls.clear()
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+    run(main())
