@@ -265,6 +265,8 @@ class RunSummary:
     #: and pages; of the first host swap-out (event, or a snapshot with host swap in use).
     first_target: tuple[float, str | None, int] | None = None
     first_host_swap: float | None = None
+    #: UNIX time of the ``host_started`` event, when the event stream replayed it.
+    host_started: float | None = None
     _vms: dict[str, _VmTotals] = field(default_factory=dict)
 
     def add(self, snap: Snapshot) -> None:
@@ -300,7 +302,9 @@ class RunSummary:
         when = event.get("time")
         if not isinstance(when, (int, float)):
             return
-        if kind == "host_swap_out":
+        if kind == "host_started":
+            self.host_started = float(when)
+        elif kind == "host_swap_out":
             if self.first_host_swap is None or when < self.first_host_swap:
                 self.first_host_swap = float(when)
         elif kind in ("policy", "balloon_target", "schedule") and event.get("vm") is not None:
@@ -351,8 +355,12 @@ class RunSummary:
             }
         host = self.last_host
 
+        # Story times count from the host's start (from the first tick when the recording
+        # did not see the host start): decisions may come before the first tick.
+        origin = self.host_started if self.host_started is not None else self.started
+
         def rel(t: float | None) -> float | None:
-            return None if t is None or self.started is None else t - self.started
+            return None if t is None or origin is None else t - origin
 
         return {
             "topology": self.source,
@@ -360,6 +368,7 @@ class RunSummary:
             "first_balloon_target_vm": self.first_target[1] if self.first_target else None,
             "first_balloon_target_pages": self.first_target[2] if self.first_target else None,
             "first_host_swap_out_s": rel(self.first_host_swap),
+            "story_origin": "host_started" if self.host_started is not None else "first_tick",
             "started": self.started,
             "ended": self.ended,
             "duration_s": self.duration,
@@ -683,12 +692,13 @@ def story_lines(summary: Mapping[str, Any]) -> list[str]:
         return format_size(pages * PAGE_SIZE)
 
     out = []
+    since = " after the host started" if summary.get("story_origin") == "host_started" else ""
     first = summary.get("first_balloon_target_s")
     swap = summary.get("first_host_swap_out_s")
     if first is None:
         out.append("no balloon target was set")
     else:
-        out.append(f"first balloon target at {first:.1f} s "
+        out.append(f"first balloon target at {first:.1f} s{since} "
                    f"({summary.get('first_balloon_target_vm')}: "
                    f"{size(summary.get('first_balloon_target_pages') or 0)})")
     if swap is None:
@@ -708,7 +718,8 @@ def story_lines(summary: Mapping[str, Any]) -> list[str]:
             parts.append(f"balloon up to {size(v['peak_balloon_pages'])}")
         else:
             parts.append("never ballooned")
-        verdict = (f"gave back {size(gave)}" if gave >= got and gave else
-                   f"took {size(got)} more" if got else "held steady")
+        steady = max(1, v["memory_pages"] // 100)  # under 1 % of the VM either way
+        verdict = (f"gave back {size(gave)}" if gave >= got and gave >= steady else
+                   f"took {size(got)} more" if got >= steady else "held steady")
         out.append(f"{name}: {verdict} ({'; '.join(parts)})")
     return out

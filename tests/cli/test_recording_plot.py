@@ -277,3 +277,65 @@ def test_plot_of_several_runs_names_the_bad_one(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "missing/timeseries.csv: no such file" in res.output
     assert not (tmp_path / "cmp").exists()  # nothing written before every run was read
+
+
+@pytest.mark.slow
+def test_up_seed_reaches_the_recording_and_the_guests(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    topo = tmp_path / "lab.toml"
+    topo.write_text(f"""
+[host]
+name = "seedtest-{os.getpid()}"
+memory = "48MiB"
+run_dir = "{tmp_path / 'run'}"
+seed = 3
+
+[[vm]]
+name = "a"
+memory = "32MiB"
+stats_interval = "250ms"
+[[vm.task]]
+workload = "zipf"
+size = "8MiB"
+rate = 20000
+""")
+    rec = tmp_path / "rec"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(Path(__file__).resolve().parents[2]
+                                                 / "build" / "numba-cache")}
+    cli = Path(sys.executable).parent / "balloonlab"
+    res = subprocess.run([str(cli), "up", str(topo), "--seed", "42",
+                          "--for", "2s", "--no-dashboard", "--record", str(rec)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((rec / "meta.json").read_text())
+    assert meta["seed"] == 42  # --seed wins over the file's seed = 3
+    assert parse_topology((rec / "topology.toml").read_text(), "x").host.seed == 42
+    assert json.loads((rec / "summary.json").read_text())["provenance"]["seed"] == 42
+
+
+def test_story_times_count_from_the_host_start_when_it_was_seen() -> None:
+    from balloonlab.recording import story_lines
+
+    s = synthetic.run(4)
+    summary = RunSummary()
+    # The event stream replays history: the host started and the policy acted before the
+    # recorder's first tick.
+    summary.add_event({"time": s[0].time - 5.0, "kind": "host_started", "vm": None})
+    summary.add_event({"time": s[0].time - 2.0, "kind": "policy", "vm": "a",
+                       "target_pages": 256})
+    for snap in s:
+        summary.add(snap)
+    j = summary.to_json()
+    assert j["first_balloon_target_s"] == pytest.approx(3.0) and j["story_origin"] == \
+        "host_started"
+    assert story_lines(j)[0].startswith("first balloon target at 3.0 s after the host started")
+    # A VM whose backed memory moved by less than 1 % of its size held steady.
+    vm = {"first_backed_pages": 1000, "min_backed_pages": 1000, "peak_backed_pages": 1050,
+          "final_backed_pages": 1050, "peak_balloon_pages": 0, "memory_pages": 8192,
+          "gave_pages": 0, "got_pages": 50}
+    assert story_lines({"vms": {"web": vm}})[1].startswith("web: held steady (")
+    assert story_lines({"vms": {"web": {**vm, "got_pages": 90}}})[1].startswith(
+        "web: took 360.0 KiB more")
