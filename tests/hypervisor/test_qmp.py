@@ -12,6 +12,8 @@ import stat
 import numpy as np
 import pytest
 from hv_peers import Lab, run, topo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from hypervisor import qmp, rundir
@@ -315,3 +317,72 @@ def test_stop_cont_and_system_powerdown_with_events():
             await lab.quiesce()
             await c.disconnect()
     run(main())
+
+
+def test_a_client_that_never_reads_is_disconnected_and_harms_nobody(monkeypatch):
+    monkeypatch.setattr(qmp, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(qmp, "EVENT_BACKLOG", 50)
+
+    async def main():
+        async with Lab(topo(64, 0, {"a": 32})) as lab:
+            await lab.guest("a")
+            d = await lab.driver("a")
+            # One client floods requests and never reads: once its socket buffers are full
+            # its answers wait WRITE_TIMEOUT, then it is cut off.
+            flood = await Raw.open(lab, "a")
+            await flood.call({"execute": "qmp_capabilities"})
+            big = json.dumps({"execute": "query-commands"}).encode()
+            flood.w.write(big * 20000)
+            # Another negotiated client stops reading while events pour in: over the
+            # backlog it is cut off too.
+            mute = await Raw.open(lab, "a")
+            await mute.call({"execute": "qmp_capabilities"})
+            monitor = lab.host.qmp.monitors["a"]
+            for i in range(200):
+                monitor.server.broadcast("a", qmp.event("BALLOON_CHANGE", {"actual": i}))
+            await until(lambda: not lab.host.qmp.clients["a"], "both clients dropped")
+            with pytest.raises((ConnectionError, AssertionError, asyncio.IncompleteReadError)):
+                while True:  # whatever was buffered, then the end
+                    assert await flood.recv() is not None
+            # The VM and a well-behaved client are unaffected.
+            c = await client(lab, "a")
+            assert await c.execute("balloon", {"value": 30 * PAGE}) == {}
+            await until(lambda: d.targets == [2], "config pushed to the driver")
+            assert (await c.execute("query-status"))["status"] == "running"
+            await c.disconnect()
+            flood.close()
+            mute.close()
+    run(main())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.builds(lambda v: json.dumps(v).encode(),
+              st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           max_leaves=10)),
+    st.binary(max_size=12)), max_size=6), st.integers(1, 7))
+def test_splitter_is_chunking_invariant_and_answers_anything(parts, step):
+    """Fed whole or in pieces, the splitter finds the same texts; every text gets an answer
+    (a return or an error), never an exception."""
+    stream = b" \n".join(parts) + b"\n"  # a scalar ends at whitespace
+    whole = qmp.JsonSplitter().feed(stream)
+    s = qmp.JsonSplitter()
+    pieces: list[bytes] = []
+    for i in range(0, len(stream), step):
+        pieces += s.feed(stream[i:i + step])
+    assert pieces == whole
+    for text in whole:
+        assert text.strip() == text and text
+    session = qmp.QmpSession(None)  # type: ignore[arg-type] # no command reaches a monitor
+    for text in whole:
+        answer = asyncio.run(session.handle(text))
+        assert set(answer) <= {"return", "error", "id"} and ("error" in answer) != (
+            "return" in answer)
+    try:
+        for p in parts:
+            json.loads(p)
+    except ValueError:
+        return
+    assert whole == parts  # a stream of JSON texts is split exactly as it was sent
