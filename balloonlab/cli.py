@@ -369,6 +369,7 @@ def dommemstat_lines(stats: dict[str, Any]) -> list[str]:
     from balloonlab.dashboard import format_field
 
     order = [k for k in VIRSH_FIELDS if k in stats] + [k for k in stats if k not in VIRSH_FIELDS]
+    width = max([20, *(len(k) + 1 for k in order)])
     lines = []
     for k in order:
         v = stats[k]
@@ -380,7 +381,7 @@ def dommemstat_lines(stats: dict[str, Any]) -> list[str]:
             text = f"{v}  ({format_size(v * PAGE_SIZE)})"
         else:
             text = format_field(k, v)
-        lines.append(f"{k:<20} {text}")
+        lines.append(f"{k:<{width}} {text}")
     return lines
 
 
