@@ -468,6 +468,8 @@ class VmMonitor:
         # the balloon holds the whole pages between the target and RAM.
         target = min(value, memory)
         self.host.set_balloon_target(self.vm, (memory - target) // PAGE_SIZE, reason="qmp")
+        # As `balloonlab setmem`: a target set by hand holds against the policy.
+        self.vm.manual_target = True
         return {}
 
     def _balloon_property(self, path: str, prop: str) -> None:
