@@ -36,6 +36,7 @@ from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_hand
 from protocol.connection import KernelServer, MachineGuest, State
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
+from protocol.lifeline import OwnedFile, bind_to_host
 from protocol.pfn import RunError, pfns_to_wire, runs_to_wire
 from protocol.sync import PeerClosed as SyncPeerClosed
 from protocol.sync import SyncChannel
@@ -142,6 +143,8 @@ class GuestKernel:
         reply = ch.recv(maxfds=3)
         if isinstance(reply, m.Halt):
             raise SystemExit(f"halted during boot: {reply.reason}")
+        if isinstance(reply, m.Error):
+            raise RuntimeError(f"the hypervisor refused the boot: {reply.code}: {reply.message}")
         if not isinstance(reply, m.BootOk):
             raise RuntimeError(f"expected boot_ok, got {reply.TYPE}")
         if reply.page_size != PAGE_SIZE:
@@ -160,14 +163,17 @@ class GuestKernel:
                                name=os.path.basename(self.kernel_sock),
                                max_clients=DRIVER_CONNECTIONS).start()
         os.chmod(self.kernel_sock, 0o600)
+        # Ours to remove at exit, and only while it is still ours (protocol.lifeline).
+        own_sock = OwnedFile(self.kernel_sock)
+        own_swap: OwnedFile | None = None
         swap: SwapDevice | None = None
         maps: list[mmap.mmap] = []
         try:
             try:
                 conn, sock, pages, fds = self._boot()
-            except (SyncPeerClosed, ProtocolError, TimeoutError, ConnectionResetError,
-                    BrokenPipeError) as e:
-                self._log(f"boot failed: the hypervisor closed the machine channel ({e})")
+            except (SyncPeerClosed, ProtocolError, RuntimeError, TimeoutError,
+                    ConnectionResetError, BrokenPipeError) as e:
+                self._log(f"boot failed: {e}")
                 return 1
             ram_fd, ept_fd, acc_fd = fds
             ram_map = mmap.mmap(ram_fd, pages * PAGE_SIZE, mmap.MAP_SHARED,
@@ -181,6 +187,7 @@ class GuestKernel:
             run_dir = os.path.dirname(os.path.abspath(self.kernel_sock))
             swap = SwapDevice(os.path.join(run_dir, f"{self.vm}.guest-swap"),
                               int(self.cfg.get("guest_swap", 0)))
+            own_swap = OwnedFile.of_fd(swap.path, swap.fd)
             self.mm = MemoryManager(
                 np.frombuffer(ram_map, dtype=np.uint64),
                 np.frombuffer(ept_map, dtype=np.uint8),
@@ -217,16 +224,15 @@ class GuestKernel:
             return 0
         finally:
             server.close()
-            try:
-                os.unlink(self.kernel_sock)
-            except FileNotFoundError:
-                pass
+            own_sock.unlink()
             if self.machine is not None:
                 await self.machine.close()
             if self.driver is not None:
                 await self.driver.close()
             if swap is not None:
-                swap.close(unlink=True)
+                swap.close(unlink=False)
+                if own_swap is not None:
+                    own_swap.unlink()
             self.mm = None
             for mp in maps:
                 try:
@@ -525,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-sock", required=True)
     ap.add_argument("--config", required=True, help="JSON object (docs/internals.md)")
     args = ap.parse_args(argv)
+    bind_to_host(f"guest.kernel[{args.vm}]")  # first: die with the hypervisor
     try:
         cfg = parse_config(args.config)
     except ConfigError as e:

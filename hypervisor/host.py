@@ -159,7 +159,9 @@ class Host:
         machine = MachineServer(vc.name, mem, on_fault=on_fault,
                                 on_boot=lambda: self.supervisor.on_boot(vm_ref[0]),
                                 on_disconnect=lambda why: self.supervisor.on_guest_gone(vm_ref[0],
-                                                                        why))
+                                                                        why),
+                                on_boot_failed=lambda why: self.emit("boot_failed", vc.name,
+                                                                     reason=why))
         supported = Feature.from_names(vc.features)
         balloon = BalloonBackend(vc.name, vc.pages, supported=supported, ballooned=led.balloon,
                                  stats_interval=vc.stats_interval, release=release,

@@ -19,6 +19,7 @@ the guest going away; other VMs are never touched.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import socket
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy as np
 
 from protocol import messages as m
+from protocol import syscalls
 from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import MachineHost, State
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
@@ -62,12 +64,16 @@ class MachineServer:
     """The machine channel of one VM.
 
     ``on_fault(pfns) -> bool`` backs the pages (False: the VM is gone, do not resume);
-    ``on_boot()`` and ``on_disconnect(reason)`` tell the host about the guest's life.
+    ``on_boot()`` and ``on_disconnect(reason)`` tell the host about the guest's life, and
+    ``on_boot_failed(reason)`` about a boot that did not complete (the guest then sees its
+    connection close during boot and exits; its supervisor restarts or destroys the VM).
     """
 
     def __init__(self, vm: str, mem: "VmMemory", *, on_fault: FaultHandler,
-                 on_boot: Callable[[], None], on_disconnect: Callable[[str], None]) -> None:
+                 on_boot: Callable[[], None], on_disconnect: Callable[[str], None],
+                 on_boot_failed: Callable[[str], None] | None = None) -> None:
         self.vm = vm
+        self.on_boot_failed = on_boot_failed
         self.mem = mem
         self.on_fault = on_fault
         self.on_boot = on_boot
@@ -97,8 +103,12 @@ class MachineServer:
         try:
             ok = await asyncio.wait_for(self._boot(sock, conn), BOOT_TIMEOUT)
         except (asyncio.TimeoutError, OSError, ProtocolError) as e:
-            log.warning("%s: machine boot failed: %s", self.vm, e)
+            why = f"boot failed: {type(e).__name__}: {e}" if str(e) else \
+                f"boot failed: {type(e).__name__}"
+            log.warning("%s: machine %s", self.vm, why)
             sock.close()
+            if self.on_boot_failed is not None:
+                self.on_boot_failed(why)
             return
         if not ok:
             sock.close()
@@ -183,9 +193,10 @@ class MachineServer:
         frame = conn.send(m.BootOk(pages=self.mem.pages, page_size=PAGE_SIZE))
         # The socket buffer of a fresh connection is empty, so this small frame goes in one
         # sendmsg with the descriptors; a partial write (never seen) falls back to sendall.
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.mem.fds()))]
         while True:
             try:
-                sent = socket.send_fds(sock, [frame], self.mem.fds())
+                sent = syscalls.sendmsg("machine.sendmsg", sock, [frame], rights)
                 break
             except BlockingIOError:
                 await asyncio.sleep(0.001)

@@ -243,3 +243,63 @@ def test_sixty_idle_clients_under_ulimit_48_then_a_client_is_served():
             proc.kill()
             proc.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def _wait_event(host, kind: str, count: int = 1) -> list[dict]:
+    """The events of ``kind`` once there are ``count`` of them (bounded only against a hang)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 300
+    while True:
+        evs = [e for e in host.events if e["kind"] == kind]
+        if len(evs) >= count:
+            return evs
+        assert loop.time() < end, f"no {count}x {kind}: {list(host.events)}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan, on_crash", [
+    ("machine.sendmsg@1=EIO", "restart"),
+    ("machine.accept@1=EMFILE", "destroy"),
+])
+def test_a_failed_boot_handoff_crashes_only_that_vm(plan, on_crash):
+    """Real guest kernels: the first boot hand-off fails (the memfds cannot be sent, or the
+    connection cannot be accepted); that VM's kernel exits with one line, its supervisor
+    restarts or destroys it per on_crash, and the other VM never notices."""
+    from hypervisor.host import Host
+    from hypervisor.topology import parse_topology
+
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        host = Host(parse_topology(topo(256, 0, {"a": 64, "b": 64},
+                                        f'on_crash = "{on_crash}"\n')), run_dir=base / "run")
+        syscalls.install(plan)
+        try:
+            await host.start()
+            if plan.startswith("machine.sendmsg"):
+                (ev,) = await _wait_event(host, "boot_failed")
+                victim = ev["vm"]
+                assert "EIO" in ev["reason"] or "Input/output error" in ev["reason"]
+            else:
+                (ev,) = await _wait_event(host, "connection_refused")
+                victim = ev["socket"].split(".")[0]
+                assert "EMFILE" in ev["reason"]
+            other = "b" if victim == "a" else "a"
+            if on_crash == "restart":
+                await _wait_event(host, "vm_restarted")
+                await _wait_event(host, "vm_booted", 2)  # the other, and the victim once
+                assert host.vms[victim].restarts == 1
+            else:
+                await _wait_event(host, "vm_destroyed")
+                assert host.vms[victim].state.value == "destroyed"
+            await _wait_event(host, "vm_booted", 1)
+            assert host.vms[other].restarts == 0 and host.vms[other].state.value == "running"
+            assert [e["vm"] for e in host.events if e["kind"] == "vm_crashed"] == [victim]
+            log = (base / "run" / f"{victim}.kernel.log").read_text()
+            assert "boot failed" in log and "Traceback" not in log, log
+            async with host.mm_lock:
+                host.check_conservation()
+        finally:
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+    asyncio.run(asyncio.wait_for(main(), 600))  # real VM processes: a hang bound only
