@@ -242,6 +242,14 @@ class RateWindow:
 class _VmTotals:
     last: VmSnapshot | None = None
     first_backed_pages: int | None = None  # once the guest reported its first stats
+    # From then on: the largest fall of backed pages below an earlier high (frames the VM
+    # gave back) and the largest rise above an earlier low (frames it took), and when.
+    high: int = 0
+    low: int = 0
+    gave: int = 0
+    gave_at: float = 0.0
+    got: int = 0
+    got_at: float = 0.0
     peak_backed_pages: int = 0
     min_backed_pages: int | None = None
     peak_balloon_pages: int = 0
@@ -287,7 +295,13 @@ class RunSummary:
                 t.ops_done += delta if delta >= 0 else vm.ops
             t.last = vm
             if t.first_backed_pages is None and vm.guest_free_bytes is not None:
-                t.first_backed_pages = vm.backed_pages
+                t.first_backed_pages = t.high = t.low = vm.backed_pages
+            if t.first_backed_pages is not None:
+                t.high, t.low = max(t.high, vm.backed_pages), min(t.low, vm.backed_pages)
+                if t.high - vm.backed_pages > t.gave:
+                    t.gave, t.gave_at = t.high - vm.backed_pages, snap.time
+                if vm.backed_pages - t.low > t.got:
+                    t.got, t.got_at = vm.backed_pages - t.low, snap.time
             t.peak_backed_pages = max(t.peak_backed_pages, vm.backed_pages)
             t.min_backed_pages = (
                 vm.backed_pages if t.min_backed_pages is None
@@ -332,11 +346,12 @@ class RunSummary:
             vms[name] = {
                 "state": last.state,
                 "first_backed_pages": first,
-                # Frames the VM gave back (its backed pages fell below where they started)
-                # and frames it took on top (its backed pages rose above that).
-                "gave_pages": None if first is None or t.min_backed_pages is None
-                else max(0, first - t.min_backed_pages),
-                "got_pages": None if first is None else max(0, t.peak_backed_pages - first),
+                # Frames the VM gave back (the largest fall of its backed pages below an
+                # earlier high) and took (the largest rise above an earlier low); which
+                # came first.
+                "gave_pages": None if first is None else t.gave,
+                "got_pages": None if first is None else t.got,
+                "gave_first": t.gave > 0 and (t.got == 0 or t.gave_at <= t.got_at),
                 "memory_pages": last.memory_pages,
                 "final_backed_pages": last.backed_pages,
                 "final_balloon_pages": last.balloon_pages,
@@ -719,7 +734,13 @@ def story_lines(summary: Mapping[str, Any]) -> list[str]:
         else:
             parts.append("never ballooned")
         steady = max(1, v["memory_pages"] // 100)  # under 1 % of the VM either way
-        verdict = (f"gave back {size(gave)}" if gave >= got and gave >= steady else
-                   f"took {size(got)} more" if got >= steady else "held steady")
+        moves = []
+        if got >= steady:
+            moves.append(f"took {size(got)}")
+        if gave >= steady:
+            moves.append(f"gave back {size(gave)}")
+        if v.get("gave_first"):
+            moves.reverse()
+        verdict = ", then ".join(moves) if moves else "held steady"
         out.append(f"{name}: {verdict} ({'; '.join(parts)})")
     return out

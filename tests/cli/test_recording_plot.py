@@ -197,7 +197,7 @@ def test_summary_tells_when_the_policy_acted_and_what_each_vm_gave() -> None:
                         "host swap-out at 2.0 s")
     assert lines[1].startswith("a: gave back 4.0 MiB (backed 16.0 MiB at start, 12.0 MiB lowest")
     assert "balloon up to 8.0 MiB" in lines[1]
-    assert lines[2].startswith("b: took 14.1 MiB more") and "never ballooned" in lines[2]
+    assert lines[2].startswith("b: took 14.1 MiB (") and "never ballooned" in lines[2]
 
 
 def test_summary_says_when_the_host_swapped_first_or_never() -> None:
@@ -335,7 +335,23 @@ def test_story_times_count_from_the_host_start_when_it_was_seen() -> None:
     # A VM whose backed memory moved by less than 1 % of its size held steady.
     vm = {"first_backed_pages": 1000, "min_backed_pages": 1000, "peak_backed_pages": 1050,
           "final_backed_pages": 1050, "peak_balloon_pages": 0, "memory_pages": 8192,
-          "gave_pages": 0, "got_pages": 50}
+          "gave_pages": 0, "got_pages": 50, "gave_first": False}
     assert story_lines({"vms": {"web": vm}})[1].startswith("web: held steady (")
     assert story_lines({"vms": {"web": {**vm, "got_pages": 90}}})[1].startswith(
-        "web: took 360.0 KiB more")
+        "web: took 360.0 KiB (")
+
+
+def test_story_orders_what_a_vm_took_and_gave_back() -> None:
+    from balloonlab.recording import story_lines
+
+    # b grows by 3600 pages over the run, then falls back by 3000 (a spike that ends).
+    s = synthetic.run(10)
+    summary = RunSummary()
+    for snap in s:
+        summary.add(snap)
+    last = s[-1]
+    b = dataclasses.replace(last.vms[1], backed_pages=1600)
+    summary.add(dataclasses.replace(last, time=last.time + 0.5, vms=(last.vms[0], b)))
+    j = summary.to_json()
+    assert (j["vms"]["b"]["got_pages"], j["vms"]["b"]["gave_pages"]) == (3600, 3000)
+    assert story_lines(j)[2].startswith("b: took 14.1 MiB, then gave back 11.7 MiB (")
