@@ -58,8 +58,8 @@ __all__ = [
 ]
 
 #: Bytes per unit of the guest amounts in ``dommemstat`` (``unused``, ``usable``,
-#: ``swap_in``, ``swap_out``): this host reports the guest's virtio stats as they arrive, in
-#: bytes (virsh would print KiB; ``balloonlab dommemstat`` prints the host's values as is).
+#: ``swap_in``, ``swap_out``): the control method gives bytes, as the guest's virtio stats
+#: arrive (``balloonlab dommemstat`` prints them in KiB, as virsh does).
 DOMMEMSTAT_UNIT = 1
 
 
