@@ -141,6 +141,15 @@ def test_qmp_and_metrics_on_a_real_host(xdg: Path) -> None:
     assert m[("balloonlab_corrupted_reads_total", "a")] == 0
     client.close()
 
+    async def pause_a() -> None:
+        a = QMPClient("a")
+        await a.connect(str(run_dir / "a.qmp.sock"))
+        await a.execute("stop")
+        await a.disconnect()
+
+    # A paused VM does not keep the host from stopping: it is resumed to halt.
+    asyncio.run(asyncio.wait_for(pause_a(), WAIT))
+    assert proc_state(vms["a"]["pid"]) == "T"
     assert "stopped" in r.invoke(cli, ["down", "--host", "small"]).stdout
     wait_for(lambda: not any(pid_alive(p) for p in pids), "every VM process to exit")
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
