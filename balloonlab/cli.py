@@ -420,11 +420,15 @@ def _quiet_on_broken_pipe() -> Iterator[None]:
     try:
         yield
     except BrokenPipeError:
-        # Point stdout at /dev/null so that Python's final flush does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _silence_stdout()
         raise click.exceptions.Exit(0) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # ---- acting commands --------------------------------------------------------------------------
@@ -865,7 +869,35 @@ def transcript() -> None:
     a real socket pair (negotiation, target, inflate/deflate, stats, a refused batch)."""
     from balloonlab.transcript import run_transcript
 
-    run_transcript()
+    out = _PipeGuard(sys.stdout)
+    try:
+        run_transcript(out)
+    except Exception:
+        if not out.broken:
+            raise
+    if out.broken:  # `balloonlab transcript | head`: the reader went away; end quietly
+        _silence_stdout()
+
+
+class _PipeGuard:
+    """A text stream over *inner* that stops writing, quietly, once the reader of a pipe has
+    gone away (``broken`` is then set)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.inner.write(text)
+                self.inner.flush()
+            except BrokenPipeError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 cli.add_command(bench, "bench")

@@ -194,3 +194,18 @@ def test_dommemstat_text_is_virsh_kib_and_json_names_bytes() -> None:
     assert doc["actual_bytes"] == 24 << 20 and "actual" not in doc
     assert doc["unused_bytes"] == 4 << 20 and doc["balloon_pages"] == 2048
     assert doc["major_fault"] == 1
+
+
+def test_transcript_into_a_closed_pipe_ends_quietly() -> None:
+    """`balloonlab transcript | head -1`: no "Broken pipe", no traceback, status 0."""
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("balloonlab"))
+    proc = subprocess.Popen([exe, "transcript"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away while the transcript is still being written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err == b""
