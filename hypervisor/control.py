@@ -352,7 +352,9 @@ class ControlServer:
         try:
             self.host.set_policy(name, pp)
         except (ValueError, ImportError, TypeError) as e:
-            raise CallError(ErrorCode.BAD_PARAMS, f"cannot load policy {name!r}: {e}") from e
+            # The loader's messages mostly name the policy already: do not say it twice.
+            msg = str(e) if repr(name) in str(e) else f"cannot load policy {name!r}: {e}"
+            raise CallError(ErrorCode.BAD_PARAMS, msg) from e
         released = sorted(v.name for v in self.host.vms.values() if v.manual_target)
         for v in self.host.vms.values():
             v.manual_target = False  # a policy set again takes every VM back
