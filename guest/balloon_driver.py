@@ -55,6 +55,7 @@ from protocol.features import (
     Feature,
     StatTag,
 )
+from protocol.lifeline import bind_to_host
 
 log = logging.getLogger("balloon_driver")
 
@@ -571,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wire", choices=("ranges", "virtio"), default="ranges")
     ap.add_argument("--log-level", default=os.environ.get("BALLOONLAB_LOG", "INFO"))
     args = ap.parse_args(argv)
+    bind_to_host(f"guest.balloon_driver[{args.vm}]")  # first: die with the hypervisor
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s driver[{args.vm}] %(levelname)s %(message)s")
     try:

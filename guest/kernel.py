@@ -36,6 +36,7 @@ from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_hand
 from protocol.connection import KernelServer, MachineGuest, State
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
+from protocol.lifeline import OwnedFile, bind_to_host
 from protocol.pfn import RunError, pfns_to_wire, runs_to_wire
 from protocol.sync import PeerClosed as SyncPeerClosed
 from protocol.sync import SyncChannel
@@ -162,6 +163,9 @@ class GuestKernel:
                                name=os.path.basename(self.kernel_sock),
                                max_clients=DRIVER_CONNECTIONS).start()
         os.chmod(self.kernel_sock, 0o600)
+        # Ours to remove at exit, and only while it is still ours (protocol.lifeline).
+        own_sock = OwnedFile(self.kernel_sock)
+        own_swap: OwnedFile | None = None
         swap: SwapDevice | None = None
         maps: list[mmap.mmap] = []
         try:
@@ -183,6 +187,7 @@ class GuestKernel:
             run_dir = os.path.dirname(os.path.abspath(self.kernel_sock))
             swap = SwapDevice(os.path.join(run_dir, f"{self.vm}.guest-swap"),
                               int(self.cfg.get("guest_swap", 0)))
+            own_swap = OwnedFile.of_fd(swap.path, swap.fd)
             self.mm = MemoryManager(
                 np.frombuffer(ram_map, dtype=np.uint64),
                 np.frombuffer(ept_map, dtype=np.uint8),
@@ -219,16 +224,15 @@ class GuestKernel:
             return 0
         finally:
             server.close()
-            try:
-                os.unlink(self.kernel_sock)
-            except FileNotFoundError:
-                pass
+            own_sock.unlink()
             if self.machine is not None:
                 await self.machine.close()
             if self.driver is not None:
                 await self.driver.close()
             if swap is not None:
-                swap.close(unlink=True)
+                swap.close(unlink=False)
+                if own_swap is not None:
+                    own_swap.unlink()
             self.mm = None
             for mp in maps:
                 try:
@@ -527,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-sock", required=True)
     ap.add_argument("--config", required=True, help="JSON object (docs/internals.md)")
     args = ap.parse_args(argv)
+    bind_to_host(f"guest.kernel[{args.vm}]")  # first: die with the hypervisor
     try:
         cfg = parse_config(args.config)
     except ConfigError as e:

@@ -33,13 +33,13 @@ import socket
 import stat
 from pathlib import Path
 
-from protocol import syscalls
+from protocol import lifeline, syscalls
 
 PID_FILE = "hypervisor.pid"
 LOG_FILE = "hypervisor.log"
 CONTROL_SOCK = "control.sock"
 SWAP_FILE = "host.swap"
-GENERATION_FILE = "generation"
+GENERATION_FILE = lifeline.GENERATION_FILE
 #: The launcher's capture of a host's stdout/stderr: ``<run dir>.hypervisor.out`` beside the
 #: run dir (the host wipes its run dir at start and removes it at stop).
 OUTPUT_SUFFIX = ".hypervisor.out"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from hypervisor import rundir
 from hypervisor.vm import Vm, VmState
 from protocol import syscalls
+from protocol.lifeline import lifeline_env
 
 if TYPE_CHECKING:
     from hypervisor.host import Host
@@ -48,6 +49,8 @@ class Supervisor:
         self.python = list(python)
         #: Every process ever started, so teardown can always reach it.
         self.procs: set[asyncio.subprocess.Process] = set()
+        #: This host instance's generation token (from the run dir, read on first spawn).
+        self.generation: str | None = None
 
     # ------------------------------------------------------------------ start and stop
 
@@ -165,7 +168,7 @@ class Supervisor:
         try:
             task = asyncio.ensure_future(asyncio.create_subprocess_exec(
                 *self.vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logfd,
-                stderr=logfd, start_new_session=True))
+                stderr=logfd, start_new_session=True, env=self._env()))
             # Every process we start is remembered before anyone can cancel the caller, so
             # teardown can always reach it: no orphans even when a supervisor is cancelled
             # half-way through a spawn.
@@ -174,6 +177,13 @@ class Supervisor:
             return await asyncio.shield(task)
         finally:
             os.close(logfd)
+
+    def _env(self) -> dict[str, str]:
+        """The VM processes' environment: ours, plus what binds them to this instance (they
+        die with this process and remove only files of this generation)."""
+        if self.generation is None:
+            self.generation = rundir.read_generation(self.host.run_dir)
+        return {**os.environ, **lifeline_env(os.getpid(), self.generation)}
 
     async def _supervise(self, vm: Vm) -> None:
         """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""

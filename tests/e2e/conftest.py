@@ -1,9 +1,9 @@
 """End-to-end harness: a real hypervisor process with real guest kernel and driver processes.
 
 ``live_host(toml)`` starts ``python -m hypervisor --topology FILE`` with a private run
-directory, waits until every VM runs and its driver has negotiated, and yields a
-:class:`LiveHost` with a control client. Teardown shuts the host down and checks that no
-process of the topology is left behind.
+directory through the project's launcher (:mod:`balloonlab.launcher`), waits until every VM
+runs and its driver has negotiated, and yields a :class:`LiveHost` with a control client.
+Teardown shuts the host down and checks that no process of the topology is left behind.
 
 Memory is measured independently of the hypervisor's own bookkeeping: the resident pages
 of each VM's RAM memfd are read through ``/proc/<host pid>/fd`` (``st_blocks``), so the
@@ -17,15 +17,17 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
+from balloonlab import launcher
 from balloonlab.client import ControlClient, HostNotRunning
 from hypervisor.rundir import pid_alive
+from hypervisor.topology import parse_topology
 
 PAGE = 4096
 BOOT_TIMEOUT = 60.0
@@ -35,10 +37,11 @@ _alive = pid_alive
 
 
 class LiveHost:
-    def __init__(self, proc: subprocess.Popen[bytes], run_dir: Path, log: Path) -> None:
-        self.proc = proc
-        self.run_dir = run_dir
-        self.log = log
+    def __init__(self, launched: launcher.Launched) -> None:
+        self.launched = launched
+        self.proc: subprocess.Popen[bytes] = launched.proc
+        self.run_dir = launched.run_dir
+        self.log = launched.output
         self._client: ControlClient | None = None
 
     @property
@@ -135,35 +138,69 @@ class LiveHost:
         return pids
 
 
+def host_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[2]
+                                          / "build" / "numba-cache"))
+    return env
+
+
+def start_host(toml: str, run_dir: Path, topo_file: Path, *, wait: bool = True) -> LiveHost:
+    """Launch a host of ``toml`` in ``run_dir`` (written to ``topo_file``); with ``wait``,
+    return once every VM runs with its driver connected."""
+    # Every test gets its own run dir so tests can run in parallel.
+    toml = toml.replace("[host]", f'[host]\nrun_dir = "{run_dir}"', 1)
+    topo_file.write_text(toml)
+    topo = parse_topology(toml, str(topo_file))
+    host = LiveHost(launcher.launch(topo, topo_file=topo_file, env=host_env()))
+    if wait:
+        try:
+            launcher.wait_ready(host.launched, BOOT_TIMEOUT)
+        except launcher.LaunchError as e:
+            raise AssertionError(f"{e}\n--- host log tail ---\n{host.log_tail()}") from None
+    return host
+
+
+def stop_and_check(host: LiveHost, pids: list[int]) -> None:
+    """Shut ``host`` down; no process of it (``pids``) may be left, nor (after a clean stop)
+    its run dir or its output file."""
+    if host.proc.poll() is None:
+        with contextlib.suppress(Exception):
+            host.call("shutdown")
+    else:
+        # It died on its own (that failed the test already); its VMs must be gone too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(host.proc.pid, signal.SIGKILL)
+    try:
+        host.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(host.proc.pid, signal.SIGKILL)
+        host.proc.wait(timeout=5)
+        raise AssertionError("host did not shut down within 20 s") from None
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if _alive(p)]
+    assert not left, f"processes left after shutdown: {left}"
+    if host.proc.returncode == 0:
+        assert not host.run_dir.exists(), "run dir not removed at shutdown"
+        host.launched.stop(1.0)  # reaped already: removes the output file
+        assert not host.log.exists(), "host output file not removed after a clean stop"
+
+
 @pytest.fixture
 def live_host(tmp_path: Path) -> Iterator[Callable[[str], LiveHost]]:
     started: list[LiveHost] = []
 
     def start(toml: str) -> LiveHost:
-        run_dir = tmp_path / f"run{len(started)}"
-        topo = tmp_path / f"topology{len(started)}.toml"
-        # Every test gets its own run dir so tests can run in parallel.
-        toml = toml.replace("[host]", f'[host]\nrun_dir = "{run_dir}"', 1)
-        topo.write_text(toml)
-        log = tmp_path / f"host{len(started)}.log"
-        env = dict(os.environ)
-        env.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[2]
-                                              / "build" / "numba-cache"))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hypervisor", "--topology", str(topo)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )
-        host = LiveHost(proc, run_dir, log)
+        n = len(started)
+        host = start_host(toml, tmp_path / f"run{n}", tmp_path / f"topology{n}.toml",
+                          wait=False)
         started.append(host)  # from here on, teardown stops it whatever happens
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while not (run_dir / "control.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"host did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        host.wait(lambda: all(v["state"] == "running" and v.get("driver") == "connected"
-                              for v in host.call("list_vms")),
-                  BOOT_TIMEOUT, "every VM running with its driver connected")
+        try:
+            launcher.wait_ready(host.launched, BOOT_TIMEOUT)
+        except launcher.LaunchError as e:
+            raise AssertionError(f"{e}\n--- host log tail ---\n{host.log_tail()}") from None
         return host
 
     yield start
@@ -173,22 +210,4 @@ def live_host(tmp_path: Path) -> Iterator[Callable[[str], LiveHost]]:
         if host.proc.poll() is None:
             with contextlib.suppress(Exception):
                 pids = host.process_pids()
-            with contextlib.suppress(Exception):
-                host.call("shutdown")
-        else:
-            # It died on its own (that failed the test already); its VMs must be gone too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(host.proc.pid, signal.SIGKILL)
-        try:
-            host.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(host.proc.pid, signal.SIGKILL)
-            host.proc.wait(timeout=5)
-            raise AssertionError("host did not shut down within 20 s")
-        deadline = time.monotonic() + 5
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = [p for p in pids if _alive(p)]
-        assert not left, f"processes left after shutdown: {left}"
-        if host.proc.returncode == 0:
-            assert not host.run_dir.exists(), "run dir not removed at shutdown"
+        stop_and_check(host, pids)
