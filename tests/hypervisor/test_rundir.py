@@ -176,3 +176,58 @@ def test_bad_host_names_are_one_line_errors(xdg: Path, name: str) -> None:
     res = CliRunner().invoke(cli, ["list", "--host", name])
     err = _one_line_error(res)
     assert "invalid host name" in err or "no running host" in err
+
+
+# ---------------------------------------------------------------- files of one generation
+
+
+def test_a_process_removes_only_files_it_created_in_its_generation(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    from protocol import lifeline
+
+    (tmp_path / "generation").write_text("old\n")
+    monkeypatch.setenv(lifeline.ENV_GENERATION, "old")
+    mine = tmp_path / "b.kernel.sock"
+    mine.write_text("old instance")
+    owned = lifeline.OwnedFile(str(mine))
+    # A new instance took the run dir over: new generation, a new file at the same path.
+    (tmp_path / "generation").write_text("new\n")
+    assert not owned.unlink() and mine.exists()
+    # Same generation, but the path now names another file (removed and re-created).
+    (tmp_path / "generation").write_text("old\n")
+    other = tmp_path / "other"
+    other.write_text("someone else's")  # (made while ours exists: another inode)
+    os.replace(other, mine)
+    assert not owned.unlink() and mine.read_text() == "someone else's"
+    # Still ours: removed.
+    owned = lifeline.OwnedFile(str(mine))
+    assert owned.unlink() and not mine.exists()
+
+
+# ---------------------------------------------------------------- start-up failures
+
+
+def _fsize_limit(nbytes: int):  # type: ignore[no-untyped-def]
+    import resource
+
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return set_limit
+
+
+def test_a_file_size_limit_is_a_one_line_error(xdg: Path, tmp_path: Path) -> None:
+    """`up` under a small `ulimit -f`: the host swap file cannot be sized (EFBIG; Python
+    ignores SIGXFSZ); before, a traceback."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg),
+               NUMBA_CACHE_DIR=str(REPO / "build" / "numba-cache"))
+    cli_bin = Path(sys.executable).parent / "balloonlab"
+    r = subprocess.run([str(cli_bin), "up", "two-vms-small", "--detach", "--boot-timeout", "60s"],
+                       capture_output=True, text=True, timeout=120, env=env,
+                       preexec_fn=_fsize_limit(1 << 20))
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("balloonlab: error: the hypervisor exited with status 1")
+    assert "File too large" in lines[0] and "EFBIG" in lines[0], lines[0]
+    assert not (_base(xdg) / "small").exists()  # its run dir went with it
+
