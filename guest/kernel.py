@@ -332,7 +332,7 @@ class GuestKernel:
                     t.started = now
                     t.last = now
                 tt = now - t.started
-                if t.spec.duration is not None and tt >= t.spec.duration:
+                if (t.spec.duration is not None and tt >= t.spec.duration) or t.wl.finished(tt):
                     mm.unmap_range(t.mem, 0, t.mem.npages)
                     t.done = True
                     self._log(f"task {t.tid} finished after {tt:.1f}s ({t.ops} ops)")

@@ -9,7 +9,7 @@ Kinds (``docs/internals.md``): ``uniform``, ``zipf`` (``skew``), ``scan``, ``hot
 (``hot_fraction``, ``hot_prob``), ``phases`` (a list of specs, each with a ``duration`` and
 optionally its own ``rate``; the list repeats, so working sets and access rates grow and
 shrink periodically), ``idle`` (touch ``size`` once,
-then sleep).
+then sleep; with ``hold``, end that many seconds after the last page was touched).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class WorkloadSpec:
     hot_prob: float = 0.9
     duration: float | None = None
     start: float = 0.0
+    hold: float | None = None  # idle: seconds kept once all touched, then the task ends
     phases: tuple["WorkloadSpec", ...] = field(default_factory=tuple)
 
     @property
@@ -87,6 +88,9 @@ class WorkloadSpec:
         else:
             size = num("size", None, PAGE_SIZE, 1 << 44, integer=True)
         rate = num("rate", None, 1e-3, 1e12, allow_none=True)
+        hold = num("hold", None, 0.0, 1e9, allow_none=True)
+        if hold is not None and kind != "idle":
+            raise SpecError(f"{where}.hold: only an idle task holds its memory for a time")
         return cls(
             workload=kind,
             size=size,
@@ -97,6 +101,7 @@ class WorkloadSpec:
             hot_prob=float(num("hot_prob", 0.9, 0.0, 1.0)),
             duration=num("duration", None, 1e-3, 1e9, allow_none=True),
             start=float(num("start", 0.0, 0.0, 1e9)),
+            hold=None if hold is None else float(hold),
             phases=phases,
         )
 
@@ -110,6 +115,7 @@ class Workload:
         self.rng = np.random.default_rng(seed)
         self._scan_pos = 0
         self._touched = 0  # idle: pages touched so far
+        self.touched_at: float | None = None  # idle: task time its last page was touched
         self._phase: tuple[int, int] = (0, 0)  # (cycle, phase index) in force
         self._zipf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -140,6 +146,11 @@ class Workload:
         phase's own ``rate`` when it sets one, else the task's."""
         a = self.active(t)
         return a.rate if a.rate is not None else self.spec.rate
+
+    def finished(self, t: float) -> bool:
+        """True once an idle task with ``hold`` has kept all its memory that long."""
+        h = self.spec.hold
+        return h is not None and self.touched_at is not None and t - self.touched_at >= h
 
     def working_pages(self, t: float) -> int:
         return self.active(t).pages
@@ -174,6 +185,8 @@ class Workload:
             k = max(0, min(n, p - self._touched))
             vpns = np.arange(self._touched, self._touched + k, dtype=np.int64)
             self._touched += k
+            if self._touched >= p and self.touched_at is None:
+                self.touched_at = t
             return vpns, np.ones(k, np.uint8)
         else:  # pragma: no cover - specs are validated
             raise AssertionError(a.workload)

@@ -147,6 +147,9 @@ class TaskConfig:
     hot_prob: float = 0.9
     duration: float | None = None
     start: float = 0.0
+    #: ``idle`` only: seconds the task keeps its memory once all of it is touched, then it
+    #: ends (a duration that starts when the touch is done, however long that took).
+    hold: float | None = None
     phases: tuple[TaskConfig, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +164,7 @@ class TaskConfig:
             "hot_prob": self.hot_prob,
             "duration": self.duration,
             "start": self.start,
+            **({"hold": self.hold} if self.hold is not None else {}),
             "phases": [p.to_json() for p in self.phases],
         }
 
@@ -288,6 +292,7 @@ _TASK_KEYS = (
     "hot_prob",
     "duration",
     "start",
+    "hold",
     "phases",
 )
 
@@ -579,6 +584,11 @@ def _parse_task(
         duration = ctx.duration(f"{key}.duration", duration)
         if duration <= 0:
             raise ctx.error(f"{key}.duration", "must be longer than 0 (omit it to run forever)")
+    hold = raw.get("hold")
+    if hold is not None:
+        if workload != "idle":
+            raise ctx.error(f"{key}.hold", "only an idle task holds its memory for a time")
+        hold = ctx.duration(f"{key}.hold", hold)
     return TaskConfig(
         workload=workload,
         size=size,
@@ -591,6 +601,7 @@ def _parse_task(
         hot_prob=ctx.number(f"{key}.hot_prob", raw.get("hot_prob", 0.9), lo=0, hi=1),
         duration=duration,
         start=ctx.duration(f"{key}.start", raw.get("start", 0.0)),
+        hold=hold,
         phases=phases,
     )
 
@@ -875,6 +886,8 @@ def _task_lines(task: TaskConfig) -> list[str]:
     if task.duration is not None:
         lines.append(f"duration = {_toml_duration(task.duration)}")
     lines.append(f"start = {_toml_duration(task.start)}")
+    if task.hold is not None:
+        lines.append(f"hold = {_toml_duration(task.hold)}")
     return lines
 
 

@@ -106,3 +106,28 @@ def test_a_phase_sets_its_own_rate_and_inherits_the_tasks_otherwise() -> None:
     assert wl.rate(0.5) == 100 and wl.rate(1.5) == 500 and wl.rate(2.5) == 100
     plain = Workload(WorkloadSpec.from_dict({"workload": "uniform", "size": PAGE}), 1)
     assert plain.rate(0.0) is None
+
+
+def test_an_idle_task_with_hold_ends_that_long_after_its_touch() -> None:
+    spec = WorkloadSpec.from_dict({"workload": "idle", "size": 10 * PAGE, "hold": 2})
+    wl = Workload(spec, 1)
+    wl.quantum(4, 0.0)
+    assert not wl.finished(100.0)  # not all touched yet: a slow touch is waited for
+    wl.quantum(100, 7.0)
+    assert wl.touched_at == 7.0
+    assert not wl.finished(8.9) and wl.finished(9.0)
+    with pytest.raises(SpecError, match=r"task\.hold"):
+        WorkloadSpec.from_dict({"workload": "zipf", "size": PAGE, "hold": 1})
+
+
+def test_hold_goes_from_the_topology_to_the_guest_config() -> None:
+    from hypervisor.topology import TopologyError, parse_topology
+
+    base = ('[host]\nmemory = "64MiB"\n[[vm]]\nname = "a"\nmemory = "16MiB"\n'
+            '[[vm.task]]\nsize = "1MiB"\n')
+    topo = parse_topology(base + 'workload = "idle"\nhold = "1.5s"\n')
+    task = topo.vms[0].tasks[0].to_json()
+    assert task["hold"] == 1.5
+    assert WorkloadSpec.from_dict(task).hold == 1.5
+    with pytest.raises(TopologyError, match="hold"):
+        parse_topology(base + 'workload = "zipf"\nhold = "1s"\n')
