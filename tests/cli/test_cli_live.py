@@ -72,9 +72,14 @@ def test_up_detach_control_down(xdg: Path) -> None:
     res = r.invoke(cli, ["up", "two-vms-small", "--detach"])
     assert res.exit_code == 1 and "already running" in res.stderr
 
+    out_file = xdg / "balloonlab" / "small.hypervisor.out"
+    assert out_file.is_file() and not out_file.is_symlink()
+    assert os.stat(out_file).st_mode & 0o777 == 0o600
     assert "stopped" in _ok(r.invoke(cli, ["down"]))
     res = r.invoke(cli, ["list"])
     assert res.exit_code == 1 and "no running host" in res.stderr
+    # Nothing of the host is left: no run dir, no output file (it used to stay behind).
+    assert sorted(os.listdir(xdg / "balloonlab")) == []
 
 
 def test_up_for_record_then_plot(xdg: Path, tmp_path: Path) -> None:
