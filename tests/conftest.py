@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from hypothesis import settings
+
 _TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("NUMBA_CACHE_DIR", str(_TESTS.parent / "build" / "numba-cache"))
 
@@ -35,3 +37,9 @@ def _load(name: str, relpath: str) -> None:
 
 for _name, _rel in HELPERS.items():
     _load(_name, _rel)
+
+# No hypothesis test runs against a per-example deadline: the first example of a test that
+# calls a Numba kernel loads it from the cache, and a loaded machine is slow; a test's own
+# @settings inherit this.
+settings.register_profile("balloonlab", deadline=None)
+settings.load_profile("balloonlab")

@@ -10,6 +10,7 @@ from guest import kernels as K
 from guest.testing.naive import naive_clock_scan, naive_lookahead, naive_stamp, naive_vcpu_run
 
 
+@settings(deadline=None)  # the first call loads the kernel from Numba's cache
 @given(st.integers(0, 2**31), st.integers(0, 2**40), st.integers(0, 2**62))
 def test_stamp_matches_twin_and_is_never_zero(task, vpn, count) -> None:
     s = int(K.stamp(task, vpn, count))
