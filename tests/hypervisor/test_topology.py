@@ -269,10 +269,11 @@ def test_shipped_examples_load_and_round_trip() -> None:
 def test_default_topology_shape() -> None:
     topo = default_topology()
     assert topo.source == "<default>"
-    assert (topo.host.name, topo.host.memory, topo.host.swap, topo.host.policy) == (
-        "lab", 1 << 30, 512 * MiB, "mom")
+    assert (topo.host.name, topo.host.memory, topo.host.swap) == ("lab", 1 << 30, 512 * MiB)
+    assert topo.host.policy in ("mom", "share")
     assert [v.name for v in topo.vms] == ["web", "batch", "idle"]
-    assert all(v.memory == 512 * MiB for v in topo.vms)
+    # Overcommitted: the VMs' memory does not fit the host's frames.
+    assert sum(v.memory for v in topo.vms) > topo.host.memory
     assert [v.tasks[0].workload for v in topo.vms] == ["zipf", "phases", "idle"]
     sizes = [p.size for p in topo.vms[1].tasks[0].phases]
     assert sizes[1] > 4 * sizes[0] and sizes[2] < sizes[1]
