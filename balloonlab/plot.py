@@ -158,7 +158,7 @@ def _plot_memory(
 
 def _plot_host(
     rows: list[dict[str, Any]], marks: list[tuple[float, str, str | None]],
-    ticks: dict[str, list[float]], path: Path
+    targets: dict[str, list[float]], path: Path
 ) -> Path:
     # Host columns repeat on each VM's row of a tick: keep the first row per tick.
     ticks: dict[float, dict[str, Any]] = {}
@@ -180,7 +180,7 @@ def _plot_host(
     ax_swap.set_ylabel("MiB")
     ax_swap.set_xlabel("elapsed (s)")
     ax_swap.set_title("host swap", loc="left", fontsize=10)
-    _ticks(ax_mem, sorted({t for ts in ticks.values() for t in ts}), "balloon target set")
+    _ticks(ax_mem, sorted({t for ts in targets.values() for t in ts}), "balloon target set")
     for ax in (ax_mem, ax_swap):
         _mark(ax, marks, None)
         ax.set_ylim(bottom=0)

@@ -355,3 +355,21 @@ def test_story_orders_what_a_vm_took_and_gave_back() -> None:
     j = summary.to_json()
     assert (j["vms"]["b"]["got_pages"], j["vms"]["b"]["gave_pages"]) == (3600, 3000)
     assert story_lines(j)[2].startswith("b: took 14.1 MiB, then gave back 11.7 MiB (")
+
+
+def test_host_plot_keeps_a_numeric_time_axis_with_decision_ticks(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    # Regression: the host plot once drew its ticks from the tick rows' column names, which
+    # turned the time axis into categories.
+    import balloonlab.plot as P
+
+    out = record(tmp_path)
+    figs = []
+    real_close = P.plt.close
+    monkeypatch.setattr(P.plt, "close", lambda fig: (figs.append(fig), real_close(fig)))
+    plot_run(out)
+    host_fig = figs[-1]
+    for ax in host_fig.axes:
+        assert ax.xaxis.get_converter() is None
+        lo, hi = ax.get_xlim()
+        assert lo < 0.5 and 4.0 < hi < 10.0  # elapsed seconds of the 4.5 s recording
