@@ -75,7 +75,9 @@ class BalloonMetrics:
         return d
 
 
-#: release(gpfns) -> (frames released, punch calls); raises LedgerError-like to refuse.
+#: release(runs) -> (frames released, punch calls). ``runs`` is an accepted batch as
+#: ascending, disjoint, maximal int64 (k, 2) runs (the device has validated its pages);
+#: raises LedgerError-like to refuse it.
 ReleaseFn = Callable[[np.ndarray], Awaitable[tuple[int, int]]]
 
 
@@ -198,13 +200,16 @@ class BalloonBackend:
             self.emit("driver_exited", self.vm, reason=reason)
 
     async def _release_batch(self, dev: BalloonDevice, ev: m.Inflate | m.Report) -> None:
+        # The device validated the batch once (range, repeats, page states): the host gets
+        # it as runs, never expanded into pages (pfns are coalesced: one punch per run).
         if getattr(ev, "pfns", None) is not None:
-            g = ev.pfn_array.astype(np.int64)
+            runs = P.coalesce_runs(P.pfns_to_runs(ev.pfn_array))
         else:
-            g = P.runs_to_pfns(ev.run_array).astype(np.int64)
+            runs = P.coalesce_runs(ev.run_array)
+        pages = P.runs_total(runs)
         t0 = time.perf_counter()
         try:
-            freed, calls = await self.release(g)
+            freed, calls = await self.release(runs)
         except Exception as e:  # noqa: BLE001 - refuse the batch, keep the VM running
             code = str(getattr(e, "code", ErrorCode.IN_FLIGHT))
             dev.complete(ev.id, code=code, message=str(e))
@@ -217,10 +222,10 @@ class BalloonBackend:
         met.released_frames += freed
         met.punch_calls += calls
         if isinstance(ev, m.Inflate):
-            met.inflated += g.shape[0]
+            met.inflated += pages
             met.inflate_batches += 1
         else:
-            met.reported += g.shape[0]
+            met.reported += pages
             met.report_batches += 1
 
     async def _poll_stats(self, dev: BalloonDevice, ch: Channel) -> None:

@@ -33,6 +33,7 @@ from hypervisor.kernels import LOCKED
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
 from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import EPT_NOT_PRESENT
+from protocol import pfn as P
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ RECLAIM_BATCH = 256
 
 #: ``emit(kind, vm_name, **fields)``: the host's event sink.
 Emit = Callable[..., Any]
+
+
+def _batch_runs(runs: np.ndarray) -> np.ndarray:
+    """A release batch as ascending maximal int64 runs: (k, 2) runs as given, or 1-D gpfns
+    (duplicates merge). Bounds and overlaps are the ledger's to refuse."""
+    a = np.asarray(runs)
+    if a.ndim == 1:
+        return P.coalesce_runs(P.pfns_to_runs(a.astype(np.int64)))
+    return P.coalesce_runs(a)
 
 
 class HostMemory:
@@ -271,24 +281,30 @@ class HostMemory:
 
     # ---------------------------------------------------------------- release
 
-    async def release_pages(self, vm: Vm, gpfns: np.ndarray) -> tuple[int, int]:
-        """Inflate/report: EPT NOT_PRESENT, punch the backed runs, free frames and slots."""
+    async def release_pages(self, vm: Vm, runs: np.ndarray) -> tuple[int, int]:
+        """Inflate/report: EPT NOT_PRESENT, punch, frames and slots freed, run by run.
+
+        ``runs`` is a batch the balloon device accepted, as (k, 2) runs (1-D gpfns are made
+        into runs). Nothing is expanded into pages: the EPT update is a slice per run, the
+        punch one ``fallocate`` per contiguous run and the ledger one kernel pass over the
+        batch's pages; the only allocation is the freed swap slots' list, never anything
+        the size of the VM. A batch naming a page a reclaim holds in flight waits for that
+        reclaim; a batch the ledger refuses changes nothing. Returns (frames freed, punch
+        calls)."""
+        r = _batch_runs(runs)
         async with self.lock:
             while True:
                 if vm.led.index not in self.ledger.vms:
                     raise LedgerError(f"VM {vm.name!r} is not running")
-                gpfns = self.ledger.check_gpfns(vm.led.index, gpfns)  # before any effect
-                if not self._in_flight(vm, gpfns):
+                if self.ledger.first_locked(vm.led.index, r) < 0:  # checks the runs, too
                     break
                 await self.changed.wait()  # a reclaim holds some: let it finish
-            cur = vm.led.p2m[gpfns]
-            vm.mem.set_not_present(gpfns)  # first: no access can follow the release
-            held = cur[cur <= -2]  # host-swapped pages of the batch: their slots free up
-            backed, _frames = self.ledger.release(vm.led.index, gpfns)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
-            calls = vm.mem.punch(backed)
-            return int(backed.size), calls
+            P.set_runs(vm.mem.ept, r, EPT_NOT_PRESENT)  # first: no access can follow
+            freed, slots = self.ledger.release_runs(vm.led.index, r)
+            if self.swap is not None and slots.size:
+                self.swap.discard(slots)
+            calls = vm.mem.punch_runs(r)
+            return freed, calls
 
     # ---------------------------------------------------------------- checks
 

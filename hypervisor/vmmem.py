@@ -84,7 +84,12 @@ class VmMemory:
 
     def punch(self, sorted_gpfns: np.ndarray) -> int:
         """Release pages to the OS, one PUNCH_HOLE per contiguous run. Returns the call count."""
-        runs = runs_of(sorted_gpfns)
+        return self.punch_runs(runs_of(sorted_gpfns))
+
+    def punch_runs(self, runs: np.ndarray) -> int:
+        """:meth:`punch` for pages given as (k, 2) runs (first gpfn, count), one PUNCH_HOLE
+        per run as given: coalesce adjacent runs first."""
+        runs = np.asarray(runs).reshape(-1, 2)
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         for first, count in runs.tolist():
             fallocate(self.ram_fd, mode, first * PAGE_SIZE, count * PAGE_SIZE)
