@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,8 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from balloonlab import launcher
+from balloonlab.client import ControlClient
 from benchmarks import references
-from balloonlab.client import ControlClient, ControlError, HostNotRunning
+from hypervisor.topology import (
+    DEFAULT_MIN_MEMORY_FRACTION,
+    DEFAULT_SHARES,
+    HostConfig,
+    TaskConfig,
+    Topology,
+    VmConfig,
+)
 
 PAGE_SIZE = 4096
 GIB = float(1 << 30)
@@ -108,82 +114,69 @@ def _mib(nbytes: int) -> str:
     return f"{max(1, nbytes // MIB)}MiB"
 
 
-def topology_toml(plan: Plan, host_name: str, run_dir: Path) -> str:
+def _task(workload: str, size: int, **kw: Any) -> TaskConfig:
+    return TaskConfig(workload=workload, size=size // MIB * MIB, **kw)
+
+
+def topology(plan: Plan, host_name: str, run_dir: Path) -> Topology:
     """The topology of one trial (docs/topology.md)."""
     size = plan.vm_bytes
     host_mem = size + max(64 * MIB, size // 4)  # every guest page fits: no host swap path
-    lines = [
-        "[host]", f'name = "{host_name}"', f'memory = "{_mib(host_mem)}"', 'swap = "0"',
-        'policy = "none"', f'run_dir = "{run_dir}"', "",
-        "[[vm]]", 'name = "bench"', f'memory = "{_mib(size)}"',
-        'features = ["must_tell_host", "stats", "deflate_on_oom", "ranges"]',
-        f'wire = "{plan.wire}"', 'stats_interval = "200ms"', 'guest_swap = "16MiB"',
-        'on_crash = "destroy"', "",
-    ]
     if plan.scenario == "fragmented":
-        keep = _mib(size // 2)
-        freed = _mib(int(size * 0.4))
-        lines += ["[[vm.task]]", 'workload = "uniform"', f'size = "{keep}"', "rate = 400000",
-                  "write_ratio = 0.5", ""]
-        refault = _mib(int(size * 0.35))
+        tasks = [_task("uniform", size // 2, rate=400000, write_ratio=0.5)]
+        freed, refault = int(size * 0.4), int(size * 0.35)
     else:
-        freed = _mib(int(size * plan.touch_fraction))
-        refault = freed
-    lines += ["[[vm.task]]", 'workload = "idle"', f'size = "{freed}"',
-              f'hold = "{plan.hold:.1f}s"', "",
-              "[[vm.task]]", 'workload = "idle"', f'size = "{refault}"',
-              f'start = "{plan.refault_at:.1f}s"', ""]
-    return "\n".join(lines)
+        tasks = []
+        freed = refault = int(size * plan.touch_fraction)
+    tasks += [_task("idle", freed, hold=round(plan.hold, 1)),
+              _task("idle", refault, start=round(plan.refault_at, 1))]
+    memory = size // MIB * MIB
+    # The parser's default min_memory: 10 % of memory in whole MiB (to a page under 10 MiB).
+    unit = MIB if memory >= 10 * MIB else PAGE_SIZE
+    vm = VmConfig(name="bench", memory=memory,
+                  features=("must_tell_host", "stats", "deflate_on_oom", "ranges"),
+                  wire=plan.wire, stats_interval=0.2, guest_swap=16 * MIB,
+                  on_crash="destroy", tasks=tuple(tasks),
+                  min_memory=int(memory * DEFAULT_MIN_MEMORY_FRACTION) // unit * unit,
+                  max_memory=memory, shares=DEFAULT_SHARES, initial_balloon=0)
+    host = HostConfig(name=host_name, memory=host_mem // MIB * MIB, swap=0, policy="none",
+                      policy_interval=1.0, run_dir=str(run_dir))
+    return Topology(host=host, vms=(vm,), source="<bench reclaim>")
 
 
 class Host:
-    """A hypervisor subprocess in a private run dir; stopped and cleaned up on exit."""
+    """A hypervisor subprocess in a private run dir (through the project's launcher);
+    stopped and cleaned up on exit."""
 
     def __init__(self, plan: Plan, workdir: Path, trial: int) -> None:
         self.dir = workdir / f"t{trial}"
         self.run_dir = self.dir / "run"
         self.dir.mkdir(parents=True)
         self.name = f"bench{os.getpid()}t{trial}"
+        self.topology = topology(plan, self.name, self.run_dir)
         self.topo = self.dir / "topology.toml"
-        self.topo.write_text(topology_toml(plan, self.name, self.run_dir))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.topo.write_text(self.topology.to_toml())
+        self.launched: launcher.Launched | None = None
         self.client: ControlClient | None = None
 
     def __enter__(self) -> Host:
-        log = open(self.dir / "host.out", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypervisor", "--topology", str(self.topo),
-             "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.launched = launcher.launch(self.topology, topo_file=self.topo,
+                                        output=self.dir / "host.out", log_level="WARNING")
         self.boot_time = time.monotonic()
-        deadline = self.boot_time + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the host exited with status {self.proc.returncode} while "
-                                 f"booting; see {self.dir / 'host.out'}")
-            try:
-                self.client = ControlClient(self.run_dir, timeout=10.0)
-                break
-            except (HostNotRunning, OSError):
-                if time.monotonic() > deadline:
-                    raise BenchError("the host's control socket did not appear in 60 s") from None
-                time.sleep(0.05)
+        try:
+            launcher.wait_ready(self.launched, 60.0)
+        except launcher.LaunchError as e:
+            self.__exit__()
+            raise BenchError(str(e)) from None
+        self.client = ControlClient(self.run_dir, timeout=10.0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
-            try:
-                self.client.call("shutdown")
-            except (ControlError, HostNotRunning, OSError, TimeoutError):
-                pass
             self.client.close()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
-                self.proc.wait()
+            self.client = None
+        if self.launched is not None and not self.launched.stopped:
+            self.launched.stop(20.0, keep_output=True)
 
     def call(self, method: str, **params: Any) -> Any:
         assert self.client is not None
@@ -210,22 +203,10 @@ class Host:
             time.sleep(POLL_S)
 
 
-def _driver_ready(h: Host) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        vms = h.call("list_vms")
-        if vms and vms[0].get("driver") == "connected" and vms[0].get("state") == "running":
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"the VM's driver did not connect in 60 s: {vms}")
-        time.sleep(0.05)
-
-
 def run_trial(plan: Plan, workdir: Path, trial: int) -> dict[str, Any]:
     """One fresh host, one inflate, one deflate, one refault. Returns the measured phases."""
     pages = plan.pages
-    with Host(plan, workdir, trial) as h:
-        _driver_ready(h)
+    with Host(plan, workdir, trial) as h:  # every VM up, its driver connected
         # 1. touched: backed_pages climbs; then the idle task's duration ends and frees it.
         touched_goal = int(pages * (0.85 if plan.scenario != "fragmented" else 0.8))
         # (The task holds its memory `hold` s after touching the last page, however long
