@@ -22,13 +22,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO, cast
 
 import click
 
 from balloonlab.bench import bench
-from balloonlab.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
 from balloonlab.client import ControlClient, ControlError, HostNotRunning
+from balloonlab.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
 from hypervisor.rundir import RunDirError
 from hypervisor.topology import (
     Topology,
@@ -126,7 +126,7 @@ def _run_dir_for(host: str | None) -> Path:
 
 
 @contextmanager
-def _connect(host: str | None, timeout: float = 5.0) -> Iterator[Any]:
+def _connect(host: str | None, timeout: float | None = 5.0) -> Iterator[Any]:
     run_dir = _run_dir_for(host)
     client = ControlClient(run_dir, timeout=timeout)
     try:
@@ -340,7 +340,7 @@ def list_(host: str | None, as_json: bool) -> None:
                f"{'target':>12}")
     for vm in vms:
         click.echo(
-            f"{vm['name']:<16} {vm.get('state', '?'):<12} {str(vm.get('driver', '-')):<12} "
+            f"{vm['name']:<16} {vm.get('state', '?'):<12} {vm.get('driver', '-')!s:<12} "
             f"{format_size(int(vm.get('memory_pages', 0)) * PAGE_SIZE):>12} "
             f"{format_size(int(vm.get('balloon_pages') or 0) * PAGE_SIZE):>12} "
             f"{format_size(int(vm.get('target_pages') or 0) * PAGE_SIZE):>12}"
@@ -871,7 +871,7 @@ def transcript() -> None:
 
     out = _PipeGuard(sys.stdout)
     try:
-        run_transcript(out)
+        run_transcript(cast(TextIO, out))
     except Exception:
         if not out.broken:
             raise
