@@ -18,7 +18,8 @@ from typing import Any
 from hypervisor.rundir import CONTROL_SOCK
 from protocol import messages as m
 from protocol.connection import ControlClient as ControlConnection
-from protocol.sync import PeerClosed, SyncChannel
+from protocol.errors import PeerClosed
+from protocol.sync import SyncChannel
 
 
 class ControlError(Exception):

@@ -67,9 +67,9 @@ def size_unit(unit: str) -> int | None:
     power = _PREFIXES.index(u[0]) + 1
     rest = u[1:]
     if rest in ("", "ib"):
-        return 1024**power
+        return 1 << (10 * power)
     if rest == "b":
-        return 1000**power
+        return int(1000**power)
     return None
 
 
