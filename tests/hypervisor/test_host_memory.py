@@ -180,7 +180,7 @@ def test_host_oom_kills_the_vm_with_most_frames_and_frees_everything():
             assert vb.led.index not in lab.host.ledger.vms
             assert not np.any(lab.host.ledger.owner_vm == vb.led.index)
             assert not np.any(lab.host.ledger.swap_owner_vm == vb.led.index)
-            await asyncio.wait_for(b.closed.wait(), 5)
+            await asyncio.wait_for(b.closed.wait(), 30)
             # Other VMs keep running and their data is intact.
             for p in range(6):
                 assert await a.read(p, 16) == a.stamp(p)
@@ -197,7 +197,7 @@ def test_guest_disconnect_frees_all_its_frames_and_slots():
             await lab.quiesce()
             assert lab.host.ledger.slots_used > 0
             await a.close()
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if lab.host.vms["a"].state == "crashed":
                     break
                 await asyncio.sleep(0.02)
@@ -219,26 +219,26 @@ def test_stats_are_polled_and_cached():
         async with Lab(topo(16, 0, {"a": 16})) as lab:
             d = await lab.driver("a")
             d.stats = {4: 12345 * PAGE, 6: 777 * PAGE, 256: 0}
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if lab.host.vms["a"].balloon.last_update is not None:
                     break
                 await asyncio.sleep(0.02)
             b = lab.host.vms["a"].balloon
             assert b.stats[4] == 12345 * PAGE and b.last_update is not None
             d.stats = {10: 3}
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if b.stats.get(10):
                     break
                 await asyncio.sleep(0.02)
             d.stats = {10: 5}
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if b.stats.get(10) == 5:
                     break
                 await asyncio.sleep(0.02)
             kills = [e for e in lab.host.events if e["kind"] == "guest_oom_kill"]
             assert [(e["kills"], e["total"]) for e in kills] == [(2, 5)]
             lab.host.set_balloon_target(lab.host.vms["a"], 7)
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if d.targets:
                     break
                 await asyncio.sleep(0.02)

@@ -80,10 +80,10 @@ def test_machine_channel_refuses_bad_boots_and_bad_faults():
             await a.touch([1])
             with pytest.raises(ConnectionError):
                 await a.fault([1, 32])
-            await asyncio.wait_for(a.closed.wait(), 5)
+            await asyncio.wait_for(a.closed.wait(), 30)
             assert a.error is not None and a.error.code == "pfn_out_of_range"
             assert "beyond guest RAM" in a.error.message
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if lab.host.vms["a"].state == "crashed":
                     break
                 await asyncio.sleep(0.02)
@@ -136,7 +136,7 @@ async def _a_reclaim_waits_on_a(lab: Lab):
 
 async def _shootdown_in_flight(lab: Lab, guest: GuestPeer) -> None:
     """Until ``guest`` holds a shootdown and the host has victims in flight."""
-    for _ in range(500):
+    for _ in range(5000):  # bounds a hang only
         if guest.shootdowns and np.any(lab.host._inflight):
             return
         await asyncio.sleep(0.01)
@@ -274,7 +274,7 @@ def test_driver_that_vanishes_mid_request_leaves_a_consistent_host():
             w.write(b"\x00\x00\x01")  # and half a frame header
             w.close()
             vm = lab.host.vms["a"]
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if not vm.balloon.connected:
                     break
                 await asyncio.sleep(0.02)
@@ -315,7 +315,7 @@ def test_driver_that_stops_reading_is_disconnected():
                         break
                     if sent > 400_000:
                         break
-                for _ in range(200):
+                for _ in range(1000):  # bounds a hang only
                     if not vm.balloon.connected:
                         break
                     await asyncio.sleep(0.05)
@@ -337,9 +337,9 @@ def test_fault_flood_disconnects_only_the_flooding_guest():
             burst = b"".join(frame({"t": "ept_fault", "id": i + 1,
                                     "pfns": P.pfns_to_wire([i % 32])}) for i in range(500))
             a.ch.writer.write(burst)
-            await asyncio.wait_for(a.closed.wait(), 5)
+            await asyncio.wait_for(a.closed.wait(), 30)
             assert a.error is not None and "outstanding" in a.error.message
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if lab.host.vms["a"].state == "crashed":
                     break
                 await asyncio.sleep(0.02)
@@ -361,7 +361,7 @@ def test_guest_that_vanishes_mid_fault_leaves_nothing_behind():
                                      "pfns": P.pfns_to_wire(list(range(10)))}))
             await a.ch.writer.drain()
             a.ch.writer.close()
-            for _ in range(100):
+            for _ in range(2500):  # bounds a hang only
                 if lab.host.vms["a"].state == "crashed":
                     break
                 await asyncio.sleep(0.02)
