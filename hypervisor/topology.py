@@ -373,7 +373,7 @@ class _Ctx:
                 f"{value!r} is not one of {', '.join(choices)}",
                 close[0] if close else None,
             )
-        return value
+        return str(value)
 
     def number(
         self,
@@ -406,7 +406,7 @@ class _Ctx:
                 f"{value!r} is not a valid name: use 1-32 characters of a-z, 0-9, '_' and '-', "
                 "starting with a letter or digit (it becomes a file name in the run directory)",
             )
-        return value
+        return str(value)
 
 
 def _describe(value: Any) -> str:
