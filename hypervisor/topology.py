@@ -32,23 +32,23 @@ from hypervisor.units import (
 )
 
 __all__ = [
-    "TopologyError",
-    "TaskConfig",
-    "VmConfig",
-    "HostConfig",
-    "Topology",
-    "parse_topology",
-    "load_topology",
-    "default_topology",
-    "list_examples",
-    "example_path",
-    "FEATURE_NAMES",
-    "DEFAULT_FEATURES",
-    "WORKLOADS",
-    "WIRES",
-    "ON_CRASH",
     "BUILTIN_POLICIES",
+    "DEFAULT_FEATURES",
+    "FEATURE_NAMES",
     "NAME_RE",
+    "ON_CRASH",
+    "WIRES",
+    "WORKLOADS",
+    "HostConfig",
+    "TaskConfig",
+    "Topology",
+    "TopologyError",
+    "VmConfig",
+    "default_topology",
+    "example_path",
+    "list_examples",
+    "load_topology",
+    "parse_topology",
 ]
 
 TOPOLOGIES_DIR = Path(__file__).with_name("topologies")
@@ -77,7 +77,8 @@ def _feature_names() -> tuple[str, ...]:
 
 
 FEATURE_NAMES: tuple[str, ...] = _feature_names()
-DEFAULT_FEATURES: tuple[str, ...] = ("must_tell_host", "stats", "deflate_on_oom", "reporting", "ranges")
+DEFAULT_FEATURES: tuple[str, ...] = (
+    "must_tell_host", "stats", "deflate_on_oom", "reporting", "ranges")
 WORKLOADS: tuple[str, ...] = ("uniform", "zipf", "scan", "hotcold", "phases", "idle")
 WIRES: tuple[str, ...] = ("ranges", "virtio")
 ON_CRASH: tuple[str, ...] = ("restart", "destroy")
@@ -85,7 +86,8 @@ BUILTIN_POLICIES: tuple[str, ...] = ("none", "static", "mom", "share")
 
 #: VM and host names become file names in the run directory (``<vm>.balloon.sock``).
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-_POLICY_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+_POLICY_PATH_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 #: Default share of a VM's memory below which policies never shrink it (``min_memory``).
 DEFAULT_MIN_MEMORY_FRACTION = 0.10
@@ -424,7 +426,8 @@ def _describe(value: Any) -> str:
 def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
     ctx.check_keys(raw, _HOST_KEYS, "host")
     if "memory" not in raw:
-        raise ctx.error("host.memory", "missing: the host's physical memory, e.g. memory = \"1GiB\"")
+        raise ctx.error("host.memory",
+                        "missing: the host's physical memory, e.g. memory = \"1GiB\"")
     name = ctx.name("host.name", raw.get("name", "lab"))
     memory = ctx.size("host.memory", raw["memory"])
     if memory == 0:
@@ -510,7 +513,8 @@ def _check_plain(ctx: _Ctx, key: str, value: Any) -> None:
         for i, v in enumerate(value):
             _check_plain(ctx, f"{key}[{i}]", v)
     elif not isinstance(value, (str, int, float, bool)):
-        raise ctx.error(key, f"expected a string, number, boolean, array or table, got {_describe(value)}")
+        raise ctx.error(
+            key, f"expected a string, number, boolean, array or table, got {_describe(value)}")
 
 
 #: Task fields a phase inherits from its ``phases`` task when the phase does not set them.
@@ -532,7 +536,8 @@ def _parse_task(
     phases: tuple[TaskConfig, ...] = ()
     if workload == "phases":
         if in_phases:
-            raise ctx.error(f"{key}.workload", "phases cannot nest: a phase must be a plain workload")
+            raise ctx.error(f"{key}.workload",
+                            "phases cannot nest: a phase must be a plain workload")
         raw_phases = raw.get("phases")
         if not isinstance(raw_phases, list) or not raw_phases:
             raise ctx.error(
@@ -546,7 +551,8 @@ def _parse_task(
         )
         for i, p in enumerate(phases):
             if p.duration is None:
-                raise ctx.error(f"{key}.phases[{i}].duration", "missing: every phase needs a duration")
+                raise ctx.error(f"{key}.phases[{i}].duration",
+                                "missing: every phase needs a duration")
     elif "phases" in raw:
         if in_phases:
             raise ctx.error(f"{key}.phases", "phases cannot nest")
@@ -558,7 +564,8 @@ def _parse_task(
         # A phases task spans the largest working set of its phases.
         size = max(p.size for p in phases)
     else:
-        raise ctx.error(f"{key}.size", "missing: the task's working-set size, e.g. size = \"64MiB\"")
+        raise ctx.error(f"{key}.size",
+                        "missing: the task's working-set size, e.g. size = \"64MiB\"")
     if size == 0:
         raise ctx.error(f"{key}.size", "must be larger than 0")
     if size > vm_memory:
@@ -573,7 +580,8 @@ def _parse_task(
         if p.size > size:
             raise ctx.error(
                 f"{key}.phases[{i}].size",
-                f"{format_size_exact(p.size)} is larger than the task's size ({format_size_exact(size)})",
+                f"{format_size_exact(p.size)} is larger than the task's size "
+                f"({format_size_exact(size)})",
             )
 
     rate = raw.get("rate")
@@ -627,7 +635,8 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
 
     raw_features = raw.get("features", list(DEFAULT_FEATURES))
     if not isinstance(raw_features, list):
-        raise ctx.error(f"{key}.features", f"expected an array of feature names, got {_describe(raw_features)}")
+        raise ctx.error(f"{key}.features",
+                        f"expected an array of feature names, got {_describe(raw_features)}")
     features: list[str] = []
     for i, f in enumerate(raw_features):
         fname = ctx.enum(f"{key}.features[{i}]", f, FEATURE_NAMES)
@@ -638,12 +647,14 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
     if wire == "ranges" and "ranges" not in features:
         raise ctx.error(
             f"{key}.wire",
-            "wire = \"ranges\" needs the \"ranges\" feature: add it to features or use wire = \"virtio\"",
+            "wire = \"ranges\" needs the \"ranges\" feature: add it to features or use "
+            "wire = \"virtio\"",
         )
     stats_interval = ctx.duration(f"{key}.stats_interval", raw.get("stats_interval", "1s"))
     if stats_interval <= 0:
         raise ctx.error(f"{key}.stats_interval", "must be longer than 0")
-    guest_swap = ctx.size(f"{key}.guest_swap", raw.get("guest_swap", memory // 2 // PAGE_SIZE * PAGE_SIZE))
+    guest_swap = ctx.size(f"{key}.guest_swap",
+                          raw.get("guest_swap", memory // 2 // PAGE_SIZE * PAGE_SIZE))
     on_crash = ctx.enum(f"{key}.on_crash", raw.get("on_crash", "restart"), ON_CRASH)
 
     raw_tasks = raw.get("task", [])
@@ -672,16 +683,19 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
     if max_memory > memory:
         raise ctx.error(
             f"{key}.max_memory",
-            f"{format_size_exact(max_memory)} is larger than the VM's memory ({format_size_exact(memory)})",
+            f"{format_size_exact(max_memory)} is larger than the VM's memory "
+            f"({format_size_exact(memory)})",
         )
     if min_memory > max_memory:
         raise ctx.error(
             f"{key}.min_memory",
-            f"{format_size_exact(min_memory)} is larger than max_memory ({format_size_exact(max_memory)})",
+            f"{format_size_exact(min_memory)} is larger than max_memory "
+            f"({format_size_exact(max_memory)})",
         )
     shares_raw = raw.get("shares", DEFAULT_SHARES)
     if isinstance(shares_raw, bool) or not isinstance(shares_raw, int):
-        raise ctx.error(f"{key}.shares", f"expected a positive integer, got {_describe(shares_raw)}")
+        raise ctx.error(f"{key}.shares",
+                        f"expected a positive integer, got {_describe(shares_raw)}")
     if shares_raw <= 0:
         raise ctx.error(f"{key}.shares", f"{shares_raw!r} must be a positive integer")
     initial_balloon = ctx.size(f"{key}.initial_balloon", raw.get("initial_balloon", 0))
@@ -767,7 +781,8 @@ def _syntax_error(source: str, e: tomllib.TOMLDecodeError) -> TopologyError:
     msg = str(e)
     m = _TOML_POS_RE.search(msg)
     if m:
-        return TopologyError(source, f"line {m.group(1)}, column {m.group(2)}", f"TOML syntax error: {msg[: m.start()]}")
+        return TopologyError(source, f"line {m.group(1)}, column {m.group(2)}",
+                             f"TOML syntax error: {msg[: m.start()]}")
     return TopologyError(source, "(toml)", f"TOML syntax error: {msg}")
 
 
