@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from . import syscalls
 from .connection import CLOSED, NEED_DATA, Connection
-from .errors import ErrorCode, RemoteProtocolError
+from .errors import ErrorCode, PeerClosed, RemoteProtocolError
 from .framing import encode_frame
 from .messages import Bye, Error, Message
 
@@ -40,10 +40,6 @@ REFUSAL_LOG_INTERVAL = 1.0
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=Connection)
-
-
-class PeerClosed(ConnectionError):
-    """The peer closed the connection (cleanly, or by vanishing)."""
 
 
 class PeerStalled(PeerClosed):

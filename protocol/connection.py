@@ -20,13 +20,14 @@ Request ids: each side numbers its own requests; a reply (``ack``, ``resume``, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
+from . import messages as m
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import FrameBuffer
-from . import messages as m
 
 
 class _Sentinel:
@@ -270,7 +271,7 @@ class MachineGuest(Connection):
         replies=frozenset({"resume"}),
         initial=State.START,
     )
-    TRANSITIONS = {
+    TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {
         (State.HANDSHAKE, "boot_ok"): State.OPEN,
         (State.OPEN, "resume"): State.OPEN,
         (State.OPEN, "shootdown"): State.OPEN,
@@ -300,7 +301,7 @@ class MachineHost(Connection):
         replies=frozenset({"shootdown_ack"}),
         initial=State.START,
     )
-    TRANSITIONS = {
+    TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {
         (State.START, "boot"): State.HANDSHAKE,
         (State.OPEN, "ept_fault"): State.OPEN,
         (State.OPEN, "shootdown_ack"): State.OPEN,
@@ -356,7 +357,7 @@ class ControlClient(Connection):
         streamed=frozenset({"event"}),
     )
 
-    TRANSITIONS = {
+    TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {
         (State.OPEN, "result"): State.OPEN,
         (State.OPEN, "event"): State.OPEN,
         (State.OPEN, "error"): State.CLOSED,  # an error with an id only fails that call
@@ -369,12 +370,3 @@ class ControlClient(Connection):
         if msg.TYPE == "error" and getattr(msg, "id", None) is not None:
             self.state = State.OPEN
         return result
-
-
-@dataclass
-class Outcome:
-    """Helper pairing a finished request with its reply (used by the state machines)."""
-
-    request: m.Message
-    reply: m.Message
-    extra: dict[str, Any] = field(default_factory=dict)

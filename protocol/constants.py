@@ -7,7 +7,6 @@ from __future__ import annotations
 
 #: Bytes per page, on both sides of every channel (``hello`` and ``boot_ok`` carry it).
 PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 
 #: Buddy allocator orders are 0..MAX_ORDER: blocks of 1 page up to 4 MiB, as Linux's
 #: MAX_PAGE_ORDER. ``balloon_alloc.max_order`` and ``report_isolate.min_order`` are bounded

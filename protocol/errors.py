@@ -76,7 +76,7 @@ class RemoteProtocolError(ProtocolError):
     """The peer violated the protocol; raised by ``next_event``."""
 
     @classmethod
-    def from_local(cls, err: ProtocolError) -> "RemoteProtocolError":
+    def from_local(cls, err: ProtocolError) -> RemoteProtocolError:
         new = cls(err.code, err.message, **err.fields)
         new.__cause__ = err
         return new
@@ -84,3 +84,8 @@ class RemoteProtocolError(ProtocolError):
 
 class PeerError(ProtocolError):
     """The peer sent an ``error`` message (or a failed ``ack``) that the caller awaited."""
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (cleanly, or by vanishing): raised by the channels
+    (:mod:`protocol.aio`, :mod:`protocol.sync`), not a protocol violation."""

@@ -8,12 +8,12 @@ them ignore. Memory amounts in stats are bytes; events are counts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
-from typing import Iterable
+
+from .constants import PAGE_SIZE as PAGE_SIZE  # re-exported: the protocol's page size
 
 PROTOCOL_VERSION = 1
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 
 #: Frames carry at most 8 MiB of msgpack (the framing limit). With RANGES a run costs 16 bytes, so
 #: one frame can describe ~500k runs; a virtio-style pfn list ~2M pages.
@@ -85,8 +85,6 @@ DEVICE_FEATURES = (
     | Feature.PAGE_REPORTING.mask
     | Feature.RANGES.mask
 )
-
-ALL_FEATURE_BITS = sum(f.mask for f in Feature)
 
 
 class StatTag(IntEnum):

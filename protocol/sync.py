@@ -10,14 +10,10 @@ import socket
 from typing import Any, Sequence
 
 from .connection import CLOSED, NEED_DATA, Connection
-from .errors import RemoteProtocolError
+from .errors import PeerClosed, RemoteProtocolError
 from .messages import Message
 
 READ_CHUNK = 1 << 20
-
-
-class PeerClosed(ConnectionError):
-    """The peer closed the connection."""
 
 
 class SyncChannel:
