@@ -1,8 +1,9 @@
 """Synthetic control-channel values for CLI, dashboard and recording tests.
 
 Built the way a host reports them (docs/cli.md): ``host_info``, ``list_vms``, ``dommemstat``
-(guest amounts in bytes, as this host reports its guests' virtio stats). A small deterministic "run": a balloon inflating in one VM while the
-other grows, so recordings and plots have shape.
+(memory amounts in bytes; ``actual`` is the guest's current memory, as in virsh). A small
+deterministic "run": a balloon inflating in one VM while the other grows, so recordings and
+plots have shape.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def list_vms() -> list[dict[str, Any]]:
     ]
 
 
-def memstat(backed: int, balloon: int, target: int, ops: int, faults: int, corrupted: int = 0) -> dict[str, Any]:
+def memstat(
+    backed: int, balloon: int, target: int, ops: int, faults: int, corrupted: int = 0
+) -> dict[str, Any]:
     return {
-        "actual": (8192 - balloon) * 4096, "swap_in": 0, "swap_out": 8192, "major_fault": faults // 10,
+        "actual": (8192 - balloon) * 4096, "swap_in": 0, "swap_out": 8192,
+        "major_fault": faults // 10,
         "minor_fault": faults - faults // 10, "unused": 4 << 20, "available": 32 << 20,
         "usable": 8 << 20, "disk_caches": 0, "last_update": 0, "rss": backed * 4096,
         "target_pages": target, "balloon_pages": balloon, "backed_pages": backed,

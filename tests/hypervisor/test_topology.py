@@ -108,17 +108,20 @@ def test_phases_inherit_and_size_defaults_to_largest_phase() -> None:
     [
         (('memory = "32MiB"', 'memroy = "32MiB"'), "vm[0].memroy", "unknown key", "memory"),
         (('[host]', '[host]\npolcy = "mom"'), "host.polcy", "unknown key", "policy"),
-        (('workload = "zipf"', 'workload = "zipff"'), "vm[0].task[0].workload", "not one of", "zipf"),
+        (('workload = "zipf"', 'workload = "zipff"'), "vm[0].task[0].workload", "not one of",
+         "zipf"),
         (('size = "8MiB"', 'size = "8XB"'), "vm[0].task[0].size", "unknown unit 'XB'", None),
         (('size = "8MiB"', 'size = "64MiB"'), "vm[0].task[0].size", "larger than its VM", None),
-        (('memory = "32MiB"', 'memory = "200MiB"'), "vm[0].memory", "host memory + host swap", None),
+        (('memory = "32MiB"', 'memory = "200MiB"'), "vm[0].memory", "host memory + host swap",
+         None),
         (('memory = "32MiB"', 'memory = 5000'), "vm[0].memory", "not a multiple of the 4096", None),
         (('name = "a"', 'name = "Bad Name"'), "vm[0].name", "not a valid name", None),
         (('name = "a"', 'name = "a"\nwire = "virtoi"'), "vm[0].wire", "not one of", "virtio"),
         (('name = "a"', 'name = "a"\non_crash = "reboot"'), "vm[0].on_crash", "not one of", None),
         (('name = "a"', 'name = "a"\nfeatures = ["stats", "balloning"]'), "vm[0].features[1]",
          "not one of", None),
-        (('name = "a"', 'name = "a"\nfeatures = ["stats"]'), "vm[0].wire", "needs the \"ranges\" feature",
+        (('name = "a"', 'name = "a"\nfeatures = ["stats"]'), "vm[0].wire",
+         "needs the \"ranges\" feature",
          None),
         (('name = "a"', 'name = "a"\nfeatures = ["stats", "stats"]'), "vm[0].features[1]", "twice",
          None),
@@ -130,10 +133,13 @@ def test_phases_inherit_and_size_defaults_to_largest_phase() -> None:
         (('size = "8MiB"', 'size = "8MiB"\nphases = []'), "vm[0].task[0].phases",
          "only a 'phases' workload", None),
         (('[host]', '[host]\npolicy = "moom"'), "host.policy", "neither a built-in", "mom"),
-        (('[host]', '[host]\npolicy_interval = "0s"'), "host.policy_interval", "longer than 0", None),
-        (('name = "a"', 'name = "a"\nmin_memory = "16MiB"\nmax_memory = "8MiB"'), "vm[0].min_memory",
+        (('[host]', '[host]\npolicy_interval = "0s"'), "host.policy_interval", "longer than 0",
+         None),
+        (('name = "a"', 'name = "a"\nmin_memory = "16MiB"\nmax_memory = "8MiB"'),
+         "vm[0].min_memory",
          "larger than max_memory", None),
-        (('name = "a"', 'name = "a"\nmax_memory = "64MiB"'), "vm[0].max_memory", "larger than the VM",
+        (('name = "a"', 'name = "a"\nmax_memory = "64MiB"'), "vm[0].max_memory",
+         "larger than the VM",
          None),
         (('name = "a"', 'name = "a"\ninitial_balloon = "31MiB"'), "vm[0].initial_balloon",
          "below min_memory", None),
@@ -258,7 +264,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_shipped_examples_load_and_round_trip() -> None:
     examples = dict(list_examples())
-    assert {"default", "two-vms-small", "overcommit", "virtio-baseline", "reporting"} <= set(examples)
+    shipped = {"default", "two-vms-small", "overcommit", "virtio-baseline", "reporting"}
+    assert shipped <= set(examples)
     for name, desc in examples.items():
         assert desc, f"{name} has no description line"
         topo = load_topology(example_path(name))
@@ -285,8 +292,10 @@ def test_example_path_unknown_suggests() -> None:
 
 
 def test_policy_params_round_trip() -> None:
-    text = BASE.replace("[[vm]]", '[host.policy_params]\ntax = 0.75\n"odd key" = [1, 2]\nsub = {x = "y"}\n\n[[vm]]', 1)
-    topo = parse(text.replace('[host]', '[host]\npolicy = "mypkg.mod:MyPolicy"\nrun_dir = "/tmp/x"'))
+    params = '[host.policy_params]\ntax = 0.75\n"odd key" = [1, 2]\nsub = {x = "y"}\n\n'
+    text = BASE.replace("[[vm]]", params + "[[vm]]", 1)
+    host = '[host]\npolicy = "mypkg.mod:MyPolicy"\nrun_dir = "/tmp/x"'
+    topo = parse(text.replace('[host]', host))
     assert topo.host.policy_params == {"tax": 0.75, "odd key": [1, 2], "sub": {"x": "y"}}
     assert parse_topology(topo.to_toml(), "t.toml") == topo
 
