@@ -85,6 +85,8 @@ def test_qmp_and_metrics_on_a_real_host(xdg: Path) -> None:
     pids = [p for v in vms.values() for p in (v["pid"], v["driver_pid"])]
 
     # Metrics agree with dommemstat (guest stats move, so compare the host-side ones).
+    wait_for(lambda: all(client.call("dommemstat", vm=v)["last_update"] for v in vms),
+             "the guests' first stats")
     m = scrape(url)
     st = client.call("dommemstat", vm="a")
     assert m[("libvirt_domain_info_maximum_memory_bytes", "a")] == 32 * MIB

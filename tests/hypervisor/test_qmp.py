@@ -374,7 +374,7 @@ def test_splitter_is_chunking_invariant_and_answers_anything(parts, step):
         pieces += s.feed(stream[i:i + step])
     assert pieces == whole
     for text in whole:
-        assert text.strip() == text and text
+        assert text and text[:1] not in b" \t\r\n" and text[-1:] not in b" \t\r\n"
     session = qmp.QmpSession(None)  # type: ignore[arg-type] # no command reaches a monitor
     for text in whole:
         answer = asyncio.run(session.handle(text))
