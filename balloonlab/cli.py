@@ -249,7 +249,8 @@ def _resolve_topology(file: str | None) -> Topology:
 @cli.command()
 @click.argument("file")
 @json_option
-@click.option("--resolved", is_flag=True, help="Print the topology with every default spelled out (TOML).")
+@click.option("--resolved", is_flag=True,
+              help="Print the topology with every default spelled out (TOML).")
 def validate(file: str, as_json: bool, resolved: bool) -> None:
     """Check a topology FILE (or a shipped example's name) without starting anything."""
     topo = _resolve_topology(file)
@@ -310,7 +311,8 @@ def host(host: str | None, as_json: bool) -> None:
     swap_total, swap_free = info.get("swap_slots_total", 0), info.get("swap_slots_free", 0)
     click.echo(f"host      {info.get('name')} (pid {info.get('pid')})")
     click.echo(f"frames    {used} used / {info['frames_total']} "
-               f"({format_size(used * PAGE_SIZE)} of {format_size(info['frames_total'] * PAGE_SIZE)}), "
+               f"({format_size(used * PAGE_SIZE)} of "
+               f"{format_size(info['frames_total'] * PAGE_SIZE)}), "
                f"{info['frames_free']} free")
     if swap_total:
         click.echo(f"swap      {swap_total - swap_free} used / {swap_total} slots "
@@ -575,7 +577,8 @@ def _live_hosts() -> list[Path]:
 @cli.command()
 @host_option
 @click.option("--all", "all_", is_flag=True, help="Stop every running host.")
-@click.option("--timeout", default="20s", show_default=True, help="How long to wait for the host to exit.")
+@click.option("--timeout", default="20s", show_default=True,
+              help="How long to wait for the host to exit.")
 def down(host: str | None, all_: bool, timeout: str) -> None:
     """Stop the running host (every running host with --all) and all its VMs."""
     from hypervisor import rundir
