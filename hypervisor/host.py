@@ -82,7 +82,7 @@ class Host:
         self.vms: dict[str, Vm] = {}
         self._by_index: dict[int, Vm] = {}
         self.memory = HostMemory(hc.frames, hc.swap_slots, vms=self._by_index, emit=self.emit,
-                                 stop_vm=self._stop_vm)
+                                 stop_vm=self._stop_vm, spawn=self._spawn)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.event_seq = 0
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()

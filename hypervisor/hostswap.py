@@ -4,6 +4,11 @@ Units: slot ``s`` lives at byte offset ``s * 4096`` of ``host.swap`` in the run 
 map itself lives in the frame ledger (``FrameLedger.swap_state``); this module only moves
 bytes, coalescing consecutive (gpfn, slot) pairs into one ``pread``/``pwrite`` each.
 A host with ``swap = "0"`` has no file and zero slots: every reclaim then ends in host OOM.
+
+Every system call goes through a failure-injection point of :mod:`protocol.syscalls`
+(``hostswap.write``, ``hostswap.read``, ``hostswap.truncate``, ``hostswap.punch``), and
+every error reaches the caller before it records anything: a page is committed to a slot
+only after its bytes are in the file.
 """
 
 from __future__ import annotations
@@ -13,16 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hypervisor.vmmem import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    PAGE_SIZE,
-    VmMemory,
-    fallocate,
-)
+from hypervisor.vmmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SIZE, VmMemory
+from protocol import syscalls
 
 
-def _paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
+def paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
     """Split aligned (gpfn, slot) arrays into (gpfn, slot, count) runs where both advance by 1."""
     g = np.asarray(gpfns, dtype=np.int64)
     s = np.asarray(slots, dtype=np.int64)
@@ -31,7 +31,7 @@ def _paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, i
     breaks = np.nonzero((np.diff(g) != 1) | (np.diff(s) != 1))[0] + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [g.size]))
-    return [(int(g[a]), int(s[a]), int(b - a)) for a, b in zip(starts, ends)]
+    return [(int(g[a]), int(s[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
 class HostSwap:
@@ -49,23 +49,42 @@ class HostSwap:
             if path is None:
                 raise ValueError("a host swap with slots needs a file path")
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.ftruncate(self.fd, self.slots * PAGE_SIZE)
+            try:
+                syscalls.ftruncate("hostswap.truncate", self.fd, self.slots * PAGE_SIZE)
+            except BaseException:
+                self.close()
+                raise
+
+    def write_run(self, mem: VmMemory, gpfn: int, slot: int, count: int) -> None:
+        """Copy ``count`` pages of ``mem`` from ``gpfn`` into slots from ``slot`` on.
+        Raises OSError (ENOSPC, EIO, ...) when the bytes are not all in the file."""
+        data = mem.read_pages(gpfn, count)
+        syscalls.pwrite_all("hostswap.write", self.fd, data, slot * PAGE_SIZE)
+        self.bytes_out += len(data)
 
     def swap_out(self, mem: VmMemory, gpfns: np.ndarray, slots: np.ndarray) -> None:
         """Copy pages ``gpfns`` of ``mem`` into ``slots`` (aligned arrays)."""
-        for g, s, n in _paired_runs(gpfns, slots):
-            data = mem.read_pages(g, n)
-            self._pwrite_all(data, s * PAGE_SIZE)
-            self.bytes_out += len(data)
+        for g, s, n in paired_runs(gpfns, slots):
+            self.write_run(mem, g, s, n)
+
+    def read(self, gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, bytes]]:
+        """The bytes of ``slots`` as (first gpfn, data) runs, for :meth:`install`. Reads
+        everything before anything is written, so a failed read leaves the VM untouched."""
+        out = []
+        for g, s, n in paired_runs(gpfns, slots):
+            out.append((g, syscalls.pread_exact("hostswap.read", self.fd, n * PAGE_SIZE,
+                                                s * PAGE_SIZE)))
+        return out
+
+    def install(self, mem: VmMemory, runs: list[tuple[int, bytes]]) -> None:
+        """Write runs from :meth:`read` into ``mem`` (this makes those pages resident)."""
+        for g, data in runs:
+            mem.write_pages(g, data)
+            self.bytes_in += len(data)
 
     def swap_in(self, mem: VmMemory, gpfns: np.ndarray, slots: np.ndarray) -> None:
         """Copy ``slots`` back into pages ``gpfns`` of ``mem`` (this makes them resident)."""
-        for g, s, n in _paired_runs(gpfns, slots):
-            data = os.pread(self.fd, n * PAGE_SIZE, s * PAGE_SIZE)
-            if len(data) != n * PAGE_SIZE:
-                raise OSError(f"short read from host swap slot {s} ({len(data)} bytes)")
-            mem.write_pages(g, data)
-            self.bytes_in += len(data)
+        self.install(mem, self.read(gpfns, slots))
 
     def discard(self, slots: np.ndarray) -> int:
         """Give the disk blocks of freed ``slots`` back (one punch per run of slots), so
@@ -76,21 +95,15 @@ class HostSwap:
         breaks = np.nonzero(np.diff(s) != 1)[0] + 1
         starts = np.concatenate(([0], breaks))
         ends = np.concatenate((breaks, [s.size]))
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      int(s[a]) * PAGE_SIZE, (b - a) * PAGE_SIZE)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            syscalls.fallocate("hostswap.punch", self.fd,
+                               FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                               int(s[a]) * PAGE_SIZE, (b - a) * PAGE_SIZE)
         return int(starts.size)
 
     def resident_slots(self) -> int:
         """Slots whose bytes occupy disk blocks (st_blocks of the swap file)."""
         return 0 if self.fd < 0 else os.fstat(self.fd).st_blocks * 512 // PAGE_SIZE
-
-    def _pwrite_all(self, data: bytes, off: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, off)
-            view = view[n:]
-            off += n
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -21,6 +21,7 @@ changing anything: a rejected batch leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,31 +311,71 @@ class FrameLedger:
 
     # ---- reclaim -----------------------------------------------------------------------
 
-    def pick_victims(self, want: int) -> np.ndarray:
-        """Clock-scan for up to ``want`` victim frames; they come back LOCKED."""
-        victims, self.clock_hand = kernels.clock_scan(
-            self.state, self.owner_vm, self.owner_gpfn, self._accessed_list,
-            self.clock_hand, int(want),
-        )
+    def pick_victims(self, want: int, exclude: Iterable[int] = ()) -> np.ndarray:
+        """Clock-scan for up to ``want`` victim frames; they come back LOCKED.
+
+        Frames of the VMs in ``exclude`` (ledger indices) are never picked (nor is their
+        accessed bit cleared)."""
+        ex = np.fromiter(exclude, dtype=np.int32)
+        hide = np.empty(0, dtype=np.int64)
+        if ex.size:
+            hide = np.nonzero((self.state == kernels.USED) & np.isin(self.owner_vm, ex))[0]
+            self.state[hide] = kernels.LOCKED
+        try:
+            victims, self.clock_hand = kernels.clock_scan(
+                self.state, self.owner_vm, self.owner_gpfn, self._accessed_list,
+                self.clock_hand, int(want),
+            )
+        finally:
+            self.state[hide] = kernels.USED
         return victims
 
-    def swap_out(self, frames: np.ndarray) -> list[SwapOut]:
+    def reserve_slots(self, count: int, limit: int | None = None) -> np.ndarray:
+        """Take ``count`` free swap slots for a copy that has not happened yet.
+
+        Reserved slots are LOCKED and owned by no VM until :meth:`swap_out` commits them or
+        :meth:`cancel_slots` gives them back. ``limit`` caps the slots in use (reserved
+        ones included) below the file's size. Raises OutOfSwap (nothing changed)."""
+        free = self.slots_free if limit is None else min(self.slots_free,
+                                                         max(0, limit - self.slots_used))
+        if count > free:
+            raise OutOfSwap(int(count), free)
+        slots, self._slot_hint = kernels.map_alloc(
+            self.swap_state, int(count), self._slot_hint, int(kernels.LOCKED)
+        )
+        self.slots_used += int(slots.size)
+        return slots
+
+    def cancel_slots(self, slots: np.ndarray) -> None:
+        """Give back reserved slots (their copy failed or was not needed)."""
+        s = np.asarray(slots, dtype=np.int64)
+        if s.size == 0:
+            return
+        if np.any(self.swap_state[s] != kernels.LOCKED):
+            raise LedgerError("only reserved (LOCKED) slots can be cancelled")
+        kernels.map_free(self.swap_state, s)
+        self.slots_used -= int(s.size)
+
+    def swap_out(self, frames: np.ndarray, slots: np.ndarray | None = None) -> list[SwapOut]:
         """Move LOCKED victim ``frames`` to host swap slots and free the frames.
 
-        Returns one ``SwapOut`` per VM, gpfns ascending: the caller (after the shootdown was
-        acknowledged) copies each page's bytes to its slot and punches the pages.
-        Raises OutOfSwap (nothing changed) when there are not enough free slots.
+        With ``slots`` (aligned with ``frames``, reserved by :meth:`reserve_slots`) this
+        commits a copy already made: call it only after the bytes are in those slots.
+        Without, it allocates the slots itself. Returns one ``SwapOut`` per VM, gpfns
+        ascending. Raises OutOfSwap (nothing changed) when there are not enough free slots.
         """
         f = np.asarray(frames, dtype=np.int64)
         if f.size == 0:
             return []
         if np.any(self.state[f] != kernels.LOCKED):
             raise LedgerError("only LOCKED victim frames can be swapped out")
-        if f.size > self.slots_free:
-            raise OutOfSwap(int(f.size), self.slots_free)
-        slots, self._slot_hint = kernels.map_alloc(
-            self.swap_state, int(f.size), self._slot_hint, int(kernels.USED)
-        )
+        if slots is None:
+            slots = self.reserve_slots(int(f.size))
+        else:
+            slots = np.asarray(slots, dtype=np.int64)
+            if slots.shape != f.shape or np.any(self.swap_state[slots] != kernels.LOCKED):
+                raise LedgerError("swap_out needs one reserved slot per frame")
+        self.swap_state[slots] = kernels.USED
         vms = self.owner_vm[f]
         gp = self.owner_gpfn[f]
         self.swap_owner_vm[slots] = vms
@@ -353,7 +394,6 @@ class FrameLedger:
         self.owner_vm[f] = -1
         self.owner_gpfn[f] = -1
         self.frames_used -= int(f.size)
-        self.slots_used += int(f.size)
         return out
 
     # ---- queries -----------------------------------------------------------------------
@@ -388,4 +428,6 @@ class FrameLedger:
             assert np.all(vm.p2m[self.swap_owner_gpfn[sw]] == slot_to_p2m(sw))
             assert int((vm.p2m <= -2).sum()) == vm.swapped
         assert sum(vm.backed for vm in self.vms.values()) == self.frames_used
+        reserved = int((self.swap_state == kernels.LOCKED).sum())
+        assert reserved == 0, f"{reserved} swap slots reserved for a copy never committed"
         assert sum(vm.swapped for vm in self.vms.values()) == self.slots_used

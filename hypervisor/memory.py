@@ -5,34 +5,46 @@ Units: pages/frames/slots of 4096 bytes.
 :class:`HostMemory` owns the :class:`~hypervisor.ledger.FrameLedger`, the
 :class:`~hypervisor.hostswap.HostSwap` file, the memory lock and the state of the reclaims in
 flight. The :class:`~hypervisor.host.Host` hands it its VMs (by ledger index), its event
-sink and a callback that stops a VM's processes and channels; everything else here is
-memory bookkeeping and the system calls that move pages.
+sink, its task spawner and a callback that stops a VM's processes and channels; everything
+else here is memory bookkeeping and the system calls that move pages.
 
 Every change to the ledger, the EPTs and the memfds happens under one asyncio lock
-(``lock``), so each operation is atomic with respect to the others and
-``frames_in_use == Σ resident pages`` holds whenever the lock is free. The one wait that
-is not the host's own, a reclaim's shootdown (a guest has up to ``SHOOTDOWN_TIMEOUT`` to
-answer), happens with the lock released: the victims stay LOCKED in the ledger, resident
-and not present in their EPT, so other VMs go on faulting and ballooning; an operation
-that needs an in-flight victim page (a fault on it, a balloon batch naming it) waits on
-``changed`` until that reclaim has finished, then starts over.
+(``lock``), and nothing awaits while holding it but a wait on ``changed`` (which lets it
+go), so each operation is atomic with respect to the others and
+``frames_in_use == Σ resident pages`` holds whenever the lock is free.
+
+The one wait that is not the host's own, a reclaim's shootdown (a guest has up to
+``SHOOTDOWN_TIMEOUT`` to answer), runs in a task per VM: the victims stay LOCKED in the
+ledger, resident and not present in their EPT, and are settled when *their* VM acks; a
+later reclaim picks no victims of a VM whose shootdown is outstanding. An operation that
+needs an in-flight victim page (a fault on it, a balloon batch naming it) waits on
+``changed`` until that VM's settlement, then starts over.
+
+Write-then-commit: a victim's P2M points at a swap slot only after its bytes are in the
+swap file and its RAM page is punched. A failed system call leaves what it did not finish
+as it was (resident, present, the VM's), gives reserved slots back and is reported as an
+event naming the call and the errno (``host_swap_error``, ``host_memory_error``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hypervisor.hostswap import HostSwap
+from hypervisor.hostswap import HostSwap, paired_runs
 from hypervisor.kernels import LOCKED
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
 from hypervisor.vm import Vm, VmState
-from hypervisor.vmmem import EPT_NOT_PRESENT
+from hypervisor.vmmem import EPT_NOT_PRESENT, PunchFailed
 from protocol import pfn as P
 
 log = logging.getLogger(__name__)
@@ -40,9 +52,32 @@ log = logging.getLogger(__name__)
 #: Reclaim at least this many frames per pass (like SWAP_CLUSTER_MAX): one shootdown round
 #: trip then covers many faults instead of one.
 RECLAIM_BATCH = 256
+#: Seconds a reclaim waits for its shootdown acks before it takes what is missing from
+#: other VMs (a guest answers in well under a millisecond unless it is hung or stopped).
+SLOW_ACK = 0.1
+#: ... however slow acks are all round.
+MAX_PATIENCE = 2.0
+#: Swap writes failing in a row (other than a full disk) before the host stops adding slots.
+MAX_SWAP_WRITE_ERRORS = 3
+#: Attempts at punching a stopped VM's RAM before the failure is reported.
+FREE_PUNCH_TRIES = 3
+#: Errors that mean the swap file's disk has no room left.
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 #: ``emit(kind, vm_name, **fields)``: the host's event sink.
 Emit = Callable[..., Any]
+#: ``spawn(coroutine, name)``: start a task the host cancels at teardown.
+Spawn = Callable[[Coroutine[Any, Any, Any], str], Any]
+
+
+def _own_task(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+    task = asyncio.create_task(coro, name=name)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+    return task
+
+
+_TASKS: set[asyncio.Task[Any]] = set()
 
 
 def _batch_runs(runs: np.ndarray) -> np.ndarray:
@@ -54,11 +89,25 @@ def _batch_runs(runs: np.ndarray) -> np.ndarray:
     return P.coalesce_runs(a)
 
 
+@dataclass(eq=False)
+class _Group:
+    """One VM's victims of one reclaim pass and the shootdown that guards them."""
+
+    vm: Vm
+    idx: int
+    frames: np.ndarray
+    token: int
+    task: asyncio.Task[None]
+    faulting: Vm | None
+    sent: float  # time.monotonic() of the shootdown
+    settled: bool = False
+
+
 class HostMemory:
     """Frames, swap slots and the operations on them (see the module docstring)."""
 
     def __init__(self, frames: int, swap_slots: int, *, vms: dict[int, Vm], emit: Emit,
-                 stop_vm: Callable[[Vm], None]) -> None:
+                 stop_vm: Callable[[Vm], None], spawn: Spawn | None = None) -> None:
         self.ledger = FrameLedger(frames, swap_slots)
         self.swap: HostSwap | None = None
         #: The host's VMs by ledger index (the host keeps this dict current).
@@ -72,6 +121,14 @@ class HostMemory:
         #: reclaim (its VM stopped) and picked again by another carries the other's token.
         self.inflight = np.zeros(self.ledger.frames_total, dtype=np.int64)
         self._reclaim_seq = 0
+        self._spawn = spawn or _own_task
+        #: Shootdowns outstanding per VM (ledger index): such a VM gives no more victims.
+        self._shooting: collections.Counter[int] = collections.Counter()
+        #: At most this many slots in use, once a swap write found the disk full.
+        self.swap_limit: int | None = None
+        self._write_errors = 0
+        #: Moving average of shootdown ack latency, seconds.
+        self.ack_latency = 0.0
         self.oom_kills = 0
 
     # ---------------------------------------------------------------- lifetime
@@ -85,6 +142,42 @@ class HostMemory:
         if self.swap is not None:
             self.swap.close()
 
+    # ---------------------------------------------------------------- errors
+
+    def _report(self, kind: str, vm: Vm | None, op: str, point: str, err: OSError,
+                pages: int) -> None:
+        """One event naming a failed system call and what it cost."""
+        name = errno.errorcode.get(err.errno or 0, str(err.errno))
+        log.error("%s: %s failed (%s): %s", vm.name if vm else "host", point, name, err)
+        self._emit(kind, vm.name if vm else None, op=op, point=point, error=name,
+                   message=str(err), pages=pages)
+
+    def _discard(self, vm: Vm | None, slots: np.ndarray) -> None:
+        """Give freed slots' disk blocks back; a failure costs disk space, never data."""
+        if self.swap is None or not len(slots):
+            return
+        try:
+            self.swap.discard(slots)
+        except OSError as e:
+            self._report("host_swap_error", vm, "discard", "hostswap.punch", e, len(slots))
+
+    def _swap_write_failed(self, vm: Vm, err: OSError, pages: int) -> None:
+        self._report("host_swap_error", vm, "swap_out", "hostswap.write", err, pages)
+        self._write_errors += 1
+        if err.errno in _DISK_FULL or self._write_errors >= MAX_SWAP_WRITE_ERRORS:
+            # The file's disk is full (or keeps failing): no more slots than are in use
+            # now; what is freed later can be used again. Reclaim falls back to host OOM.
+            self.swap_limit = self.ledger.slots_used
+            self._emit("host_swap_limited", vm.name, slots=self.swap_limit,
+                       error=errno.errorcode.get(err.errno or 0, str(err.errno)))
+
+    def slots_usable(self) -> int:
+        """Free slots the reclaim may fill (fewer than free after a write failed)."""
+        free = self.ledger.slots_free
+        if self.swap_limit is not None:
+            free = min(free, max(0, self.swap_limit - self.ledger.slots_used))
+        return free
+
     # ---------------------------------------------------------------- faults
 
     def _in_flight(self, vm: Vm, gpfns: np.ndarray) -> bool:
@@ -95,7 +188,13 @@ class HostMemory:
         return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
 
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
-        """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""
+        """Back the pages of an EPT fault. False when the VM died on the way (no resume).
+
+        A page host-swapped out comes back with the bytes of its slot, read before anything
+        changes; when that read (or making the pages resident) fails, the VM cannot be
+        given its bytes, so it is crashed (``vm_crashed``, then ``on_crash``) after a
+        ``host_swap_error``/``host_memory_error`` event naming the call. No other VM notices.
+        """
         g = np.unique(pfns)
         led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
         async with self.lock:
@@ -109,7 +208,7 @@ class HostMemory:
                 need = g[vm.led.p2m[g] < 0]
                 if need.size > self.ledger.frames_free:
                     await self._reclaim(int(need.size), faulting=vm)
-                    continue  # the lock was let go during the shootdown: look again
+                    continue  # the lock was let go while shootdowns ran: look again
                 break
             vm.faults += 1
             if need.size == 0:
@@ -123,16 +222,36 @@ class HostMemory:
                 vm.balloon_violations += int(viol.size)
                 self._emit("balloon_violation", vm.name, pages=int(viol.size),
                            first=int(viol[0]))
-            frames, slots = self.ledger.back(vm.led.index, need)
-            swapped = slots >= 0
+            cur = led.p2m[need]
+            swapped = cur <= -2
+            runs: list[tuple[int, bytes]] = []
             if np.any(swapped):
                 assert self.swap is not None
-                self.swap.swap_in(vm.mem, need[swapped], slots[swapped])
-                self.swap.discard(slots[swapped])  # the ledger freed them in back()
-                vm.host_swap_in += int(swapped.sum())
-            if not np.all(swapped):
-                vm.mem.populate(need[~swapped])
+                try:  # every byte read before the ledger changes
+                    runs = self.swap.read(need[swapped], p2m_to_slot(cur[swapped]))
+                except OSError as e:
+                    self._report("host_swap_error", vm, "swap_in", "hostswap.read", e,
+                                 int(swapped.sum()))
+                    self.crash_vm(vm, f"host swap read failed: {e}")
+                    return False
+            frames, slots = self.ledger.back(led.index, need)
+            try:
+                if runs:
+                    point = "memfd.write"
+                    assert self.swap is not None
+                    self.swap.install(vm.mem, runs)
+                if not np.all(swapped):
+                    point = "memfd.populate"
+                    vm.mem.populate(need[~swapped])
+            except OSError as e:
+                # The pages cannot be made resident: the VM's memory is incomplete.
+                self._report("host_memory_error", vm, "fault", point, e, int(need.size))
+                self._discard(vm, slots[swapped])
+                self.crash_vm(vm, f"backing a fault failed: {e}")
+                return False
             self.ledger.unlock(frames)
+            self._discard(vm, slots[swapped])  # the ledger freed them in back()
+            vm.host_swap_in += int(swapped.sum())
             vm.mem.set_present(g)  # every page of the fault is backed now
             vm.fault_pages += int(need.size)
             return True
@@ -156,87 +275,183 @@ class HostMemory:
                 raise asyncio.CancelledError
 
     async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
-        """Make ``wanted`` frames free: clock scan, shootdown, swap out, punch (lock held).
+        """Make ``wanted`` frames free (lock held; let go while shootdowns run).
 
-        Order: EPT NOT_PRESENT, ``shootdown``, wait for ``shootdown_ack``, and only then
-        copy to host swap and punch. When host swap cannot take the victims, the VM holding
-        most frames is killed (host OOM) and the loop tries again.
+        A pass clock-scans for victims among the VMs with no shootdown outstanding, clears
+        their EPT entries and sends one shootdown per VM. Each VM's victims are settled
+        (copied to host swap, punched, freed) as *that* VM's ack arrives, and the frames
+        they free are this reclaim's (it holds the lock from the settlement to its check).
+        A VM that has not answered within :meth:`patience` holds only its own victims: the
+        next pass excludes it and takes what is missing from the others (the faulting VM
+        included); its victims are settled in the background when its ack arrives (or the
+        VM is crashed at ``SHOOTDOWN_TIMEOUT``). When host swap cannot take what is
+        missing, the VM holding most frames is killed (host OOM) and the loop tries again.
         """
-        while self.ledger.frames_free < wanted:
-            deficit = wanted - self.ledger.frames_free
-            # Batch like SWAP_CLUSTER_MAX, but never more than 1/16 of the host beyond what
-            # is needed: evicting everything for one fault would only make VMs thrash.
-            batch = max(deficit, min(RECLAIM_BATCH, self.ledger.frames_total // 16))
-            want = min(batch, self.ledger.frames_used)
-            want = min(want, self.ledger.slots_free)
-            if want < deficit:
-                if not self.host_oom():
-                    raise LedgerError("host out of memory and no VM left to kill")
-                continue
-            victims = self.ledger.pick_victims(want)
-            if victims.size == 0:
-                if np.any(self.inflight):
-                    # Every frame left is another reclaim's victim in flight: its end
-                    # frees frames (or settles what to do).
-                    await self.changed.wait()
+        pending: list[_Group] = []
+        patient = True  # wait SLOW_ACK for our own shootdowns before looking elsewhere
+        try:
+            while self.ledger.frames_free < wanted:
+                if faulting is not None and faulting.state.stopped:
+                    return  # killed meanwhile (host OOM): its fault is over
+                if pending and patient:
+                    if not await self._settle_some(pending, self.patience()):
+                        patient = False  # slow guests: take what is missing elsewhere
                     continue
-                # Every frame is pinned by an operation in flight; only OOM can help.
-                if not self.host_oom():
+                deficit = wanted - self.ledger.frames_free
+                # A first pass batches like SWAP_CLUSTER_MAX, but never more than 1/16 of
+                # the host beyond what is needed: evicting everything for one fault would
+                # only make VMs thrash. A pass past slow guests takes only what is missing.
+                want = deficit if pending else \
+                    max(deficit, min(RECLAIM_BATCH, self.ledger.frames_total // 16))
+                want = min(want, self.ledger.frames_used, self.slots_usable())
+                if want < deficit:
+                    if not self.host_oom():
+                        raise LedgerError("host out of memory and no VM left to kill")
+                    continue
+                busy = [idx for idx, n in self._shooting.items() if n]
+                victims = self.ledger.pick_victims(want, exclude=busy)
+                if victims.size:
+                    pending.extend(self._shoot(victims, faulting))
+                    patient = True
+                elif pending:
+                    await self._settle_some(pending, None)  # only slow guests hold frames
+                elif busy:
+                    await self.changed.wait()  # frames wait on other reclaims' shootdowns
+                elif not self.host_oom():
+                    # Every frame is pinned by an operation in flight; only OOM can help.
                     raise LedgerError("host out of memory: every frame is in flight")
-                continue
-            owners = self.ledger.owner_vm[victims]
-            groups = {int(v): victims[owners == v] for v in np.unique(owners)}
-            for idx, fr in groups.items():
-                self._by_index[idx].mem.set_not_present(self.ledger.owner_gpfn[fr])
-            self._reclaim_seq += 1
-            token = self._reclaim_seq
-            self.inflight[victims] = token
-            settled = False
+        finally:
+            for g in pending:  # done without them: they settle when their ack arrives
+                self._spawn(self._settle_later(g), f"{g.vm.name}-settle")
+
+    def patience(self) -> float:
+        """Seconds to wait for a shootdown ack before looking elsewhere: ``SLOW_ACK``, or
+        more when acks are slow all round (a loaded machine, not a hung guest)."""
+        return min(max(SLOW_ACK, 20 * self.ack_latency), MAX_PATIENCE)
+
+    async def _settle_some(self, pending: list[_Group], timeout: float | None) -> bool:
+        """Wait (lock released) up to ``timeout`` for some of ``pending`` to be answered
+        and settle those. False when none was."""
+        await self._unlocked(asyncio.wait([g.task for g in pending], timeout=timeout,
+                                          return_when=asyncio.FIRST_COMPLETED))
+        done = [g for g in pending if g.task.done()]
+        for g in done:
+            pending.remove(g)
+            self._settle(g)
+        return bool(done)
+
+    def _shoot(self, victims: np.ndarray, faulting: Vm | None) -> list[_Group]:
+        """Clear the victims' EPT entries and send one shootdown per VM (lock held)."""
+        owners = self.ledger.owner_vm[victims]
+        self._reclaim_seq += 1
+        token = self._reclaim_seq
+        self.inflight[victims] = token
+        groups = []
+        for v in np.unique(owners).tolist():
+            fr = victims[owners == v]
+            vm = self._by_index[v]
+            vm.mem.set_not_present(self.ledger.owner_gpfn[fr])
+            self._shooting[v] += 1
+            task = self._spawn(vm.machine.shootdown(int(fr.size)), f"{vm.name}-shootdown")
+            groups.append(_Group(vm, v, fr, token, task, faulting, time.monotonic()))
+        return groups
+
+    async def _settle_later(self, g: _Group) -> None:
+        """Settle a group whose reclaim is over once its shootdown has ended."""
+        try:
+            await asyncio.wait([g.task])
+            async with self.lock:
+                self._settle(g)
+        except asyncio.CancelledError:
+            # Host teardown: the victims go back as they were. Nothing holds the lock
+            # across an await but a condition wait, so this runs atomically.
+            g.task.cancel()
+            self._settle(g, revert=True)
+            raise
+
+    def _settle(self, g: _Group, revert: bool = False) -> None:
+        """After ``g``'s shootdown ended (lock held): swap its victims out on an ack; crash
+        its VM when there was none (the guest cannot be trusted to stay off the pages;
+        never swap out unacknowledged); put them back when it was cancelled."""
+        if g.settled:
+            return
+        g.settled = True
+        self._shooting[g.idx] -= 1
+        if self._shooting[g.idx] <= 0:
+            del self._shooting[g.idx]
+        vm = g.vm
+        if revert or g.task.cancelled():
+            mine = self._take(g.frames, g.token)
+            self.ledger.unlock(mine)
+            self._restore_present(mine)
+        else:
+            err = g.task.exception()
+            if err is None:
+                lat = time.monotonic() - g.sent
+                self.ack_latency = 0.8 * self.ack_latency + 0.2 * lat
+            if err is not None and vm.led.index == g.idx and g.idx in self.ledger.vms:
+                log.error("%s", err)
+                self.crash_vm(vm, f"shootdown failed: {err}")
+            live = self._take(g.frames, g.token)
+            if live.size:
+                self._swap_out(vm, live, g.faulting)
+        self.changed.notify_all()
+
+    def _take(self, frames: np.ndarray, token: int) -> np.ndarray:
+        """The victims still ours: LOCKED with our token (a VM stopped meanwhile freed its
+        victims; a frame freed and picked again carries another token)."""
+        ours = self.inflight[frames] == token
+        live = frames[(self.ledger.state[frames] == LOCKED) & ours]
+        self.inflight[frames[ours]] = 0
+        return live
+
+    def _swap_out(self, vm: Vm, frames: np.ndarray, faulting: Vm | None) -> None:
+        """Write-then-commit: per run, copy to the slots, punch the RAM, and only then
+        point the P2M at the slots. Whatever is not done when a call fails stays resident,
+        present and the VM's; its reserved slots go back (lock held)."""
+        gp = self.ledger.owner_gpfn[frames]
+        order = np.argsort(gp, kind="stable")
+        gp, frames = gp[order], frames[order]
+        try:
+            slots = self.ledger.reserve_slots(int(frames.size), self.swap_limit)
+        except OutOfSwap:
+            self.ledger.unlock(frames)
+            vm.mem.set_present(gp)
+            return
+        assert self.swap is not None  # slots exist only with a swap file
+        done = 0
+        failed: tuple[str, OSError] | None = None
+        for g, s, n in paired_runs(gp, slots):
             try:
-                # The wait is the guests', not the host's: other VMs' faults and balloon
-                # batches run meanwhile (the victims stay LOCKED, resident, not present).
-                results = await self._unlocked(asyncio.gather(
-                    *(self._by_index[idx].machine.shootdown(int(fr.size))
-                      for idx, fr in groups.items()), return_exceptions=True))
-                for (idx, fr), res in zip(groups.items(), results):
-                    vm = self._by_index.get(idx)
-                    if isinstance(res, BaseException) and vm is not None and \
-                            vm.led.index == idx and idx in self.ledger.vms:
-                        # No ack (hung guest, or anything else went wrong): the guest
-                        # cannot be trusted to stay off the pages, so it is stopped like a
-                        # crashed VM (its frames, victims included, are freed). Never swap
-                        # out unacknowledged.
-                        log.error("%s", res)
-                        self.crash_vm(vm, f"shootdown failed: {res}")
-                # Still ours: LOCKED with our token (a VM stopped meanwhile freed its
-                # victims; a frame freed and picked again carries another token).
-                live = victims[(self.ledger.state[victims] == LOCKED)
-                               & (self.inflight[victims] == token)]
-                self.inflight[victims[self.inflight[victims] == token]] = 0
-                settled = True
-                try:
-                    outs = self.ledger.swap_out(live)
-                except OutOfSwap:
-                    self.ledger.unlock(live)
-                    self._restore_present(live)
-                    continue
-            finally:
-                if not settled:  # interrupted in the wait: the victims go back as they were
-                    mine = victims[(self.ledger.state[victims] == LOCKED)
-                                   & (self.inflight[victims] == token)]
-                    self.inflight[victims[self.inflight[victims] == token]] = 0
-                    self.ledger.unlock(mine)
-                    self._restore_present(mine)
-                self.changed.notify_all()
-            assert self.swap is not None or not outs
-            for so in outs:
-                vm = self._by_index[so.vm]
-                assert self.swap is not None
-                self.swap.swap_out(vm.mem, so.gpfns, so.slots)
-                vm.mem.punch(so.gpfns)
-                vm.host_swap_out += int(so.gpfns.size)
-                self._emit("host_swap_out", vm.name, pages=int(so.gpfns.size),
-                           faulting=None if faulting is None else faulting.name)
+                self.swap.write_run(vm.mem, g, s, n)
+            except OSError as e:
+                failed = ("write", e)
+                break
+            try:
+                vm.mem.punch(np.arange(g, g + n, dtype=np.int64))
+            except OSError as e:
+                failed = ("punch", e)
+                break
+            done += n
+        if done:
+            self.ledger.swap_out(frames[:done], slots[:done])
+            vm.host_swap_out += done
+            self._write_errors = 0
+            self._emit("host_swap_out", vm.name, pages=done,
+                       faulting=None if faulting is None else faulting.name)
+        if failed is None:
+            return
+        rest = slice(done, None)
+        self.ledger.cancel_slots(slots[rest])
+        self.ledger.unlock(frames[rest])
+        vm.mem.set_present(gp[rest])
+        self._discard(vm, slots[rest])  # a partial write may have taken blocks
+        op, e = failed
+        if op == "write":
+            self._swap_write_failed(vm, e, int(frames.size) - done)
+        else:
+            self._report("host_memory_error", vm, "swap_out", "memfd.punch", e,
+                         int(frames.size) - done)
 
     def _restore_present(self, frames: np.ndarray) -> None:
         for v in np.unique(self.ledger.owner_vm[frames]):
@@ -267,11 +482,18 @@ class HostMemory:
         if vm.led.index in self.ledger.vms:
             held = vm.led.p2m[vm.led.p2m <= -2]
             freed = self.ledger.remove_vm(vm.led.index)
-            if self.swap is not None and held.size:
-                self.swap.discard(p2m_to_slot(held))
+            self._discard(vm, p2m_to_slot(held))
         vm.mem.ept[:] = EPT_NOT_PRESENT
-        vm.mem.punch(np.arange(vm.pages, dtype=np.int64))  # one run: the whole RAM
+        everything = np.arange(vm.pages, dtype=np.int64)  # one run: the whole RAM
+        for attempt in range(FREE_PUNCH_TRIES):
+            try:
+                vm.mem.punch(everything)
+                break
+            except OSError as e:
+                if attempt == FREE_PUNCH_TRIES - 1:
+                    self._report("host_memory_error", vm, "free", "memfd.punch", e, vm.pages)
         vm.led.balloon[:] = 0
+        self.changed.notify_all()
         return freed
 
     def crash_vm(self, vm: Vm, reason: str) -> None:
@@ -290,7 +512,11 @@ class HostMemory:
         batch's pages; the only allocation is the freed swap slots' list, never anything
         the size of the VM. A batch naming a page a reclaim holds in flight waits for that
         reclaim; a batch the ledger refuses changes nothing. Returns (frames freed, punch
-        calls)."""
+        calls).
+
+        When a punch fails part-way, the runs already punched are freed (they were the
+        guest's free pages: nothing is lost), the others stay backed and present, a
+        ``host_memory_error`` names the call and the batch is refused."""
         r = _batch_runs(runs)
         async with self.lock:
             while True:
@@ -300,10 +526,22 @@ class HostMemory:
                     break
                 await self.changed.wait()  # a reclaim holds some: let it finish
             P.set_runs(vm.mem.ept, r, EPT_NOT_PRESENT)  # first: no access can follow
+            try:
+                calls = vm.mem.punch_runs(r)
+            except PunchFailed as e:
+                done = int(np.searchsorted(np.cumsum(r[:, 1]), e.punched.size, side="right"))
+                _, slots = self.ledger.release_runs(vm.led.index, r[:done])
+                self._discard(vm, slots)
+                rest = P.runs_to_pfns(r[done:]).astype(np.int64)  # the error path only
+                kept = rest[vm.led.p2m[rest] >= 0]
+                vm.mem.set_present(kept)
+                self._report("host_memory_error", vm, "release", "memfd.punch", e,
+                             int(kept.size))
+                self.changed.notify_all()
+                raise LedgerError(f"VM {vm.name!r}: releasing pages failed: {e}") from e
             freed, slots = self.ledger.release_runs(vm.led.index, r)
-            if self.swap is not None and slots.size:
-                self.swap.discard(slots)
-            calls = vm.mem.punch_runs(r)
+            self._discard(vm, slots)
+            self.changed.notify_all()
             return freed, calls
 
     # ---------------------------------------------------------------- checks

@@ -14,35 +14,34 @@ into the guest kernel after ``boot_ok`` hands it the same memfds.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 import os
 
 import numpy as np
 
 from protocol import pfn as P
-
-PAGE_SIZE = 4096
-EPT_NOT_PRESENT = 0
-EPT_PRESENT = 1
+from protocol import syscalls
+from protocol.constants import EPT_NOT_PRESENT, EPT_PRESENT, PAGE_SIZE
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_fallocate.restype = ctypes.c_int
+def fallocate(fd: int, mode: int, offset: int, length: int, point: str | None = None) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate cannot punch holes), through the
+    failure-injection point ``point`` of :mod:`protocol.syscalls` (by default
+    ``memfd.punch`` for a punch, ``memfd.populate`` otherwise)."""
+    if point is None:
+        point = "memfd.punch" if mode & FALLOC_FL_PUNCH_HOLE else "memfd.populate"
+    syscalls.fallocate(point, fd, mode, offset, length)
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate cannot punch holes)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(mode={mode:#x}, off={offset}, len={length}): "
-                      f"{os.strerror(err)}")
+class PunchFailed(OSError):
+    """A punch failed part-way; ``punched`` holds the gpfns whose runs were released."""
+
+    def __init__(self, err: OSError, punched: np.ndarray) -> None:
+        super().__init__(err.errno, err.strerror or str(err))
+        self.punched = punched
 
 
 def runs_of(sorted_gpfns: np.ndarray) -> np.ndarray:
@@ -59,13 +58,14 @@ class VmMemory:
             raise ValueError(f"VM {name!r} needs at least one page")
         self.name = name
         self.pages = int(pages)
-        self.ram_fd = os.memfd_create(f"balloonlab-{name}-ram", os.MFD_CLOEXEC)
-        self.ept_fd = os.memfd_create(f"balloonlab-{name}-ept", os.MFD_CLOEXEC)
-        self.acc_fd = os.memfd_create(f"balloonlab-{name}-accessed", os.MFD_CLOEXEC)
+        self.ram_fd = self.ept_fd = self.acc_fd = -1
         try:
-            os.ftruncate(self.ram_fd, self.pages * PAGE_SIZE)
-            os.ftruncate(self.ept_fd, self.pages)
-            os.ftruncate(self.acc_fd, self.pages)
+            self.ram_fd = _memfd(f"balloonlab-{name}-ram")
+            self.ept_fd = _memfd(f"balloonlab-{name}-ept")
+            self.acc_fd = _memfd(f"balloonlab-{name}-accessed")
+            syscalls.ftruncate("memfd.create", self.ram_fd, self.pages * PAGE_SIZE)
+            syscalls.ftruncate("memfd.create", self.ept_fd, self.pages)
+            syscalls.ftruncate("memfd.create", self.acc_fd, self.pages)
             self._ept_map = mmap.mmap(self.ept_fd, self.pages)
             self._acc_map = mmap.mmap(self.acc_fd, self.pages)
         except BaseException:
@@ -83,7 +83,10 @@ class VmMemory:
         return os.fstat(self.ram_fd).st_blocks * 512 // PAGE_SIZE
 
     def punch(self, sorted_gpfns: np.ndarray) -> int:
-        """Release pages to the OS, one PUNCH_HOLE per contiguous run. Returns the call count."""
+        """Release pages to the OS, one PUNCH_HOLE per contiguous run. Returns the call count.
+
+        A failed call raises :class:`PunchFailed` carrying the gpfns of the runs released
+        before it (the rest stay resident)."""
         return self.punch_runs(runs_of(sorted_gpfns))
 
     def punch_runs(self, runs: np.ndarray) -> int:
@@ -91,8 +94,13 @@ class VmMemory:
         per run as given: coalesce adjacent runs first."""
         runs = np.asarray(runs).reshape(-1, 2)
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        for first, count in runs.tolist():
-            fallocate(self.ram_fd, mode, first * PAGE_SIZE, count * PAGE_SIZE)
+        for i, (first, count) in enumerate(runs.tolist()):
+            try:
+                fallocate(self.ram_fd, mode, first * PAGE_SIZE, count * PAGE_SIZE)
+            except OSError as e:
+                self.punch_calls += i
+                done = P.runs_to_pfns(runs[:i]) if i else np.empty(0, dtype=np.int64)
+                raise PunchFailed(e, np.asarray(done, dtype=np.int64)) from e
         self.punch_calls += len(runs)
         return len(runs)
 
@@ -110,12 +118,7 @@ class VmMemory:
         return os.pread(self.ram_fd, count * PAGE_SIZE, first * PAGE_SIZE)
 
     def write_pages(self, first: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        off = first * PAGE_SIZE
-        while view:
-            n = os.pwrite(self.ram_fd, view, off)
-            view = view[n:]
-            off += n
+        syscalls.pwrite_all("memfd.write", self.ram_fd, data, first * PAGE_SIZE)
 
     # ---- EPT ---------------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class VmMemory:
 
     def _close_fds(self) -> None:
         for fd in (self.ram_fd, self.ept_fd, self.acc_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -152,3 +157,8 @@ class VmMemory:
                 # the mapping goes away when the last view does.
                 pass
         self._close_fds()
+
+
+def _memfd(name: str) -> int:
+    syscalls.hit("memfd.create")
+    return os.memfd_create(name, os.MFD_CLOEXEC)

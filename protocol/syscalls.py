@@ -54,6 +54,8 @@ POINTS: dict[str, str] = {
     "hostswap.punch": "fallocate(PUNCH_HOLE) giving freed host swap slots back",
     "memfd.punch": "fallocate(PUNCH_HOLE) releasing guest RAM pages to the host",
     "memfd.create": "memfd_create/ftruncate of a VM's RAM, EPT and accessed-bit maps",
+    "memfd.populate": "fallocate(mode=0) backing faulted-in guest RAM pages with zeros",
+    "memfd.write": "pwrite of swapped-in bytes back into guest RAM",
     "guestswap.write": "pwrite of pages into a guest's swap file",
     "guestswap.read": "pread of pages from a guest's swap file",
     "guestswap.truncate": "ftruncate that sizes a guest's swap file at boot",

@@ -323,9 +323,9 @@ def topo(frames: int, swap_pages: int, vms: dict[str, int], extra: str = "") -> 
 class Lab:
     """A running Host with peers; use via the ``lab`` fixture."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, run_dir: Path | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
-        self.run_dir = self.base / "run"
+        self.run_dir = run_dir or self.base / "run"
         self.host = Host(parse_topology(text), launch_vm_processes=False, run_dir=self.run_dir)
         self.guests: dict[str, GuestPeer] = {}
         self.drivers: dict[str, DriverPeer] = {}
