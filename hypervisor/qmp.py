@@ -370,6 +370,10 @@ class QmpSession:
         except QmpError as e:
             req = req if req is not None else getattr(e, "request", None)
             answer = {"error": {"class": e.cls, "desc": e.desc}}
+        except Exception as e:  # a host bug is answered; it never ends the connection
+            log.exception("QMP command failed")
+            answer = {"error": {"class": "GenericError",
+                                "desc": f"internal error: {type(e).__name__}: {e}"}}
         if isinstance(req, dict) and "id" in req:
             answer["id"] = req["id"]
         return answer
@@ -387,8 +391,8 @@ class QmpSession:
             raise QmpError("CommandNotFound", f"The command {name} has not been found")
         args = check_arguments(cmd, raw_args)
         if name == "qmp_capabilities":
-            for cap in args.get("enable", []):
-                raise generic(f"Capability '{cap}' not available")
+            if args.get("enable"):  # no capability is offered
+                raise generic(f"Capability '{args['enable'][0]}' not available")
             self.negotiated = True
             return {}
         handler: Callable[..., Any] = getattr(self.monitor, "cmd_" + name.replace("-", "_"))

@@ -386,3 +386,17 @@ def test_splitter_is_chunking_invariant_and_answers_anything(parts, step):
     except ValueError:
         return
     assert whole == parts  # a stream of JSON texts is split exactly as it was sent
+
+
+def test_every_declared_command_has_a_handler_taking_exactly_its_arguments():
+    import inspect
+
+    for name, cmd in qmp.SCHEMA.items():
+        if name == "qmp_capabilities":
+            continue  # the session's own
+        handler = getattr(qmp.VmMonitor, "cmd_" + name.replace("-", "_"))
+        params = list(inspect.signature(handler).parameters)[1:]
+        assert params == [a.name.replace("-", "_") for a in cmd.args], name
+    handlers = {n[4:].replace("_", "-") for n in dir(qmp.VmMonitor) if n.startswith("cmd_")}
+    assert handlers == {n.replace("_", "-") for n in qmp.SCHEMA} - {"qmp-capabilities"}
+    assert all(e.isupper() for e in qmp.EVENTS)
