@@ -8,8 +8,9 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from hv_peers import Lab, run, topo
+
+from protocol import messages as m
 
 BALLOON = range(12, 16)  # VM a's pages that only the balloon task uses
 
@@ -67,5 +68,40 @@ def test_concurrent_faults_reclaims_and_balloon_batches_keep_every_byte(seed):
                 assert va.led.balloon[p] == (p in inflated)
                 if p in inflated:
                     assert va.led.p2m[p] == -1 and guests["a"].ept[p] == 0
+            await lab.quiesce()
+    run(main())
+
+
+def test_a_guest_that_never_acks_does_not_stop_another_vms_faults():
+    """X is stopped (never answers a shootdown) and its pages are the coldest, so the first
+    reclaim picks them; A's faults must still complete while X's shootdown is outstanding,
+    from frames the host takes elsewhere, not after X's shootdown timeout."""
+    async def main():
+        async with Lab(topo(24, 64, {"x": 32, "a": 32})) as lab:
+            x, a = await lab.guest("x"), await lab.guest("a")
+            await x.touch(np.arange(16))
+            await a.touch(np.arange(8))
+            await lab.quiesce()
+            vx = lab.host.vms["x"]
+            vx.machine.shootdown_timeout = 30.0  # bounds the old behaviour's wait only
+            x.ack_shootdowns = False
+            x.accessed[:] = 0  # X idles: its pages are the coldest
+            for start in range(8, 24, 2):  # A grows by 16 pages, 2 per fault
+                await a.touch(np.arange(start, start + 2))
+            # Every fault of A completed, and X's shootdown is still unanswered.
+            assert x.shootdowns, "no shootdown reached X: the test proves nothing"
+            assert vx.state == "running"
+            assert not [e for e in lab.host.events if e["kind"] == "vm_crashed"]
+            assert lab.host.memory._shooting.get(vx.led.index, 0) >= 1
+            for p in range(24):
+                assert await a.read(p, 16) == a.stamp(p), p
+            # X answers at last: its victims are settled then, nothing was lost.
+            for sid in list(x.shootdowns):
+                await x.ch.send(m.ShootdownAck(id=sid))
+            x.ack_shootdowns = True
+            await lab.quiesce()
+            for p in range(16):
+                assert await x.read(p, 16) == x.stamp(p), p
+            assert vx.state == "running"
             await lab.quiesce()
     run(main())
