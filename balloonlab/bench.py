@@ -93,6 +93,9 @@ def _size(_ctx: Any, _param: Any, value: str) -> int:
 
 def _emit(result: dict[str, Any], out: Path | None, name: str, as_json: bool,
           markdown: str) -> None:
+    if result.get("full") is False:
+        markdown = (f"Quick run: `balloonlab bench {name} --full` is the sweep docs/results.md "
+                    f"reports.\n\n{markdown}")
     if out is not None:
         report.write_json(result, out / f"{name}.json")
         (out / f"{name}.md").write_text(markdown + "\n")
