@@ -4,6 +4,7 @@ with prometheus_client's own parser, checked against dommemstat and the host's s
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -151,10 +152,13 @@ def test_a_taken_address_fails_the_start_before_any_vm():
         try:
             addr = f"127.0.0.1:{s.getsockname()[1]}"
             lab = Lab(with_metrics(topo(64, 0, {"a": 32}), addr))
-            with pytest.raises(OSError):
-                await lab.host.start()
-            assert lab.host.vms == {}
-            assert not lab.run_dir.exists()
+            try:
+                with pytest.raises(OSError):
+                    await lab.host.start()
+                assert lab.host.vms == {}
+                assert not lab.run_dir.exists()
+            finally:
+                shutil.rmtree(lab.base, ignore_errors=True)
         finally:
             s.close()
     run(main())
