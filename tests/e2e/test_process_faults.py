@@ -147,7 +147,7 @@ def hosts(tmp_path: Path) -> Iterator[Callable[..., LiveHost]]:
                 stop_and_check(h, pids)
             else:
                 with contextlib.suppress(Exception):
-                    h.proc.wait(5)
+                    h.launched.stop(5.0)  # exited already: a clean exit's output goes
     finally:
         for run_dir in run_dirs:
             for pid in procs_under(run_dir):  # never leave a process behind, even on failure
@@ -264,3 +264,151 @@ def test_a_vm_comes_back_after_descriptor_exhaustion_with_an_event(tmp_path):
         for s in conns:
             s.close()
         stop_and_check(host, pids)
+
+
+# ------------------------------------------------------------------ faults at a moment
+#
+# A moment is started, then the fault strikes at once: mid-inflate and mid-deflate are
+# "right after the host sent the new target"; mid-reclaim is "while the host is swapping out"
+# (a host smaller than its guests' touched memory reclaims all the time). Whatever the fault
+# caught in flight, the same things must hold afterwards.
+
+MOMENTS = {
+    # moment: (host MiB, host swap MiB, a's task MiB, a's on_crash)
+    "inflate": (96, 32, 12, "restart"),
+    "deflate": (96, 32, 12, "destroy"),
+    "reclaim": (24, 64, 24, "restart"),
+}
+INFLATE_PAGES = 4096  # 16 MiB of a's 32 MiB
+
+
+def fresh_stat(host: LiveHost, vm: str) -> dict[str, Any]:
+    """A dommemstat with guest stats newer than now (one stats interval later)."""
+    first = host.stat(vm).get("last_update")
+    return wait_for(lambda: (s := host.stat(vm)).get("last_update") != first and s,
+                    f"fresh stats from {vm}")
+
+
+def start_moment(host: LiveHost, moment: str) -> None:
+    if moment == "inflate":
+        host.call("set_balloon", vm="a", pages=INFLATE_PAGES)
+    elif moment == "deflate":
+        host.call("set_balloon", vm="a", pages=INFLATE_PAGES)
+        host.wait(lambda: host.stat("a")["balloon_pages"] == INFLATE_PAGES, WAIT,
+                  "a's balloon inflated")
+        host.call("set_balloon", vm="a", pages=0)
+    else:
+        first = count(host, "host_swap_out")
+        host.wait(lambda: count(host, "host_swap_out") > first, WAIT, "the host reclaiming")
+
+
+def strike(host: LiveHost, pid: int, how: str, *, neighbour: str | None = "b") -> None:
+    """kill -9 ``pid``, or stop it until the neighbour made progress (or a second passed,
+    for the hypervisor itself, which cannot be asked while stopped), then continue it."""
+    if how == "kill":
+        os.kill(pid, signal.SIGKILL)
+        return
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        if neighbour is None:
+            time.sleep(1.0)  # the length of the fault, not a wait for anything
+        else:
+            progresses(host, neighbour)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def settled(host: LiveHost, moment: str, *, a_gone: bool = False) -> None:
+    """Every VM is as its on_crash says, the moment's operation finished, neighbours make
+    progress, nothing was corrupted, and frames in use == resident memfd pages."""
+    if a_gone:
+        host.wait(lambda: host.vm("a")["state"] == "destroyed", WAIT, "a destroyed")
+        assert count(host, "vm_restarted", "a") == 0
+    running = ["b"] if a_gone else ["a", "b"]
+    for vm in running:
+        host.wait(lambda v=vm: host.vm(v)["state"] == "running"
+                  and host.vm(v).get("driver") == "connected", WAIT, f"{vm} running, driver up")
+    if not a_gone and moment in ("inflate", "deflate"):
+        want = INFLATE_PAGES if moment == "inflate" else 0
+        host.wait(lambda: host.stat("a")["balloon_pages"] == want, WAIT,
+                  f"a's balloon at {want} pages")
+    for vm in running:
+        progresses(host, vm)
+        assert fresh_stat(host, vm)["corrupted_reads"] in (0, None), f"{vm}: corrupted reads"
+    if a_gone:
+        assert host.stat("a")["backed_pages"] == 0  # its memory went back to the host
+    host.check_conservation()
+
+
+FAULTS = [(kind, how, moment) for kind in ("kernel", "driver") for how in ("kill", "stop")
+          for moment in MOMENTS]
+
+
+@pytest.mark.parametrize("kind, how, moment", [
+    pytest.param(*f, marks=() if f == ("kernel", "kill", "inflate") else pytest.mark.slow,
+                 id="-".join(f)) for f in FAULTS])
+def test_a_vm_process_fault_mid_operation(hosts, kind, how, moment):
+    host_mib, swap_mib, a_mib, on_crash = MOMENTS[moment]
+    host = hosts(two_vms(f"pf{kind[0]}{how[0]}{moment[0]}", host_mib=host_mib, swap_mib=swap_mib,
+                         on_crash=on_crash, a_task_mib=a_mib))
+    kernel, driver = vm_pids(host, "a")
+    start_moment(host, moment)
+    strike(host, kernel if kind == "kernel" else driver, how)
+    if kind == "kernel" and how == "kill":
+        host.wait(lambda: count(host, "vm_crashed", "a") >= 1, WAIT, "a's crash noticed")
+        if on_crash == "restart":
+            host.wait(lambda: count(host, "vm_booted", "a") >= 2, WAIT, "a booted again")
+    elif kind == "driver" and how == "kill":
+        host.wait(lambda: count(host, "driver_restarted", "a") >= 1, WAIT, "a's driver back")
+    settled(host, moment, a_gone=(kind == "kernel" and how == "kill" and on_crash == "destroy"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("moment", ["inflate", "reclaim"])
+def test_a_hypervisor_fault_mid_operation(hosts, how, moment):
+    """kill -9: every VM process dies with the hypervisor, and the next host in the same run
+    dir starts clean; stop/cont: everything carries on."""
+    host_mib, swap_mib, a_mib, on_crash = MOMENTS[moment]
+    toml = two_vms(f"ph{how[0]}{moment[0]}", host_mib=host_mib, swap_mib=swap_mib,
+                   on_crash=on_crash, a_task_mib=a_mib)
+    host = hosts(toml, slot=0)
+    vm_procs = [p for p in host.process_pids() if p != host.proc.pid]
+    start_moment(host, moment)
+    strike(host, host.proc.pid, how, neighbour=None)
+    if how == "kill":
+        host.proc.wait(WAIT)
+        wait_for(lambda: not [p for p in vm_procs if _alive(p)],
+                 "the VM processes to die with their hypervisor")
+        host = hosts(toml, slot=0)  # the stale run dir is cleaned and reused
+        start_moment(host, moment)
+    settled(host, moment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, how", [("kernel", "kill"), ("kernel", "stop"),
+                                       ("driver", "kill"), ("driver", "stop"),
+                                       ("hypervisor", "stop"), ("hypervisor", "kill")])
+def test_a_process_fault_mid_shutdown(hosts, kind, how):
+    """`shutdown`, and at once a fault: the host still stops, and leaves nothing behind."""
+    host = hosts(two_vms(f"ps{kind[0]}{how[0]}"))
+    pids = host.process_pids()
+    kernel, driver = vm_pids(host, "a")
+    target = {"kernel": kernel, "driver": driver, "hypervisor": host.proc.pid}[kind]
+    host.call("set_balloon", vm="a", pages=INFLATE_PAGES)
+    host.call("shutdown")
+    if how == "kill":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGSTOP)
+            time.sleep(0.5)  # the length of the fault
+            os.kill(target, signal.SIGCONT)
+    rc = host.proc.wait(WAIT)
+    wait_for(lambda: not [p for p in pids if _alive(p)], "every process of the host gone")
+    if kind == "hypervisor" and how == "kill":
+        assert rc == -signal.SIGKILL
+    else:
+        assert rc == 0, host.log_tail()
+        assert not host.run_dir.exists()
