@@ -48,19 +48,23 @@ class HostSwap:
         if slots:
             if path is None:
                 raise ValueError("a host swap with slots needs a file path")
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self.fd = syscalls.open_file("hostswap.open", path,
+                                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
             try:
                 syscalls.ftruncate("hostswap.truncate", self.fd, self.slots * PAGE_SIZE)
             except BaseException:
                 self.close()
                 raise
 
-    def write_run(self, mem: VmMemory, gpfn: int, slot: int, count: int) -> None:
-        """Copy ``count`` pages of ``mem`` from ``gpfn`` into slots from ``slot`` on.
-        Raises OSError (ENOSPC, EIO, ...) when the bytes are not all in the file."""
-        data = mem.read_pages(gpfn, count)
+    def write(self, data: bytes, slot: int) -> None:
+        """Put whole pages ``data`` into the slots from ``slot`` on. Raises OSError
+        (ENOSPC, EIO, ...) when the bytes are not all in the file."""
         syscalls.pwrite_all("hostswap.write", self.fd, data, slot * PAGE_SIZE)
         self.bytes_out += len(data)
+
+    def write_run(self, mem: VmMemory, gpfn: int, slot: int, count: int) -> None:
+        """Copy ``count`` pages of ``mem`` from ``gpfn`` into slots from ``slot`` on."""
+        self.write(mem.read_pages(gpfn, count), slot)
 
     def swap_out(self, mem: VmMemory, gpfns: np.ndarray, slots: np.ndarray) -> None:
         """Copy pages ``gpfns`` of ``mem`` into ``slots`` (aligned arrays)."""

@@ -422,15 +422,15 @@ class HostMemory:
         done = 0
         failed: tuple[str, OSError] | None = None
         for g, s, n in paired_runs(gp, slots):
+            point = "memfd.read"
             try:
-                self.swap.write_run(vm.mem, g, s, n)
-            except OSError as e:
-                failed = ("write", e)
-                break
-            try:
+                data = vm.mem.read_pages(g, n)
+                point = "hostswap.write"
+                self.swap.write(data, s)
+                point = "memfd.punch"
                 vm.mem.punch(np.arange(g, g + n, dtype=np.int64))
             except OSError as e:
-                failed = ("punch", e)
+                failed = (point, e)
                 break
             done += n
         if done:
@@ -446,11 +446,11 @@ class HostMemory:
         self.ledger.unlock(frames[rest])
         vm.mem.set_present(gp[rest])
         self._discard(vm, slots[rest])  # a partial write may have taken blocks
-        op, e = failed
-        if op == "write":
+        point, e = failed
+        if point == "hostswap.write":
             self._swap_write_failed(vm, e, int(frames.size) - done)
         else:
-            self._report("host_memory_error", vm, "swap_out", "memfd.punch", e,
+            self._report("host_memory_error", vm, "swap_out", point, e,
                          int(frames.size) - done)
 
     def _restore_present(self, frames: np.ndarray) -> None:

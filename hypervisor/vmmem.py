@@ -115,7 +115,8 @@ class VmMemory:
     # ---- bytes -------------------------------------------------------------------------
 
     def read_pages(self, first: int, count: int) -> bytes:
-        return os.pread(self.ram_fd, count * PAGE_SIZE, first * PAGE_SIZE)
+        return syscalls.pread_exact("memfd.read", self.ram_fd, count * PAGE_SIZE,
+                                    first * PAGE_SIZE)
 
     def write_pages(self, first: int, data: bytes | memoryview) -> None:
         syscalls.pwrite_all("memfd.write", self.ram_fd, data, first * PAGE_SIZE)
