@@ -48,8 +48,8 @@ from hypervisor.topology import (
     Topology,
     VmConfig,
 )
+from protocol.constants import PAGE_SIZE
 
-PAGE_SIZE = 4096
 GIB = float(1 << 30)
 MIB = 1 << 20
 SCENARIOS = ("ranges", "virtio", "fragmented")

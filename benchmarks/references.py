@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from protocol.constants import PAGE_SIZE
+
 GIB = float(1 << 30)
 
 # <linux/falloc.h>

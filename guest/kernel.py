@@ -34,6 +34,7 @@ from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
 from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_handler
 from protocol.connection import KernelServer, MachineGuest, State
+from protocol.constants import EPT_NOT_PRESENT
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
 from protocol.lifeline import OwnedFile, bind_to_host
@@ -288,7 +289,7 @@ class GuestKernel:
         ch = self.machine
         ept = self.mm.ept
         g = np.unique(np.asarray(gpfns, np.int64))
-        g = g[ept[g] == 0]
+        g = g[ept[g] == EPT_NOT_PRESENT]
         while g.size:
             # A halt or a closed channel may arrive at any await: no exit can be taken any
             # more, and the task's access ends here (the kernel is stopping).
@@ -310,7 +311,8 @@ class GuestKernel:
             await ch.drain()
             for fut in futs:
                 await fut
-            g = g[ept[g] == 0]  # a shootdown may have raced with the resume: fault again
+            # a shootdown may have raced with the resume: fault again
+            g = g[ept[g] == EPT_NOT_PRESENT]
 
     # ------------------------------------------------------------------ scheduler
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-PAGE_SIZE = 4096
+from protocol.constants import EPT_NOT_PRESENT, MAX_ORDER, PAGE_SIZE
+
 PAGE_WORDS = PAGE_SIZE // 8  # RAM is viewed as uint64 words
-MAX_ORDER = 10  # orders 0..10: blocks of 1 page .. 4 MiB, as Linux's MAX_PAGE_ORDER
 NR_ORDERS = MAX_ORDER + 1
 
 # Page states (uint8).
@@ -430,7 +430,7 @@ def vcpu_run(ram, pt, wcount, vpns, writes, start, stop, ept, host_acc, guest_ac
         g = pt[v]
         if g < 0:
             return EXIT_GUEST_FAULT, i, v, ops, corrupted
-        if ept[g] == 0:
+        if ept[g] == EPT_NOT_PRESENT:
             return EXIT_EPT, i, g, ops, corrupted
         base = g * PAGE_WORDS
         if needs_zero[g] != 0:
@@ -465,7 +465,7 @@ def lookahead_not_present(pt, vpns, start, stop, ept, mark, out):
     cap = out.shape[0]
     for i in range(start, stop):
         g = pt[vpns[i]]
-        if g >= 0 and ept[g] == 0 and mark[g] == 0:
+        if g >= 0 and ept[g] == EPT_NOT_PRESENT and mark[g] == 0:
             mark[g] = 1
             out[n] = g
             n += 1

@@ -38,6 +38,7 @@ from guest.kernels import (
     PG_KERNEL,
 )
 from protocol import syscalls
+from protocol.constants import EPT_NOT_PRESENT
 from protocol.errors import ErrorCode
 from protocol.pfn import RunError, runs_of_set, runs_to_pfns, validate_runs  # one run family
 
@@ -419,7 +420,7 @@ class MemoryManager:
         pte = int(t.pt[vpn])
         if pte <= -2:
             slot = -pte - 2
-            while self.ept[g] == 0:
+            while self.ept[g] == EPT_NOT_PRESENT:
                 await self.ensure_present(np.array([g], np.int64))
             # No await from the EPT check above to the copy below: the host cannot have
             # reclaimed the page in between (it waits for our shootdown_ack).
@@ -587,7 +588,7 @@ class MemoryManager:
             tid = int(self.rmap_task[g])
             if tid < 0 or self.buddy.state[g] != PG_ANON or tid not in self.tasks:
                 continue
-            if self.ept[g] == 0 and self.needs_zero[g] == 0:
+            if self.ept[g] == EPT_NOT_PRESENT and self.needs_zero[g] == 0:
                 continue
             slot = self.swap.alloc()
             if slot < 0:

@@ -24,6 +24,8 @@ import math
 import re
 from fractions import Fraction
 
+from protocol.constants import PAGE_SIZE
+
 __all__ = [
     "DURATION_UNITS",
     "PAGE_SIZE",
@@ -37,8 +39,6 @@ __all__ = [
     "parse_size",
     "size_unit",
 ]
-
-PAGE_SIZE = 4096
 
 #: Multipliers of the binary units, in bytes (the units ``format_size`` writes).
 SIZE_UNITS: dict[str, int] = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
