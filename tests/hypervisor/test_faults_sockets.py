@@ -196,6 +196,25 @@ def test_listener_survives_real_descriptor_exhaustion():
     run(main())
 
 
+def test_a_client_reads_a_refusal_sent_before_its_request(tmp_path):
+    """The race of a refused connection, made certain: the server has sent its error frame
+    and closed before the client writes its request. The client still reports the
+    server's reason, not a broken pipe."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(tmp_path / "control.sock"))
+    lsock.listen(1)
+    try:
+        client = ControlClient(tmp_path / "control.sock", timeout=HANG)
+        conn, _ = lsock.accept()
+        refuse(conn, "control.sock: out of file descriptors (EMFILE); try again later")
+        with pytest.raises(ControlError) as ei:
+            client.call("host_info")
+        client.close()
+        assert ei.value.code == "unavailable" and "EMFILE" in ei.value.message
+    finally:
+        lsock.close()
+
+
 HOST_UNDER_ULIMIT = textwrap.dedent("""
     import asyncio, resource, sys
     from hypervisor.host import Host
