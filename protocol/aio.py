@@ -21,7 +21,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from . import syscalls
 from .connection import CLOSED, NEED_DATA, Connection
@@ -63,7 +64,7 @@ class Channel:
         self._partial_since: float | None = None
 
     @classmethod
-    async def connect_unix(cls, path: str | os.PathLike[str], conn: Connection) -> "Channel":
+    async def connect_unix(cls, path: str | os.PathLike[str], conn: Connection) -> Channel:
         reader, writer = await asyncio.open_unix_connection(os.fspath(path), limit=READ_CHUNK)
         return cls(conn, reader, writer)
 
@@ -144,14 +145,14 @@ class Channel:
         if reason is not None:
             try:
                 self.send_nowait(Bye(reason=reason))
-            except Exception:  # noqa: BLE001 - closing anyway; the peer may be gone
+            except Exception:  # closing anyway; the peer may be gone
                 pass
         self.flush()
         if not self.writer.is_closing():
             self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
+        except (TimeoutError, ConnectionError, OSError):
             pass
 
 
@@ -226,7 +227,7 @@ class Listener:
 
     @classmethod
     def bind(cls, path: str | os.PathLike[str], handler: SocketHandler, *, backlog: int = 64,
-             **kw: Any) -> "Listener":
+             **kw: Any) -> Listener:
         """Bind and listen on a Unix socket at ``path``; :meth:`start` begins accepting."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -237,7 +238,7 @@ class Listener:
             raise
         return cls(sock, handler, **kw)
 
-    def start(self) -> "Listener":
+    def start(self) -> Listener:
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-accept")
         return self
 
@@ -288,7 +289,7 @@ class Listener:
             await self.handler(conn)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one client's failure never stops the listener
+        except Exception:  # one client's failure never stops the listener
             log.exception("%s: serving a connection failed", self.name)
             conn.close()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 from test_mm import PAGE, make_mm
 
@@ -35,7 +34,7 @@ async def _drive(mm, tm, wl, quanta: int, n: int = 2000) -> int:
 
 
 def test_a_failed_swap_write_keeps_the_page_and_frees_the_slot(tmp_path) -> None:
-    host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
+    _host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
     spec = WorkloadSpec(workload="uniform", size=900 * PAGE, write_ratio=0.5)
     tm = mm.add_task(0, spec.pages)
     syscalls.install("guestswap.write@3=ENOSPC;guestswap.write@40=EIO")
@@ -52,7 +51,7 @@ def test_a_failed_swap_write_keeps_the_page_and_frees_the_slot(tmp_path) -> None
 
 
 def test_a_disk_that_stays_full_ends_in_the_oom_path_not_in_lost_pages(tmp_path) -> None:
-    host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
+    _host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
     logged: list[str] = []
     mm.log = logged.append
     spec = WorkloadSpec(workload="uniform", size=900 * PAGE, write_ratio=0.5)
@@ -68,7 +67,7 @@ def test_a_disk_that_stays_full_ends_in_the_oom_path_not_in_lost_pages(tmp_path)
 
 
 def test_a_failed_swap_read_kills_the_task_instead_of_handing_it_wrong_bytes(tmp_path) -> None:
-    host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
+    _host, mm = make_mm(tmp_path, pages=512, swap_pages=2048)
     spec = WorkloadSpec(workload="uniform", size=900 * PAGE, write_ratio=0.5)
     tm = mm.add_task(0, spec.pages)
     wl = Workload(spec, 1)
@@ -111,7 +110,7 @@ def test_a_swap_file_that_cannot_be_sized_leaves_the_guest_without_swap(tmp_path
 
 @pytest.mark.slow
 def test_guest_kernel_process_reports_swap_errors_and_stays_intact(tmp_path) -> None:
-    from test_process import config, driver, guest_vm, meminfo, wait_for
+    from test_process import config, driver, guest_vm, wait_for
 
     pages = 2048
     cfg = config(pages, 4096, [{"workload": "zipf", "size": 2560 * PAGE, "skew": 0.6,
