@@ -124,7 +124,8 @@ class HostMemory:
         self._spawn = spawn or _own_task
         #: Shootdowns outstanding per VM (ledger index): such a VM gives no more victims.
         self._shooting: collections.Counter[int] = collections.Counter()
-        #: At most this many slots in use, once a swap write found the disk full.
+        #: At most this many slots in use, once a swap write of this reclaim found the disk
+        #: full.
         self.swap_limit: int | None = None
         self._write_errors = 0
         #: Moving average of shootdown ack latency, seconds.
@@ -165,8 +166,8 @@ class HostMemory:
         self._report("host_swap_error", vm, "swap_out", "hostswap.write", err, pages)
         self._write_errors += 1
         if err.errno in _DISK_FULL or self._write_errors >= MAX_SWAP_WRITE_ERRORS:
-            # The file's disk is full (or keeps failing): no more slots than are in use
-            # now; what is freed later can be used again. Reclaim falls back to host OOM.
+            # The file's disk is full (or keeps failing): for the rest of this reclaim no
+            # more slots than are in use now, so it falls back to host OOM.
             self.swap_limit = self.ledger.slots_used
             self._emit("host_swap_limited", vm.name, slots=self.swap_limit,
                        error=errno.errorcode.get(err.errno or 0, str(err.errno)))
@@ -289,6 +290,10 @@ class HostMemory:
         """
         pending: list[_Group] = []
         patient = True  # wait SLOW_ACK for our own shootdowns before looking elsewhere
+        # A full swap disk seen by an earlier reclaim may have room again (slots freed,
+        # files removed): each reclaim tries the swap file afresh.
+        self.swap_limit = None
+        self._write_errors = 0
         try:
             while self.ledger.frames_free < wanted:
                 if faulting is not None and faulting.state.stopped:
@@ -485,13 +490,12 @@ class HostMemory:
             self._discard(vm, p2m_to_slot(held))
         vm.mem.ept[:] = EPT_NOT_PRESENT
         everything = np.arange(vm.pages, dtype=np.int64)  # one run: the whole RAM
-        for attempt in range(FREE_PUNCH_TRIES):
+        for _attempt in range(FREE_PUNCH_TRIES):  # each failure is reported, then retried
             try:
                 vm.mem.punch(everything)
                 break
             except OSError as e:
-                if attempt == FREE_PUNCH_TRIES - 1:
-                    self._report("host_memory_error", vm, "free", "memfd.punch", e, vm.pages)
+                self._report("host_memory_error", vm, "free", "memfd.punch", e, vm.pages)
         vm.led.balloon[:] = 0
         self.changed.notify_all()
         return freed
