@@ -115,9 +115,10 @@ class Channel:
             if timeout is None:
                 return await self.reader.read(READ_CHUNK)
             what = f"sent nothing for {timeout:g} s"
+        assert timeout is not None  # both branches above set it
         try:
             return await asyncio.wait_for(self.reader.read(READ_CHUNK), max(timeout, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerStalled(f"peer {what}") from None
 
     def send_nowait(self, msg: Message) -> None:

@@ -32,7 +32,7 @@ import json
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,7 +242,7 @@ def sendmsg(point: str, sock: socket.socket, buffers: list[bytes],
 # ---------------------------------------------------------------------------- fallocate
 
 
-def _make_fallocate():  # type: ignore[no-untyped-def]
+def _make_fallocate() -> Callable[[int, int, int, int], None]:
     import ctypes
     import ctypes.util
 

@@ -127,7 +127,7 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
         assert hello.TYPE == "hello"
         self.driver.receive_data(self.device.data_to_send())
         welcome = self.driver.next_event()
-        assert welcome.TYPE == "welcome"
+        assert isinstance(welcome, m.Welcome)
         self.features = self.offered & DEVICE_FEATURES
         assert self.device.features == self.driver.features == self.features
         assert welcome.guest_pages == guest_pages and welcome.actual == 0
@@ -156,10 +156,7 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
         self.device.receive_data(frame.data)
         ev = self.device.next_event()
         assert ev is not NEED_DATA and ev is not CLOSED
-        if isinstance(ev, BatchRejected):
-            req = ev.request
-        else:
-            req = ev
+        req: Any = ev.request if isinstance(ev, BatchRejected) else ev  # a message of the channel
         kind = req.TYPE
         if kind in ("inflate", "deflate", "report"):
             pages, runs = _pages_of(req)
@@ -167,12 +164,13 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
                                   self.features)
             if verdict is None:
                 assert not isinstance(ev, BatchRejected), f"device rejected a valid {kind}: {ev}"
+                rid: int = req.id  # a page batch
                 assert self.device.in_progress is req
                 ok = not refuse
                 if refuse:  # the backend may refuse a valid batch (e.g. host out of frames)
-                    self.device.complete(req.id, code=ErrorCode.INTERNAL, message="backend")
+                    self.device.complete(rid, code=ErrorCode.INTERNAL, message="backend")
                 else:
-                    self.device.complete(req.id)
+                    self.device.complete(rid)
                     flat = pages if pages is not None else [f + j for f, c in runs or []
                                                             for j in range(c)]
                     if kind == "inflate":
@@ -226,7 +224,7 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
             if isinstance(ev, Completed):
                 want = self.expect_ack.pop(ev.request.id)  # type: ignore[attr-defined]
                 assert ev.ok == want
-            elif ev.TYPE == "config":
+            elif isinstance(ev, m.Config):
                 assert self.driver.target == ev.num_pages
             elif ev.TYPE == "stats_request":
                 assert self.has(Feature.STATS_VQ)
