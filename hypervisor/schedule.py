@@ -106,37 +106,43 @@ def parse_schedule(ctx: _Ctx, raw: Any, host: HostConfig,
     by_name = {v.name: v for v in vms}
     out = []
     for i, item in enumerate(raw):
-        key = f"schedule[{i}]"
-        t = ctx.table(item, key)
-        if "action" not in t:
-            raise ctx.error(f"{key}.action", f"missing: one of {', '.join(ACTIONS)}")
-        action = ctx.enum(f"{key}.action", t["action"], tuple(ACTIONS))
-        need = ACTIONS[action]
-        ctx.check_keys(t, ("at", "action", *need, *_OPTIONAL.get(action, ())), key)
-        if "at" not in t:
-            raise ctx.error(f"{key}.at", "missing: when to act, after the host started "
-                            "(e.g. at = \"10s\")")
-        at = ctx.duration(f"{key}.at", t["at"])
-        if at < 0:
-            raise ctx.error(f"{key}.at", "must not be negative")
-        for k in need:
-            if k not in t:
-                raise ctx.error(f"{key}.{k}", f"missing: {action} needs {' and '.join(need)}")
-        if action == "set_policy":
-            out.append(_parse_set_policy(ctx, key, t, at))
-            continue
-        vm_name = ctx.string(f"{key}.vm", t["vm"])
-        vm = by_name.get(vm_name)
-        if vm is None:
-            close = difflib.get_close_matches(vm_name, list(by_name), n=1, cutoff=0.6)
-            raise ctx.error(f"{key}.vm", f"no VM {vm_name!r} in this topology "
-                            f"(VMs: {', '.join(by_name)})", close[0] if close else None)
-        size = ctx.size(f"{key}.size", t["size"])
-        if size > vm.memory:
-            raise ctx.error(f"{key}.size", f"{t['size']!r} is larger than VM {vm.name!r}'s "
-                            f"memory ({format_size_exact(vm.memory)})")
-        out.append(ScheduleEntry(at=at, action=action, vm=vm.name, size=size))
+        # Each entry on its own: a bad one does not hide the problems of the next.
+        entry = ctx.collect(_parse_entry, ctx, f"schedule[{i}]", item, by_name)
+        if entry is not None:
+            out.append(entry)
     return tuple(out)
+
+
+def _parse_entry(ctx: _Ctx, key: str, item: Any,
+                 by_name: Mapping[str, VmConfig]) -> ScheduleEntry:
+    t = ctx.table(item, key)
+    if "action" not in t:
+        raise ctx.error(f"{key}.action", f"missing: one of {', '.join(ACTIONS)}")
+    action = ctx.enum(f"{key}.action", t["action"], tuple(ACTIONS))
+    need = ACTIONS[action]
+    ctx.check_keys(t, ("at", "action", *need, *_OPTIONAL.get(action, ())), key)
+    if "at" not in t:
+        raise ctx.error(f"{key}.at", "missing: when to act, after the host started "
+                        "(e.g. at = \"10s\")")
+    at = ctx.duration(f"{key}.at", t["at"])
+    if at < 0:
+        raise ctx.error(f"{key}.at", "must not be negative")
+    for k in need:
+        if k not in t:
+            raise ctx.error(f"{key}.{k}", f"missing: {action} needs {' and '.join(need)}")
+    if action == "set_policy":
+        return _parse_set_policy(ctx, key, t, at)
+    vm_name = ctx.string(f"{key}.vm", t["vm"])
+    vm = by_name.get(vm_name)
+    if vm is None:
+        close = difflib.get_close_matches(vm_name, list(by_name), n=1, cutoff=0.6)
+        raise ctx.error(f"{key}.vm", f"no VM {vm_name!r} in this topology "
+                        f"(VMs: {', '.join(by_name)})", close[0] if close else None)
+    size = ctx.size(f"{key}.size", t["size"])
+    if size > vm.memory:
+        raise ctx.error(f"{key}.size", f"{t['size']!r} is larger than VM {vm.name!r}'s "
+                        f"memory ({format_size_exact(vm.memory)})")
+    return ScheduleEntry(at=at, action=action, vm=vm.name, size=size)
 
 
 def _parse_set_policy(ctx: _Ctx, key: str, t: Mapping[str, Any], at: float) -> ScheduleEntry:

@@ -110,3 +110,14 @@ def test_guest_seeds_depend_on_seed_vm_and_restart_only() -> None:
     others = {guest_seed(8, "a", 0), guest_seed(7, "b", 0), guest_seed(7, "a", 1)}
     assert s not in others and len(others) == 3
     assert all(0 <= x < 2**48 for x in others | {s})
+
+
+def test_every_bad_schedule_entry_is_reported_at_once() -> None:
+    bad_vm = ENTRY.replace('vm = "a"', 'vm = "c"')
+    bad_size = ENTRY.replace('"1MiB"', '"64MiB"')
+    with pytest.raises(TopologyError) as e:
+        parse_topology(BASE + bad_vm + bad_size, "lab.toml")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("lab.toml: schedule[0].vm: no VM 'c'")
+    assert lines[1].startswith("lab.toml: schedule[1].size: '64MiB' is larger")
