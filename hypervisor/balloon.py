@@ -86,7 +86,7 @@ class BalloonBackend:
 
     def __init__(self, vm: str, pages: int, *, supported: int, ballooned: np.ndarray,
                  stats_interval: float, release: ReleaseFn,
-                 emit: Callable[..., None], target: int = 0) -> None:
+                 emit: Callable[..., object], target: int = 0) -> None:
         self.vm = vm
         self.pages = pages
         self.supported = supported

@@ -71,10 +71,17 @@ class LedgerView(Protocol):
 class ControlledHost(Protocol):
     """The host as the control server sees it (:class:`hypervisor.host.Host` is one)."""
 
-    name: str
-    policy_name: str
-    started_at: float
-    oom_kills: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def policy_name(self) -> str: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def oom_kills(self) -> int: ...
 
     @property
     def run_dir(self) -> Path: ...

@@ -71,7 +71,7 @@ class MachineServer:
 
     def __init__(self, vm: str, mem: "VmMemory", *, on_fault: FaultHandler,
                  on_boot: Callable[[], None], on_disconnect: Callable[[str], None],
-                 on_boot_failed: Callable[[str], None] | None = None) -> None:
+                 on_boot_failed: Callable[[str], object] | None = None) -> None:
         self.vm = vm
         self.on_boot_failed = on_boot_failed
         self.mem = mem
@@ -193,7 +193,8 @@ class MachineServer:
         frame = conn.send(m.BootOk(pages=self.mem.pages, page_size=PAGE_SIZE))
         # The socket buffer of a fresh connection is empty, so this small frame goes in one
         # sendmsg with the descriptors; a partial write (never seen) falls back to sendall.
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.mem.fds()))]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                   array.array("i", self.mem.fds()).tobytes())]
         while True:
             try:
                 sent = syscalls.sendmsg("machine.sendmsg", sock, [frame], rights)

@@ -38,6 +38,10 @@ ACCEPT_PAUSE = 0.1
 #: A listener logs at most one refusal per this many seconds (the rest are counted).
 REFUSAL_LOG_INTERVAL = 1.0
 
+__all__ = ["ACCEPT_PAUSE", "READ_CHUNK", "REFUSAL_LOG_INTERVAL", "Channel", "Listener",
+           "PeerClosed", "PeerStalled", "SocketHandler", "refusal_frame", "refuse",
+           "stream_handler"]
+
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=Connection)
