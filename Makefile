@@ -40,7 +40,7 @@ test-quick: $(STAMP)
 
 # Every benchmark in its full variant, results into docs/results (the tables in
 # docs/results.md come from them, so these stay comparable). About 45 minutes; a plain
-# `balloonlab bench NAME` is the quick run of about a minute.
+# `balloonlab bench NAME` is the quick run of a minute or two.
 bench: $(STAMP)
 	$(VENV)/bin/balloonlab bench protocol --repeat 9 --breakdown --out docs/results
 	$(VENV)/bin/balloonlab bench reclaim --full --out docs/results

@@ -141,7 +141,8 @@ def reclaim_cmd(full: bool, vm_size: int | None, repeat: int | None,
                 scenarios: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     """Balloon inflate/deflate end to end through real processes vs punch-hole limits.
 
-    The default run takes about a minute; --full is the sweep docs/results.md reports."""
+    The default run takes a minute or two (three short trials); --full is the sweep
+    docs/results.md reports."""
     from benchmarks.reclaim import SCENARIOS, BenchError, run_reclaim
 
     vm_bytes = _pick(vm_size, RECLAIM_QUICK["vm_size"], RECLAIM_FULL["vm_size"], full)
