@@ -242,10 +242,10 @@ class Supervisor:
         if grace == 0:
             for p in procs:
                 kill(p)
-        elif vm.driver_proc in procs:
+        elif vm.driver_proc is not None and vm.driver_proc in procs:
             # The kernel was sent `halt`; the driver has no such message, so SIGTERM it.
             try:
-                vm.driver_proc.terminate()  # type: ignore[union-attr]
+                vm.driver_proc.terminate()
             except ProcessLookupError:
                 pass
         try:
