@@ -207,7 +207,7 @@ class SwapDevice:
         self.nslots = size_bytes // PAGE_SIZE
         #: Why the device has no slots although some were asked for (None: it has them).
         self.error: str | None = None
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             syscalls.ftruncate("guestswap.truncate", self.fd, self.nslots * PAGE_SIZE)
         except OSError as e:
