@@ -86,6 +86,10 @@ class MachineServer:
         self.faults_served = 0
         self.shootdown_timeout = SHOOTDOWN_TIMEOUT
         self.shootdowns = 0
+        #: Called around every shootdown round trip (before it is sent, after it ends): a
+        #: VM paused by QMP's ``stop`` runs for the moment it needs to answer.
+        self.before_shootdown: Callable[[], None] | None = None
+        self.after_shootdown: Callable[[], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -264,6 +268,8 @@ class MachineServer:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending[sid] = fut
         self.shootdowns += 1
+        if self.before_shootdown is not None:
+            self.before_shootdown()
         try:
             await ch.send(m.Shootdown(id=sid, count=count), timeout=self.shootdown_timeout)
             await asyncio.wait_for(asyncio.shield(fut), self.shootdown_timeout)
@@ -278,6 +284,9 @@ class MachineServer:
                 return
             raise ShootdownFailed(f"{self.vm}: no shootdown_ack within "
                                   f"{self.shootdown_timeout} s ({type(e).__name__})") from e
+        finally:
+            if self.after_shootdown is not None:
+                self.after_shootdown()
 
     async def halt(self, reason: str = "host shutting down") -> None:
         ch = self.channel

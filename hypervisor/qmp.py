@@ -413,6 +413,10 @@ class VmMonitor:
         self.paused_pids: tuple[int, ...] = ()
         self.paused = False
         self.powering_down = False
+        #: Shootdown round trips in progress: a paused guest runs while there are any.
+        self._woken = 0
+        vm.machine.before_shootdown = self._wake_for_shootdown
+        vm.machine.after_shootdown = self._end_of_shootdown
 
     # ---- state -----------------------------------------------------------------------
 
@@ -537,6 +541,23 @@ class VmMonitor:
         for pid in self.paused_pids:
             _signal_group(pid, signal.SIGCONT)
         self.paused, self.paused_pids = False, ()
+
+    def _wake_for_shootdown(self) -> None:
+        """A reclaim needs this guest's ack: a paused guest kernel runs until it is given
+        (as on a real host, where a paused VM's memory can still be reclaimed)."""
+        self._woken += 1
+        if self._woken == 1 and self.is_paused():
+            self._signal_kernel(signal.SIGCONT)
+
+    def _end_of_shootdown(self) -> None:
+        self._woken = max(0, self._woken - 1)
+        if self._woken == 0 and self.is_paused():
+            self._signal_kernel(signal.SIGSTOP)
+
+    def _signal_kernel(self, sig: signal.Signals) -> None:
+        kernel = self.vm.kernel_proc
+        if kernel is not None and kernel.pid in self.paused_pids:
+            _signal_group(kernel.pid, sig)
 
     def cmd_system_powerdown(self) -> dict[str, Any]:
         if self.vm.state is not VmState.RUNNING or self.powering_down:

@@ -156,3 +156,76 @@ def test_qmp_and_metrics_on_a_real_host(xdg: Path) -> None:
     wait_for(lambda: not any(pid_alive(p) for p in pids), "every VM process to exit")
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
         raise AssertionError("metrics still served after down")
+
+
+#: A host too small for both VMs once a's task starts (after b is paused): the host must
+#: reclaim, and b's idle pages are the coldest.
+SQUEEZED = """
+[host]
+name = "small"
+memory = "24MiB"
+swap = "64MiB"
+policy = "none"
+policy_interval = "500ms"
+
+[[vm]]
+name = "a"
+memory = "32MiB"
+stats_interval = "250ms"
+guest_swap = "16MiB"
+[[vm.task]]
+workload = "uniform"
+size = "20MiB"
+start = "8s"
+
+[[vm]]
+name = "b"
+memory = "32MiB"
+stats_interval = "250ms"
+guest_swap = "16MiB"
+[[vm.task]]
+workload = "idle"
+size = "12MiB"
+"""
+
+
+def test_a_paused_vm_answers_shootdowns_and_stays_paused(xdg: Path, tmp_path: Path) -> None:
+    topo = tmp_path / "squeezed.toml"
+    topo.write_text(SQUEEZED)
+    r = CliRunner()
+    res = r.invoke(cli, ["up", str(topo), "--detach", "--boot-timeout", "90s"])
+    assert res.exit_code == 0, (res.output, res.stderr)
+    run_dir = xdg / "balloonlab" / "small"
+    client = ControlClient(run_dir, timeout=10.0)
+    b_pid = next(v["pid"] for v in client.call("list_vms") if v["name"] == "b")
+
+    async def stop_b() -> None:
+        b = QMPClient("b")
+        await b.connect(str(run_dir / "b.qmp.sock"))
+        await b.execute("stop")
+        await b.disconnect()
+
+    asyncio.run(asyncio.wait_for(stop_b(), WAIT))
+    paused_at = max(e["seq"] for e in client.call("events"))
+    # a's task starts: the host reclaims b's frames, which needs b's shootdown_ack; b runs
+    # for the round trip, its pages go to host swap, and it is stopped again.
+    wait_for(lambda: any(e["kind"] == "host_swap_out" and e["vm"] == "b"
+                         and e["seq"] > paused_at for e in client.call("events")),
+             "a host swap-out of the paused VM's pages")
+    wait_for(lambda: proc_state(b_pid) == "T", "b stopped again")
+    evs = [e for e in client.call("events") if e["seq"] > paused_at]
+    assert not [e for e in evs if e["kind"] in ("vm_crashed", "vm_restarted")
+                and e["vm"] == "b"], evs
+    assert {v["name"]: v["state"] for v in client.call("list_vms")}["b"] == "running"
+
+    async def status_b() -> str:
+        b = QMPClient("b")
+        await b.connect(str(run_dir / "b.qmp.sock"))
+        status = (await b.execute("query-status"))["status"]
+        await b.disconnect()
+        return str(status)
+
+    assert asyncio.run(asyncio.wait_for(status_b(), WAIT)) == "paused"
+    assert client.call("dommemstat", vm="a")["corrupted_reads"] == 0
+    client.close()
+    assert "stopped" in r.invoke(cli, ["down", "--host", "small"]).stdout
