@@ -330,7 +330,6 @@ class BalloonDriver(Connection):
         self.guest_pages = 0
         self.stats_interval_ms = 0
         self._page: np.ndarray = np.zeros(0, dtype=np.uint8)
-        self._scratch: np.ndarray = np.zeros(0, dtype=np.uint8)
         self._requests: dict[int, tuple[m.Message, np.ndarray]] = {}
 
     def has(self, feature: Feature) -> bool:
@@ -373,29 +372,10 @@ class BalloonDriver(Connection):
             self._grow(int((r[:, 0] + r[:, 1]).max()))
             P.set_runs(self._page, r, PG_BALLOONED)
 
-    def _check_run_bounds(self, msg: m.Message, runs: np.ndarray) -> None:
-        """Bound the runs before anything indexes with them: a bad run must not cost
-        its page count."""
-        limit = self.guest_pages or MAX_GUEST_PAGES
-        first, count = runs[:, 0], runs[:, 1]
-        lim = np.uint64(limit)
-        bad = (count == 0) | (first >= lim) | (count > lim - np.minimum(first, lim))
-        if bad.any():
-            i = int(np.argmax(bad))
-            f, c = int(first[i]), int(count[i])
-            if c == 0:
-                raise LocalProtocolError(
-                    ErrorCode.BAD_FIELD, f"{msg.TYPE}: run at pfn {f} has a page count of 0"
-                )
-            raise LocalProtocolError(
-                ErrorCode.PFN_OUT_OF_RANGE,
-                f"{msg.TYPE}: run ({f}, {c}) lies beyond guest RAM ({limit} pages)", pfn=f,
-            )
-
     def _claim(self, msg: m.Message, expect: int, new: int, what: str) -> None:
         """Check that every page of ``msg`` is in state ``expect`` and named once, then
-        move them all to ``new``. One Numba pass over the encoded set (no expansion of
-        runs into pages, no sort): this is on the inflate hot path."""
+        move them all to ``new``. Costs the batch, never guest RAM (no expansion of runs
+        into pages, no map over RAM): this is on the inflate hot path."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(ErrorCode.BAD_STATE, f"{msg.TYPE} before welcome")
         pfns = getattr(msg, "pfns", None)
@@ -407,38 +387,31 @@ class BalloonDriver(Connection):
             arr = msg.pfn_array  # type: ignore[attr-defined]
             if arr.shape[0] == 0:
                 raise LocalProtocolError(ErrorCode.EMPTY_BATCH, f"{msg.TYPE} names no pages")
-            end = int(arr.max()) + 1
+            self._grow(int(arr.max()) + 1)
+            # a repeat makes the batch's runs hold fewer pages than it names (one pass when
+            # the pfns are sorted)
+            if P.runs_total(P.pfns_to_runs(arr)) != arr.shape[0]:
+                raise LocalProtocolError(ErrorCode.DUPLICATE_PFN, f"{msg.TYPE} repeats a page")
         else:
             arr = msg.run_array  # type: ignore[attr-defined]
             if arr.shape[0] == 0:
                 raise LocalProtocolError(ErrorCode.EMPTY_BATCH, f"{msg.TYPE} names no pages")
-            self._check_run_bounds(msg, arr)
-            end = int((arr[:, 0] + arr[:, 1]).max())
-        self._grow(end)
-        # 1 where a page is NOT in the expected state: the shared batch checker then does
-        # duplicates and state in one pass (a "state" failure means a page in the wrong
-        # state). Building the map is one vectorised compare over guest RAM.
-        wrong = (self._page != expect).view(np.uint8)
-        if self._scratch.shape[0] < wrong.shape[0]:
-            self._scratch = np.zeros(wrong.shape[0], dtype=np.uint8)
-        check = P.check_pfns if pfns is not None else P.check_runs
-        res = check(arr, wrong.shape[0], wrong, self._scratch, want_clear=False)
-        if not res.ok:
-            if res.code is ErrorCode.ALREADY_BALLOONED:
-                if pfns is not None:
-                    bad = int(arr[res.index])
-                else:
-                    first, count = int(arr[res.index, 0]), int(arr[res.index, 1])
-                    bad = first + int(np.argmax(wrong[first:first + count] != 0))
-                code = {PG_NONE: ErrorCode.ALREADY_BALLOONED,
-                        PG_BALLOONED: ErrorCode.NOT_BALLOONED}.get(expect, ErrorCode.IN_FLIGHT)
-                if self._page[bad] in (PG_INFLATING, PG_DEFLATING, PG_REPORTING):
-                    code = ErrorCode.IN_FLIGHT
-                raise LocalProtocolError(code, f"{msg.TYPE}: page {bad} {what}", pfn=bad)
-            if res.code is ErrorCode.DUPLICATE_PFN:
-                raise LocalProtocolError(ErrorCode.DUPLICATE_PFN, f"{msg.TYPE} repeats a page")
-            assert res.code is not None
-            raise LocalProtocolError(res.code, f"{msg.TYPE}: {res.message}")
+            # Bounded before anything indexes with them: a bad run costs nothing.
+            try:
+                P.validate_runs(arr, self.guest_pages or MAX_GUEST_PAGES)
+            except P.RunError as e:
+                raise P.RunError(e.code, f"{msg.TYPE}: {e.message}", index=e.index,
+                                 pfn=e.pfn) from None
+            self._grow(int((arr[:, 0] + arr[:, 1]).max()))
+        # Every page in the expected state: one pass over the batch's pages, never over
+        # guest RAM.
+        bad = P.first_page_not_in(arr, self._page, expect)
+        if bad >= 0:
+            code = {PG_NONE: ErrorCode.ALREADY_BALLOONED,
+                    PG_BALLOONED: ErrorCode.NOT_BALLOONED}.get(expect, ErrorCode.IN_FLIGHT)
+            if self._page[bad] in (PG_INFLATING, PG_DEFLATING, PG_REPORTING):
+                code = ErrorCode.IN_FLIGHT
+            raise LocalProtocolError(code, f"{msg.TYPE}: page {bad} {what}", pfn=bad)
         if pfns is not None:
             P.set_pfns(self._page, arr, new)
         else:

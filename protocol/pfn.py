@@ -14,7 +14,7 @@ zero on return, so that checking a batch costs O(batch), never O(guest RAM).
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 from numba import njit
@@ -204,7 +204,7 @@ def _first_bad_state(state, words, a, e, want_clear):
 
 
 @njit(cache=True, nogil=True)
-def _check_run_bounds(runs, limit):
+def _check_run_bounds(runs: np.ndarray, limit: np.int64) -> Any:
     """The first run, in batch order, that is empty or reaches beyond ``limit``: returns
     (status, its index, whether the runs are ascending and disjoint). Overflow-safe for
     counts up to 2**64 - 1; O(runs)."""
@@ -271,6 +271,25 @@ def _check_runs(runs, limit, state, scratch, want_clear):
         for j in range(p_done):
             scratch[first + j] = 0
     return status, bad
+
+
+@njit(cache=True, nogil=True)
+def _first_pfn_not_in(pfns: np.ndarray, state: np.ndarray, value: np.uint8) -> Any:
+    for i in range(pfns.shape[0]):
+        p = np.int64(pfns[i])
+        if state[p] != value:
+            return p
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _first_run_page_not_in(runs: np.ndarray, state: np.ndarray, value: np.uint8) -> Any:
+    for r in range(runs.shape[0]):
+        first = np.int64(runs[r, 0])
+        for p in range(first, first + np.int64(runs[r, 1])):
+            if state[p] != value:
+                return p
+    return -1
 
 
 @njit(cache=True, nogil=True)
@@ -573,6 +592,15 @@ def coalesce_runs(runs: np.ndarray) -> np.ndarray:
     out[:, 0] = r[starts, 0]
     out[:, 1] = np.add.reduceat(r[:, 1], starts)
     return out
+
+
+def first_page_not_in(batch: np.ndarray, state: np.ndarray, value: int) -> int:
+    """The first page of ``batch`` (1-D pfns, or (k, 2) runs; in batch order) whose entry
+    in the byte map ``state`` is not ``value``, or -1. The batch must lie inside ``state``
+    (check it first); costs O(batch pages), never O(len(state))."""
+    if batch.ndim == 1:
+        return int(_first_pfn_not_in(batch, state, np.uint8(value)))
+    return int(_first_run_page_not_in(as_runs(batch), state, np.uint8(value)))
 
 
 def set_pfns(state: np.ndarray, pfns: np.ndarray, value: int) -> None:

@@ -258,3 +258,15 @@ def test_batch_check_error_is_the_same_family():
     assert isinstance(err, P.RunError)
     assert (err.code, err.index, err.gpfn) == (ErrorCode.ALREADY_BALLOONED, 0, 3)
     assert P.BatchCheck(True).error() is None
+
+
+@FAST
+@given(st.lists(st.integers(0, 3), min_size=LIMIT, max_size=LIMIT), disjoint_runs(),
+       st.integers(0, 3))
+def test_first_page_not_in_matches_a_plain_loop(state, runs, value):
+    arr = np.array(state, dtype=np.uint8)
+    pages = naive.runs_to_pfns(runs)
+    want = next((p for p in pages if state[p] != value), -1)
+    assert P.first_page_not_in(np.array(runs, dtype=np.uint64).reshape(-1, 2), arr,
+                               value) == want
+    assert P.first_page_not_in(np.array(pages, dtype=np.uint32), arr, value) == want
