@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, SwapDevice, TaskMem
+from guest.cost import CostModel
+from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, SwapDevice, TaskMem, kernel_reserve
 from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
 from protocol.aio import Channel, Listener, PeerClosed, PeerStalled, stream_handler
 from protocol.connection import KernelServer, MachineGuest, State
 from protocol.constants import EPT_NOT_PRESENT
+from protocol.cost import CostError
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
 from protocol.lifeline import OwnedFile, bind_to_host
@@ -105,6 +107,18 @@ def parse_config(raw: str) -> dict[str, Any]:
     seed = cfg.get("seed", 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config.seed: expected an integer, got {seed!r}")
+    try:
+        cfg["_cost"] = CostModel.from_table(cfg.get("cost") or {})
+    except CostError as e:
+        raise ConfigError(f"config.{e}") from e
+    ki = cfg.get("kernel_image")
+    if ki is not None and (isinstance(ki, bool) or not isinstance(ki, int) or ki <= 0):
+        raise ConfigError(f"config.kernel_image: expected a positive integer of bytes, got {ki!r}")
+    if cfg.get("memory"):
+        try:
+            kernel_reserve(int(cfg["memory"]) // PAGE_SIZE, ki)
+        except ValueError as e:
+            raise ConfigError(f"config.kernel_image: {e}") from e
     try:
         cfg["_specs"] = [WorkloadSpec.from_dict(t, f"config.tasks[{i}]")
                          for i, t in enumerate(tasks)]
@@ -194,16 +208,23 @@ class GuestKernel:
                 np.frombuffer(ept_map, dtype=np.uint8),
                 np.frombuffer(acc_map, dtype=np.uint8),
                 swap, ensure_present=self.ensure_present, oom_notify=self._oom_notify,
+                kernel_image=self.cfg.get("kernel_image"), cost=self.cfg.get("_cost"),
                 log=self._log)
             if swap.error is not None:
                 self._log(f"guest swap disabled: {swap.error}")
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
             self.machine = Channel(conn, reader, writer)
             self._make_tasks()
-            self._log(f"booted: {pages} pages, {len(self.tasks)} tasks, guest swap "
+            self._log(f"booted: {pages} pages, kernel {self.mm.kernel_pages} pages "
+                      f"(memmap {self.mm.kernel_memmap_pages}), {len(self.tasks)} tasks, "
+                      f"guest swap "
                       f"{swap.nslots} slots, watermarks min/low/high "
                       f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}")
             machine_task = asyncio.create_task(self._machine_reader())
+            try:
+                await self.mm.touch_kernel_memory()  # the host backs the kernel's own pages
+            except PeerClosed:
+                pass  # halted while booting: the wait below sees the reader finish
             stats_task = asyncio.create_task(self._stats_logger())
             sched = asyncio.create_task(self._scheduler())
             stop = asyncio.create_task(self.stopping.wait())
@@ -337,7 +358,8 @@ class GuestKernel:
                 if (t.spec.duration is not None and tt >= t.spec.duration) or t.wl.finished(tt):
                     mm.unmap_range(t.mem, 0, t.mem.npages)
                     t.done = True
-                    self._log(f"task {t.tid} finished after {tt:.1f}s ({t.ops} ops)")
+                    self._log(f"task {t.tid} finished after {tt:.1f}s ({t.ops} ops, modelled "
+                              f"{t.mem.modelled_ns / 1e9:.3f}s)")
                     continue
                 wp = t.wl.working_pages(tt)
                 if wp < t.mapped_hi:
@@ -516,8 +538,11 @@ class GuestKernel:
             for t in self.tasks:
                 rate = (t.ops - last_ops[t.tid]) / interval
                 last_ops[t.tid] = t.ops
+                mod = t.mem.modelled_ns / 1e9
+                mrate = t.mem.accesses / mod if mod > 0 else 0.0
                 parts.append(f"t{t.tid}:{rate / 1e6:.2f}Mops/s,ept={t.stall_ns_ept / 1e9:.2f}s,"
-                             f"gf={t.stall_ns_guest / 1e9:.2f}s")
+                             f"gf={t.stall_ns_guest / 1e9:.2f}s,modelled={mod:.3f}s"
+                             f"@{mrate / 1e6:.2f}Mops/s")
             s = mm.stats
             self._log(f"free={mm.buddy.free_pages} anon={mm.anon_pages()} "
                       f"balloon={mm.balloon_pages} swap_out={s.swap_out // PAGE_SIZE} "

@@ -26,6 +26,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from guest import kernels as K
+from guest.cost import DEFAULT_COST, CostModel
 from guest.kernels import (
     MAX_ORDER,
     NR_ORDERS,
@@ -52,6 +53,29 @@ EPT_BATCH = 4096
 KSWAPD_BATCH = 256
 #: Most pages one balloon request may push to guest swap (see balloon_reclaim): 8 MiB.
 BALLOON_RECLAIM_BATCH = 2048
+#: Default size of the guest kernel's image (text, data, boot-time allocations): 8 MiB,
+#: capped at 1/16 of RAM so that toy VMs still boot.
+KERNEL_IMAGE = 8 << 20
+#: Bytes of page descriptor per page of configured RAM (Linux's ``struct page``).
+STRUCT_PAGE = 64
+
+
+def kernel_reserve(npages: int, kernel_image: int | None = None) -> tuple[int, int]:
+    """Pages the guest kernel keeps for itself at boot: ``(image, memmap)``.
+
+    The image is ``kernel_image`` bytes (default :data:`KERNEL_IMAGE`, at most 1/16 of RAM);
+    the memmap holds one 64-byte descriptor per page of *configured* RAM (1/64 of it), so a
+    VM configured large and ballooned down keeps paying for the memory it gave away."""
+    if kernel_image is None:
+        image = min(KERNEL_IMAGE // PAGE_SIZE, npages // 16)
+    else:
+        image = -(-kernel_image // PAGE_SIZE)
+    memmap = -(-npages * STRUCT_PAGE // PAGE_SIZE)
+    image = max(1, image)
+    if image + memmap >= npages:
+        raise ValueError(f"the kernel's own memory ({image} image + {memmap} memmap pages) "
+                         f"does not fit in {npages} pages of RAM")
+    return image, memmap
 
 EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
 
@@ -269,6 +293,8 @@ class TaskMem:
     resident: int = 0
     swapped: int = 0
     sigbus: int = 0  # times killed by a guest swap read error
+    accesses: int = 0  # memory accesses done (all time)
+    modelled_ns: int = 0  # the task's modelled clock (guest.cost)
 
     def __post_init__(self) -> None:
         self.pt = np.full(self.npages, -1, np.int64)
@@ -281,6 +307,7 @@ class QuantumResult:
     corrupted: int = 0
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
+    modelled_ns: int = 0  # modelled time charged to the task in this quantum
     killed: bool = False  # the task was killed while faulting (OOM, or SIGBUS below)
     sigbus: str | None = None  # why, when a guest swap read error killed it
 
@@ -309,6 +336,7 @@ class VmStats:
     out_of_puff: int = 0
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
+    modelled_ns: int = 0  # sum of the tasks' modelled clocks (one vCPU time-shares them)
 
 
 class MemoryManager:
@@ -320,6 +348,7 @@ class MemoryManager:
     def __init__(self, ram: np.ndarray, ept: np.ndarray, host_acc: np.ndarray,
                  swap: SwapDevice, *, ensure_present: EnsurePresent,
                  oom_notify: OomNotify | None = None, kernel_pages: int | None = None,
+                 kernel_image: int | None = None, cost: CostModel | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         npages = ept.shape[0]
         if ram.dtype != np.uint64 or ram.shape[0] != npages * PAGE_WORDS:
@@ -335,6 +364,7 @@ class MemoryManager:
         self.ensure_present = ensure_present
         self.oom_notify = oom_notify
         self.log = log
+        self.cost = cost if cost is not None else DEFAULT_COST
         self.last_swap_error = ""
         self.buddy = BuddyAllocator(npages)
         self.guest_acc = np.zeros(npages, np.uint8)
@@ -354,10 +384,34 @@ class MemoryManager:
         dist = max(self.wmark_min // 4, npages // 1000, 1)
         self.wmark_low = self.wmark_min + dist
         self.wmark_high = self.wmark_min + 2 * dist
+        # The kernel's own memory: its image and the page descriptors of all configured RAM
+        # (``kernel_pages`` overrides the sum, for tests of other arithmetic).
         if kernel_pages is None:
-            kernel_pages = max(1, npages // 256)  # the guest kernel's own text and data
-        self.kernel_runs = self.buddy.alloc_many(kernel_pages, MAX_ORDER, PG_KERNEL)
+            image, memmap = kernel_reserve(npages, kernel_image)
+        else:
+            image, memmap = kernel_pages, 0
+        self.kernel_runs = self.buddy.alloc_many(image + memmap, MAX_ORDER, PG_KERNEL)
         self.kernel_pages = int(self.kernel_runs[:, 1].sum()) if len(self.kernel_runs) else 0
+        self.kernel_memmap_pages = memmap
+
+    async def touch_kernel_memory(self) -> None:
+        """Touch the kernel's own pages once at boot, as a kernel that uses its image and
+        initialises its memmap: the host backs them (EPT faults), then each gets a word."""
+        g = runs_to_pfns(self.kernel_runs).astype(np.int64)
+        for i in range(0, g.size, EPT_BATCH):
+            await self.ensure_present(g[i:i + EPT_BATCH])
+            chunk = g[i:i + EPT_BATCH]
+            chunk = chunk[self.ept[chunk] != EPT_NOT_PRESENT]  # revoked since: the host has it
+            self.ram[chunk * PAGE_WORDS] = 0x6B65726E656C  # "kernel"
+
+    # ------------------------------------------------------------------ modelled time
+
+    def charge(self, t: TaskMem | None, ns: int) -> None:
+        """Add ``ns`` of modelled time to task ``t``'s clock (None: background work, such as
+        kswapd's or the balloon's reclaim, which no task waits for)."""
+        if t is not None:
+            t.modelled_ns += ns
+            self.stats.modelled_ns += ns
 
     # ------------------------------------------------------------------ tasks
 
@@ -420,6 +474,11 @@ class MemoryManager:
         pte = int(t.pt[vpn])
         if pte <= -2:
             slot = -pte - 2
+            # a major fault: fault handling, the host backing the page if it must, the read
+            cost = self.cost.minor_fault + self.cost.guest_swap_read(1)
+            if self.ept[g] == EPT_NOT_PRESENT:
+                cost += self.cost.ept_exit_cost(1, 0)
+            self.charge(t, cost)
             while self.ept[g] == EPT_NOT_PRESENT:
                 await self.ensure_present(np.array([g], np.int64))
             # No await from the EPT check above to the copy below: the host cannot have
@@ -446,6 +505,7 @@ class MemoryManager:
         else:
             self.needs_zero[g] = 1  # zeroed lazily by the vCPU loop, after its EPT check
             self.stats.minor_faults += 1
+            self.charge(t, self.cost.minor_faults(1))
         t.pt[vpn] = g
         t.resident += 1
         self.rmap_task[g] = t.tid
@@ -463,7 +523,7 @@ class MemoryManager:
                 if g >= 0:
                     return g
             self.stats.alloc_stalls += 1
-            if await self.reclaim(SWAP_CLUSTER_MAX, direct=True) > 0:
+            if await self.reclaim(SWAP_CLUSTER_MAX, direct=True, task=t) > 0:
                 continue
             if self.oom_notify is not None:
                 want = self.wmark_high - self.buddy.free_pages + SWAP_CLUSTER_MAX
@@ -492,12 +552,16 @@ class MemoryManager:
         sigbus = t.sigbus
         i, n = 0, len(vpns)
         st = self.stats
+        clock0 = t.modelled_ns
         while i < n:
             code, i, arg, ops, corrupted = K.vcpu_run(
                 self.ram, t.pt, t.wcount, vpns, writes, i, n, self.ept, self.host_acc,
                 self.guest_acc, self.needs_zero, t.tid)
             res.ops += ops
             st.ops += ops
+            t.accesses += ops
+            # count, then multiply: the vCPU loop itself keeps no clock
+            self.charge(t, self.cost.accesses(ops))
             res.corrupted += corrupted
             st.corrupted_reads += corrupted
             if code == K.EXIT_DONE:
@@ -519,10 +583,16 @@ class MemoryManager:
                                             self._ahead)
                 if k:
                     st.ept_exits += 1
-                    await self.ensure_present(self._ahead[:k].copy())
+                    ahead = self._ahead[:k].copy()
+                    # A page never written is backed fresh; one with contents was taken by
+                    # host swap (the host's only way to revoke a page in use) and is read back.
+                    fresh = int(np.count_nonzero(self.needs_zero[ahead]))
+                    self.charge(t, self.cost.ept_exit_cost(fresh, k - fresh))
+                    await self.ensure_present(ahead)
                 dt = time.perf_counter_ns() - s
                 res.stall_ns_ept += dt
                 st.stall_ns_ept += dt
+        res.modelled_ns = t.modelled_ns - clock0
         return res
 
     async def _fault_around(self, t: TaskMem, vpns: np.ndarray, i: int) -> bool:
@@ -552,6 +622,7 @@ class MemoryManager:
                 self.rmap_vpn[g] = fresh
                 self.guest_acc[g] = 1
                 self.stats.minor_faults += int(g.size)
+                self.charge(t, self.cost.minor_faults(int(g.size)))
                 todo = todo[t.pt[todo] < 0]  # what is left: swapped-out vpns (major)
             elif g.size:
                 self.buddy.free_gpfns(g)  # fragmented: fall back to one page at a time
@@ -562,8 +633,11 @@ class MemoryManager:
 
     # ------------------------------------------------------------------ reclaim
 
-    async def reclaim(self, nr: int, *, direct: bool) -> int:
-        """Swap out up to ``nr`` cold anon pages; returns pages reclaimed."""
+    async def reclaim(self, nr: int, *, direct: bool, task: TaskMem | None = None) -> int:
+        """Swap out up to ``nr`` cold anon pages; returns pages reclaimed.
+
+        Direct reclaim's modelled time (double paging, the swap write) goes to ``task``, the
+        one that waits for it."""
         if self.swap.free_slots == 0:
             return 0  # anon memory is only reclaimable to swap
         nr = min(nr, self.swap.free_slots, self._victims.shape[0])
@@ -580,6 +654,7 @@ class MemoryManager:
         absent = victims[(self.ept[victims] == 0) & (self.needs_zero[victims] == 0)]
         if absent.size:
             # double paging: the host swapped these out; it must back them before we copy
+            self.charge(task, self.cost.ept_exit_cost(0, int(absent.size)))
             await self.ensure_present(absent)
         done = 0
         zero = bytes(PAGE_SIZE)
@@ -618,6 +693,7 @@ class MemoryManager:
             self.buddy.free_gpfns(np.array([g], np.int64))
             self.stats.swap_out += PAGE_SIZE
             done += 1
+        self.charge(task, self.cost.guest_swap_write(done))
         if direct:
             self.stats.direct_reclaim += done
         else:
@@ -757,7 +833,21 @@ class MemoryManager:
             T.GUEST_SWAP_WRITE_ERRORS: s.swap_write_errors,
             T.GUEST_SWAP_READ_ERRORS: s.swap_read_errors,
             T.SWAP_READ_KILLS: s.swap_read_kills,
+            T.MODELLED_NS: s.modelled_ns,
+            T.KERNEL_MEMMAP_PAGES: self.kernel_memmap_pages,
+            **self.task_stats(),
         }
+
+    def task_stats(self) -> dict[int, int]:
+        """Per-task accesses and modelled clocks as stats tags (``TASK_STATS_BASE``)."""
+        from protocol.features import MAX_TASK_STATS, TASK_STATS_BASE
+
+        out: dict[int, int] = {}
+        for t in self.tasks.values():
+            if 0 <= t.tid < MAX_TASK_STATS:
+                out[TASK_STATS_BASE + 2 * t.tid] = t.accesses
+                out[TASK_STATS_BASE + 2 * t.tid + 1] = t.modelled_ns
+        return out
 
     def check_invariants(self) -> None:
         """Conservation: free + isolated + allocated == total; page tables match rmap."""

@@ -19,7 +19,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from hypervisor.units import (
     parse_duration,
     parse_size,
 )
+from protocol.cost import DEVICE_KEYS, CostError, format_ns, normalize_cost
 
 __all__ = [
     "BUILTIN_POLICIES",
@@ -191,6 +192,10 @@ class VmConfig:
     max_memory: int
     shares: int
     initial_balloon: int
+    #: Bytes of the guest kernel's image (None: the guest's default); its memmap comes on top.
+    kernel_image: int | None = None
+    #: The topology's ``[cost]`` table in normal form (protocol.cost), the same for every VM.
+    cost: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def pages(self) -> int:
@@ -206,6 +211,8 @@ class VmConfig:
             "stats_interval": self.stats_interval,
             "seed": seed,
             "tasks": [t.to_json() for t in self.tasks],
+            **({"kernel_image": self.kernel_image} if self.kernel_image is not None else {}),
+            **({"cost": dict(self.cost)} if self.cost else {}),
         }
 
 
@@ -245,6 +252,8 @@ class Topology:
     source: str
     #: Timed host actions (``hypervisor.schedule.ScheduleEntry``), in file order.
     schedule: tuple[Any, ...] = ()
+    #: The ``[cost]`` table in normal form (protocol.cost): only the keys the file sets.
+    cost: Mapping[str, Any] = field(default_factory=dict)
     #: Things that are allowed but probably not meant (``SOURCE: KEY: warning: ...`` lines),
     #: e.g. a task larger than its VM's memory, which then lives partly in guest swap.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -267,7 +276,7 @@ class Topology:
 
 _T = TypeVar("_T")
 
-_TOP_KEYS = ("host", "vm", "schedule")
+_TOP_KEYS = ("host", "vm", "schedule", "cost")
 _HOST_KEYS = ("name", "memory", "swap", "policy", "policy_params", "policy_interval", "run_dir",
               "seed", "metrics")
 _VM_KEYS = (
@@ -283,6 +292,7 @@ _VM_KEYS = (
     "max_memory",
     "shares",
     "initial_balloon",
+    "kernel_image",
 )
 _TASK_KEYS = (
     "workload",
@@ -705,9 +715,20 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
             f"{format_size_exact(initial_balloon)} would leave the VM below min_memory "
             f"({format_size_exact(min_memory)})",
         )
+    kernel_image = None
+    if "kernel_image" in raw:
+        kernel_image = ctx.size(f"{key}.kernel_image", raw["kernel_image"])
+        memmap = -(-(memory // PAGE_SIZE) * 64 // PAGE_SIZE)  # a 64-byte struct page each
+        if kernel_image == 0 or kernel_image // PAGE_SIZE + memmap >= memory // PAGE_SIZE:
+            raise ctx.error(
+                f"{key}.kernel_image",
+                f"{format_size_exact(kernel_image)} plus the memmap ({memmap} pages) leaves no "
+                f"room in the VM's {format_size_exact(memory)}" if kernel_image else
+                "must be larger than 0 (omit it for the default)")
     return VmConfig(
         name=name,
         memory=memory,
+        kernel_image=kernel_image,
         features=tuple(features),
         wire=wire,
         stats_interval=stats_interval,
@@ -743,7 +764,13 @@ def _parse_document(doc: Mapping[str, Any], source: str) -> Topology:
             vm = ctx.collect(_parse_vm, ctx, v, f"vm[{i}]", host)
             if vm is not None:
                 parsed.append((i, vm))
-    vms = tuple(vm for _, vm in parsed)
+    cost: dict[str, Any] = {}
+    if "cost" in doc:
+        try:
+            cost = normalize_cost(doc["cost"])
+        except CostError as e:
+            ctx.errors.append(ctx.error(e.key, e.problem, e.suggestion))
+    vms = tuple(replace(vm, cost=cost) if cost else vm for _, vm in parsed)
     seen: dict[str, int] = {}
     for i, vm in parsed:
         if vm.name in seen:
@@ -761,7 +788,7 @@ def _parse_document(doc: Mapping[str, Any], source: str) -> Topology:
     if ctx.errors:
         raise TopologyError.several(ctx.errors)
     assert host is not None
-    return Topology(host=host, vms=vms, source=source, schedule=schedule,
+    return Topology(host=host, vms=vms, source=source, schedule=schedule, cost=cost,
                     warnings=tuple(ctx.warnings))
 
 
@@ -941,6 +968,8 @@ def _to_toml(topo: Topology) -> str:
             f"shares = {vm.shares}",
             f"initial_balloon = {_toml_value(format_size_exact(vm.initial_balloon))}",
         ]
+        if vm.kernel_image is not None:
+            out.append(f"kernel_image = {_toml_value(format_size_exact(vm.kernel_image))}")
         for task in vm.tasks:
             out += ["", "[[vm.task]]", *_task_lines(task)]
             if task.phases:
@@ -950,6 +979,16 @@ def _to_toml(topo: Topology) -> str:
                 for p in task.phases:
                     out.append("  {" + ", ".join(_task_lines(p)) + "},")
                 out.append("]")
+    if topo.cost:
+        out += ["", "[cost]"]
+        for k, v in topo.cost.items():
+            if k not in DEVICE_KEYS:
+                out.append(f"{k} = {_toml_value(format_ns(v))}")
+            elif isinstance(v, str):
+                out.append(f"{k} = {_toml_value(v)}")
+            else:
+                out.append(f"{k} = {{latency = {_toml_value(format_ns(v['latency']))}, "
+                           f"bandwidth = {v['bandwidth']}}}")
     if topo.schedule:
         from hypervisor.schedule import schedule_toml
 

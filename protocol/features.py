@@ -129,6 +129,8 @@ class StatTag(IntEnum):
     GUEST_SWAP_WRITE_ERRORS = 275  # guest swap writes that failed (the page stayed resident)
     GUEST_SWAP_READ_ERRORS = 276  # guest swap reads that failed (the task was killed)
     SWAP_READ_KILLS = 277  # tasks killed (as by SIGBUS) on a guest swap read error
+    MODELLED_NS = 278  # modelled time of the VM's tasks (sum of their clocks, guest.cost)
+    KERNEL_MEMMAP_PAGES = 279  # of KERNEL_PAGES: the page descriptors of configured RAM
 
     @property
     def unit(self) -> str:
@@ -148,6 +150,8 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.REPORTED_PAGES: "pages",
     StatTag.ANON_PAGES: "pages",
     StatTag.KERNEL_PAGES: "pages",
+    StatTag.KERNEL_MEMMAP_PAGES: "pages",
+    StatTag.MODELLED_NS: "ns",
     StatTag.STALL_NS_EPT: "ns",
     StatTag.STALL_NS_GUEST: "ns",
     StatTag.DRIVER_ALLOC_NS: "ns",
@@ -155,6 +159,11 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.DRIVER_DEFLATE_NS: "ns",
     StatTag.DRIVER_FREE_NS: "ns",
 }
+
+#: Per-task stats: task ``tid``'s accesses at tag ``TASK_STATS_BASE + 2 * tid``, its modelled
+#: clock (ns) at the next tag; tasks beyond ``MAX_TASK_STATS`` are not reported one by one.
+TASK_STATS_BASE = 0x8000
+MAX_TASK_STATS = 1024
 
 #: Largest value a stat may carry (uint64).
 MAX_STAT_VALUE = (1 << 64) - 1
