@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hypervisor.vmmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SIZE, VmMemory
+from hypervisor.vmmem import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, VmMemory
 from protocol import syscalls
+from protocol.constants import PAGE_SIZE
 
 
 def paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:

@@ -44,8 +44,9 @@ from hypervisor.hostswap import HostSwap, paired_runs
 from hypervisor.kernels import LOCKED
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
 from hypervisor.vm import Vm, VmState
-from hypervisor.vmmem import EPT_NOT_PRESENT, PunchFailed
+from hypervisor.vmmem import PunchFailed
 from protocol import pfn as P
+from protocol.constants import EPT_NOT_PRESENT
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class HostMemory:
         """The victims still ours: LOCKED with our token (a VM stopped meanwhile freed its
         victims; a frame freed and picked again carries another token)."""
         ours = self.inflight[frames] == token
-        live = frames[(self.ledger.state[frames] == LOCKED) & ours]
+        live: np.ndarray = frames[(self.ledger.state[frames] == LOCKED) & ours]
         self.inflight[frames[ours]] = 0
         return live
 
@@ -451,11 +452,11 @@ class HostMemory:
         self.ledger.unlock(frames[rest])
         vm.mem.set_present(gp[rest])
         self._discard(vm, slots[rest])  # a partial write may have taken blocks
-        point, e = failed
+        point, err = failed
         if point == "hostswap.write":
-            self._swap_write_failed(vm, e, int(frames.size) - done)
+            self._swap_write_failed(vm, err, int(frames.size) - done)
         else:
-            self._report("host_memory_error", vm, "swap_out", point, e,
+            self._report("host_memory_error", vm, "swap_out", point, err,
                          int(frames.size) - done)
 
     def _restore_present(self, frames: np.ndarray) -> None:
