@@ -615,7 +615,7 @@ def _decoder(plans: dict[bytes, BatchPlan], rest: Callable[[Any, int, int], Any]
         by_byte[prefix[pos]] = plan
     struct_error = struct.error
 
-    def decode(body: Any, s: int = 0, e: int | None = None) -> Any:
+    def decode(body: Any, s: int = 0, e: int | None = None, _new: Any = _new) -> Any:
         if e is None:
             e = len(body)
         if e - s <= pos or type(body) is not bytes:
@@ -643,17 +643,16 @@ def _decoder(plans: dict[bytes, BatchPlan], rest: Callable[[Any, int, int], Any]
                 q += 2
             else:
                 return rest(body, s, e)
-            slot = by_key.get(key)
-            # short or trailing bytes, another key, a set of the wrong length
-            if q + n != e or slot is None or n & slot[1]:
+            put, mask, put_other = by_key[key]  # KeyError: another key
+            if q + n != e or n & mask:  # short or trailing bytes, a set of the wrong length
                 return rest(body, s, e)
-        except (IndexError, struct_error):  # cut short
+        except (IndexError, KeyError, struct_error):  # cut short, or another key
             return rest(body, s, e)
-        msg: Any = _new(cls)
+        msg = _new(cls)  # a local: bound as a default
         put_id(msg, id_)
-        slot[0](msg, body[q:e])
-        if slot[2] is not None:
-            slot[2](msg, None)
+        put(msg, body[q:e])
+        if put_other is not None:
+            put_other(msg, None)
         if rule:
             try:
                 msg._validate()
