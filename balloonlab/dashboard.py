@@ -59,6 +59,9 @@ MANY_VMS = 16
 FEW_EVENT_LINES = 2
 #: Terminal width the table needs besides the bar (compact cells, 12 columns).
 TABLE_WIDTH_WITHOUT_BAR = 94
+#: Width of the optional ``model`` column (accesses per modelled second), shown when the
+#: terminal leaves room for it beside a bar of at least 6.
+MODEL_COLUMN_WIDTH = 6
 
 
 class ClientLike(Protocol):
@@ -149,16 +152,23 @@ def render(
     *,
     footer: str = "",
     width: int | None = None,
+    modelled: Mapping[str, float | None] | None = None,
 ) -> RenderableType:
     """The live view: one row per VM, a host row, then the last few events.
+
+    *modelled* (VM name → accesses per modelled second, ``RateWindow.modelled``) adds a
+    ``model`` column beside the wall-clock ``ops/s`` when the terminal is wide enough.
 
     Cells are compact (sizes like ``512M`` in binary units, rates like ``12.5k``) so that the
     table fits 100 columns; the memory bar takes what the terminal *width* leaves (up to
     ``BAR_WIDTH``). The host's policy, frames and swap are in the title line.
     """
     bar_width = BAR_WIDTH
+    show_model = modelled is not None and (
+        width is None or width - TABLE_WIDTH_WITHOUT_BAR - MODEL_COLUMN_WIDTH >= 6)
     if width is not None:
-        bar_width = max(6, min(BAR_WIDTH, width - TABLE_WIDTH_WITHOUT_BAR))
+        used = TABLE_WIDTH_WITHOUT_BAR + (MODEL_COLUMN_WIDTH if show_model else 0)
+        bar_width = max(6, min(BAR_WIDTH, width - used))
     table = Table(title=_host_line(snap), title_justify="left", expand=False,
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
                   show_edge=False)
@@ -173,6 +183,7 @@ def render(
         ("g.free", "right"),
         ("g.swap", "right"),
         ("ops/s", "right"),
+        *((("model", "right"),) if show_model else ()),
         ("flt/s", "right"),
         ("bad", "right"),
         ("memory", "left"),
@@ -180,6 +191,8 @@ def render(
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for vm in snap.vms:
         ops_s, faults_s = vm_rates.get(vm.name, (0.0, 0.0))
+        mr = (modelled or {}).get(vm.name)
+        model_cell = ((_count(mr) if mr is not None else "-"),) if show_model else ()
         state = vm.state if vm.driver in (None, "connected") else f"{vm.state}/{vm.driver}"
         table.add_row(
             vm.name,
@@ -192,6 +205,7 @@ def render(
             _copt(vm.guest_free_bytes),
             _copt(vm.guest_swap_used_bytes),
             _count(ops_s),
+            *model_cell,
             _count(faults_s),
             Text(str(vm.corrupted_reads), style="bold red" if vm.corrupted_reads else ""),
             bar(vm, bar_width),
@@ -211,6 +225,7 @@ def render(
         "",
         "",
         "",
+        *(("",) if show_model else ()),
         _host_bar(snap, bar_width),
     )
     parts: list[RenderableType] = [table]
@@ -267,8 +282,10 @@ def event_line(ev: Mapping[str, Any]) -> str:
 _event_line = event_line  # the name the CLI used before
 
 
-def plain_lines(snap: Snapshot, vm_rates: Mapping[str, tuple[float, float]]) -> list[str]:
-    """No-TTY status: one line per VM, then the host line."""
+def plain_lines(snap: Snapshot, vm_rates: Mapping[str, tuple[float, float]],
+                modelled: Mapping[str, float | None] | None = None) -> list[str]:
+    """No-TTY status: one line per VM, then the host line; with *modelled*, each VM's
+    accesses per modelled second beside its wall-clock ones."""
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
     lines = []
     for vm in snap.vms:
@@ -279,6 +296,8 @@ def plain_lines(snap: Snapshot, vm_rates: Mapping[str, tuple[float, float]]) -> 
             f"backed={_pages(vm.backed_pages)} host_swap={_pages(vm.host_swapped_pages)} "
             f"free={_opt(vm.guest_free_bytes)} guest_swap={_opt(vm.guest_swap_used_bytes)} "
             f"ops/s={ops_s:.0f} faults/s={faults_s:.0f} corrupted={vm.corrupted_reads}"
+            + (f" modelled_ops/s={mr:.0f}"
+               if (mr := (modelled or {}).get(vm.name)) is not None else "")
         )
     lines.append(f"{stamp} {_host_line(snap)}")
     return lines
@@ -362,6 +381,7 @@ class Monitor:
         if self.last is None:
             return Text("waiting for the first sample…")
         return render(self.last, self.last_rates, list(self.recent_events), footer=footer,
+                      modelled=self._rates.modelled,
                       width=width)
 
     def run(
@@ -401,7 +421,7 @@ class Monitor:
             snap = self.poll()
             now = time.monotonic()
             if plain_out is not None and now >= next_line:
-                for line in plain_lines(snap, self.last_rates):
+                for line in plain_lines(snap, self.last_rates, self._rates.modelled):
                     print(line, file=plain_out, flush=True)
                 next_line = now + PLAIN_INTERVAL
             stop.wait(period)

@@ -47,6 +47,7 @@ __all__ = [
     "RunSummary",
     "Snapshot",
     "VmSnapshot",
+    "modelled_rates",
     "provenance",
     "rates",
     "read_events",
@@ -110,6 +111,8 @@ class VmSnapshot:
     ops: int
     corrupted_reads: int
     oom_kills: int
+    #: The guest's modelled time (its tasks' clocks added, ns); None before it reports it.
+    modelled_ns: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +187,8 @@ def snapshot_from(
                 ops=_int(st, "ops"),
                 corrupted_reads=_int(st, "corrupted_reads"),
                 oom_kills=_int(st, "oom_kills"),
+                modelled_ns=(None if st.get("modelled_seconds") is None
+                             else round(float(st["modelled_seconds"]) * 1e9)),
             )
         )
     return Snapshot(time=time.time() if now is None else float(now), host=host, vms=tuple(out))
@@ -209,6 +214,24 @@ def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, tuple[float, float]
     return out
 
 
+def modelled_rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, float | None]:
+    """Per VM accesses per *modelled* second between two snapshots (the throughput the cost
+    model predicts, beside ``rates``' wall-clock one); None when it cannot be known (first
+    snapshot, no modelled time reported or passed, a counter reset)."""
+    out: dict[str, float | None] = {}
+    before = {v.name: v for v in prev.vms} if prev is not None else {}
+    for vm in cur.vms:
+        p = before.get(vm.name)
+        out[vm.name] = None
+        if p is None or vm.modelled_ns is None or p.modelled_ns is None:
+            continue
+        d_ns = vm.modelled_ns - p.modelled_ns
+        d_ops = vm.ops - p.ops
+        if d_ns > 0 and d_ops >= 0:
+            out[vm.name] = d_ops * 1e9 / d_ns
+    return out
+
+
 #: Seconds of history rates are computed over. Guests send stats every ``stats_interval``
 #: (1 s by default) while the dashboard polls 4 times a second, so a rate between two
 #: consecutive polls would read 0, 0, 0, then 4x the truth; a window longer than the stats
@@ -222,6 +245,8 @@ class RateWindow:
     def __init__(self, window: float = RATE_WINDOW) -> None:
         self.window = window
         self._history: deque[Snapshot] = deque()
+        #: Per VM accesses per modelled second over the same window (``modelled_rates``).
+        self.modelled: dict[str, float | None] = {}
 
     def update(self, snap: Snapshot) -> dict[str, tuple[float, float]]:
         """Add *snap*; return per-VM ``(ops/s, faults/s)`` against the oldest snapshot that is
@@ -230,6 +255,7 @@ class RateWindow:
         while len(self._history) > 2 and snap.time - self._history[1].time >= self.window:
             self._history.popleft()
         base = self._history[0] if len(self._history) > 1 else None
+        self.modelled = modelled_rates(base, snap)
         return rates(base, snap)
 
 
@@ -437,6 +463,8 @@ TIMESERIES_COLUMNS: tuple[str, ...] = (
     "host_frames_free",
     "host_swap_slots_total",
     "host_swap_slots_free",
+    "modelled_seconds",
+    "modelled_ops_per_s",
 )
 
 
@@ -514,6 +542,8 @@ class Recorder:
                     h.frames_free,
                     h.swap_slots_total,
                     h.swap_slots_free,
+                    "" if vm.modelled_ns is None else f"{vm.modelled_ns / 1e9:.9f}",
+                    "" if (mr := self._rates.modelled.get(vm.name)) is None else f"{mr:.1f}",
                 ]
             )
         self._csv_file.flush()

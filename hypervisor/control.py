@@ -34,7 +34,7 @@ from protocol import messages as m
 from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import ControlServer as ControlConnection
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.features import PAGE_SIZE, StatTag
+from protocol.features import MAX_TASK_STATS, PAGE_SIZE, TASK_STATS_BASE, StatTag
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,27 @@ class CallError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _modelled(st: Mapping[int, int]) -> dict[str, Any]:
+    """``dommemstat``'s modelled-time fields from the guest's stats: the VM's modelled seconds
+    (its tasks' clocks added: they share one vCPU) and accesses per modelled second, then the
+    same per task.  None until the guest reports them."""
+    ns = st.get(int(StatTag.MODELLED_NS))
+    ops = st.get(int(StatTag.OPS))
+    tasks = []
+    for tid in range(MAX_TASK_STATS):
+        acc = st.get(TASK_STATS_BASE + 2 * tid)
+        if acc is None:
+            break
+        tns = st.get(TASK_STATS_BASE + 2 * tid + 1, 0)
+        tasks.append({"task": tid, "accesses": acc, "modelled_seconds": tns / 1e9,
+                      "modelled_throughput": acc * 1e9 / tns if tns else None})
+    return {
+        "modelled_seconds": ns / 1e9 if ns is not None else None,
+        "modelled_throughput": ops * 1e9 / ns if ns and ops is not None else None,
+        "tasks": tasks or None,
+    }
 
 
 def _int_param(params: dict[str, Any], name: str, *, lo: int = 0, hi: int | None = None) -> int:
@@ -306,7 +327,9 @@ class ControlServer:
             # target keeps the policy away from this VM.
             "guest_anon_pages": tag(StatTag.ANON_PAGES),
             "guest_kernel_pages": tag(StatTag.KERNEL_PAGES),
+            "guest_kernel_memmap_pages": tag(StatTag.KERNEL_MEMMAP_PAGES),
             "manual_target": vm.manual_target,
+            **_modelled(st),
         }
 
     def counters(self, params: dict[str, Any]) -> dict[str, Any]:
