@@ -377,7 +377,16 @@ def dommemstat_lines(stats: dict[str, Any]) -> list[str]:
         v = stats[k]
         if v is None:
             continue  # not reported (yet): virsh leaves such fields out too
-        if k in DOMMEMSTAT_BYTES and isinstance(v, int):
+        if k == "tasks" and isinstance(v, list):
+            for t in v:  # one line per task: its accesses and modelled clock
+                mt = t.get("modelled_throughput")
+                lines.append(f"{'task ' + str(t.get('task')):<{width}} accesses "
+                             f"{t.get('accesses')}  modelled {t.get('modelled_seconds', 0):.6f} s"
+                             f"  {'-' if mt is None else f'{mt:,.0f}'} accesses/modelled s")
+            continue
+        if k in ("modelled_seconds", "modelled_throughput") and isinstance(v, float):
+            text = f"{v:.6f}" if k == "modelled_seconds" else f"{v:,.0f}"
+        elif k in DOMMEMSTAT_BYTES and isinstance(v, int):
             text = str(v // 1024)
         elif isinstance(v, int) and not isinstance(v, bool) and k.endswith("_pages"):
             text = f"{v}  ({format_size(v * PAGE_SIZE)})"
