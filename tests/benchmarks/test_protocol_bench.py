@@ -35,7 +35,7 @@ def test_protocol_cli_writes_json_and_markdown(tmp_path: Path):
     res = CliRunner().invoke(bench, ["protocol", "--repeat", "1", "--breakdown",
                                      "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)  # progress lines go to stderr
     assert out["benchmark"] == "protocol" and out["machine"]["nproc"] >= 1
     assert out["pfns-4096"]["overhead_ratio"]["median"] > 0
     saved = json.loads((tmp_path / "protocol.json").read_text())
