@@ -683,6 +683,12 @@ def run_up(
     for topologies built in memory): launch, wait, then detach or monitor until *for_* seconds pass, Ctrl-C (or
     SIGTERM/SIGHUP), or the host exits; shut down and return the run summary (``None`` when
     detached)."""
+    from hypervisor import preflight
+
+    try:  # refuse a topology this machine cannot hold, before anything starts
+        preflight.check(topo)
+    except preflight.PreflightError as e:
+        _fail(str(e))
     with _stop_on_signals():
         return _run_up(topo, topo_path=topo_path, for_=for_, detach=detach, record=record,
                        dashboard=dashboard, boot_timeout=boot_timeout)

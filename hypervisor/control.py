@@ -84,6 +84,12 @@ class ControlledHost(Protocol):
     def oom_kills(self) -> int: ...
 
     @property
+    def policy_rounds(self) -> int: ...
+
+    @property
+    def policy_cpu_seconds(self) -> float: ...
+
+    @property
     def run_dir(self) -> Path: ...
 
     @property
@@ -271,7 +277,8 @@ class ControlServer:
                 "frames_total": led.frames_total, "frames_free": led.frames_free,
                 "swap_slots_total": led.swap_slots_total, "swap_slots_free": led.slots_free,
                 "policy": h.policy_name, "run_dir": str(h.run_dir),
-                "started": h.started_at, "oom_kills": h.oom_kills}
+                "started": h.started_at, "oom_kills": h.oom_kills,
+                "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds}
 
     def list_vms(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         out = []

@@ -100,6 +100,9 @@ class Host:
         self.policy_name = "none"
         self.policy: Any = None
         self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
+        #: Policy rounds run by the loop and the host CPU seconds they took (thread time).
+        self.policy_rounds = 0
+        self.policy_cpu_seconds = 0.0
         self.started_at = 0.0
 
     # ================================================================== lifetime
@@ -436,10 +439,13 @@ class Host:
         interval = float(self.topology.host.policy_interval)
         while True:
             await asyncio.sleep(interval)
+            t0 = time.thread_time()
             try:
                 self.policy_step()
             except Exception:  # noqa: BLE001 - a broken policy must not stop the host
                 log.exception("policy %s failed", self.policy_name)
+            self.policy_rounds += 1
+            self.policy_cpu_seconds += time.thread_time() - t0
 
     def policy_step(self) -> list[Any]:
         """One collect → decide → act round; returns the decisions applied."""
