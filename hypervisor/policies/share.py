@@ -17,7 +17,10 @@ averages of ``touched / sampled`` per VM, a slow one and a fast one, and uses th
 it reacts at once when a working set grows and slowly when it shrinks. A VM is not reclaimed
 from before its first sample: until then nothing says whether its memory is idle (the VMs of
 a host that just booted would otherwise be picked by their sizes alone). It can still be
-given memory back.
+given memory back. A VM the policy saw booting (samples without guest stats yet) is sampled
+for ``warmup`` seconds after its first guest stats before a sample counts: the host picks the
+pages to sample when a period starts, and a period that started while the guest was booting
+sampled pages its tasks had not touched yet, so it would read as idle.
 
 Host states, in fractions of ``frames_total`` (host free as in :func:`host_free_fraction`):
 
@@ -81,6 +84,8 @@ class SharePolicy(Policy):
         "fast_gain": 0.5,
         # Active fraction assumed before the first sample: 1.0 taxes nobody unmeasured.
         "initial_active": 1.0,
+        # Seconds after a booting VM's first guest stats before its samples count.
+        "warmup": 5.0,
         "swap_debt": True,
         "stall_backoff": 10.0,
         "pressure_deflate_factor": 0.5,
@@ -99,6 +104,7 @@ class SharePolicy(Policy):
         check_range(self.name, p, "slow_gain", 0.0, 1.0, lo_open=True)
         check_range(self.name, p, "fast_gain", 0.0, 1.0, lo_open=True)
         check_range(self.name, p, "initial_active", 0.0, 1.0)
+        check_range(self.name, p, "warmup", 0.0, 1e9)
         check_range(self.name, p, "stall_backoff", 0.0, 1e9)
         check_range(self.name, p, "pressure_deflate_factor", 0.0, 1.0, hi_open=True)
         self.tax_rate = self.param_float("tax_rate")
@@ -110,6 +116,9 @@ class SharePolicy(Policy):
         self.slow_gain = self.param_float("slow_gain")
         self.fast_gain = self.param_float("fast_gain")
         self.initial_active = self.param_float("initial_active")
+        self.warmup = self.param_float("warmup")
+        #: Per VM seen booting: when its first guest stats came (None: not yet).
+        self._ready_at: dict[str, float | None] = {}
         self.swap_debt = self.param_bool("swap_debt")
         self.guard = GuestGuard(
             backoff=self.param_float("stall_backoff"),
@@ -121,6 +130,14 @@ class SharePolicy(Policy):
 
     def observe(self, vm: VmSample) -> None:
         """Fold ``vm``'s accessed-bit sample into its moving averages (once per sample)."""
+        if vm.free_pages is None:
+            self._ready_at.setdefault(vm.name, None)  # booting: no guest stats yet
+        elif vm.name in self._ready_at and self._ready_at[vm.name] is None:
+            self._ready_at[vm.name] = vm.time
+        if vm.name in self._ready_at:
+            ready = self._ready_at[vm.name]
+            if ready is None or vm.time < ready + self.warmup:
+                return
         if vm.active_sampled == 0:
             return
         x = vm.active_touched / vm.active_sampled
@@ -163,6 +180,9 @@ class SharePolicy(Policy):
         for name in list(self._activity):
             if name not in by_name:
                 del self._activity[name]
+        for name in list(self._ready_at):
+            if name not in by_name:
+                del self._ready_at[name]
         for vm in by_name.values():
             self.observe(vm)
 

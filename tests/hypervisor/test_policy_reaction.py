@@ -88,3 +88,22 @@ def test_share_does_not_hand_a_tiny_need_to_the_next_vm() -> None:
     # A need worth b's while still goes to b alone.
     d = SharePolicy({"low_free": 0.25, "high_free": 0.4}).decide(host(2400, 5.0), vms, [])
     assert [(x.vm, x.target_pages) for x in d] == [("b", 100)]
+
+
+def test_share_does_not_measure_a_booting_vm_before_its_warmup() -> None:
+    # The host picked the pages to sample while the VM booted: none of them is touched
+    # (0 of 100) although the VM's task is busy. A VM seen without guest stats is measured
+    # only `warmup` (5 s) after its first stats, so this sample cannot make it look idle.
+    policy = SharePolicy({"low_free": 0.25, "high_free": 0.4})
+    boot = [vm("a", 1.0, free_pages=None, active_sampled=0, active_touched=0)]
+    assert policy.decide(host(500, 1.0), boot, []) == []
+    stats = [vm("a", 2.0, active_touched=0)]  # first stats, a sample armed during boot
+    assert policy.decide(host(500, 2.0), stats, []) == []
+    assert policy.decide(host(500, 6.9), [vm("a", 6.9, active_touched=0)], []) == []
+    # 5 s after its first stats its samples count: now it is measured (idle) and taxed.
+    d = policy.decide(host(500, 7.0), [vm("a", 7.0, active_touched=0)], [])
+    assert [x.vm for x in d] == ["a"]
+    # A VM first seen with stats (already running when the policy started) counts at once.
+    fresh = SharePolicy({"low_free": 0.25, "high_free": 0.4})
+    assert [x.vm for x in fresh.decide(host(500, 1.0), [vm("b", 1.0, active_touched=0)],
+                                       [])] == ["b"]
