@@ -1,4 +1,4 @@
-"""``balloonlab bench reclaim|kernels`` (also ``python -m balloonlab.bench reclaim|kernels``).
+"""``balloonlab bench reclaim|kernels|protocol|scale`` (also ``python -m balloonlab.bench ...``).
 
 Results go to ``--out`` (a directory: ``<name>.json``, ``<name>.md`` and, for kernels, a PNG)
 and, with ``--json``, one JSON object on stdout. Sizes take B/KiB/MiB/GiB.
@@ -226,6 +226,52 @@ def protocol_cmd(repeat: int, breakdown: bool, out: Path | None, as_json: bool) 
     res["benchmark"] = "protocol"
     res["machine"] = report.machine()
     _emit(res, out, "protocol", as_json, report.protocol_markdown(res))
+
+
+def _counts(_ctx: Any, _param: Any, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        counts = tuple(int(c) for c in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated VM counts, got {value!r}") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"VM counts must be at least 1, got {value!r}")
+    return counts
+
+
+@bench.command("scale")
+@click.option("--full", is_flag=True,
+              help="the long sweep behind docs/results.md (1, 2, 4, 8, 16, 32 VMs)")
+@click.option("--counts", default=None, callback=_counts, metavar="N,N,...",
+              help="VM counts to measure [default: 1,2,4,8; --full: 1,2,4,8,16,32]")
+@click.option("--sample", "sample_s", default=4.0, show_default=True,
+              type=click.FloatRange(0.5, 600), help="seconds of sampling once a host is up")
+@click.option("--boot-timeout", "boot_timeout", default=None, type=click.FloatRange(1, 3600),
+              help="seconds each host may take to come up [default: 60 + 10 per VM]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for scale.json, scale.md and scale.png")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def scale_cmd(full: bool, counts: tuple[int, ...] | None, sample_s: float,
+              boot_timeout: float | None, out: Path | None, as_json: bool) -> None:
+    """Up/down time, PSS per process, policy round CPU and control latency against the
+    number of VMs (cuts of the fleet topology).
+
+    The default run takes a minute or two; --full is the sweep docs/results.md reports."""
+    from benchmarks import scale as S
+
+    chosen = _pick(counts, S.QUICK_COUNTS, S.FULL_COUNTS, full)
+    try:
+        with _progress("scale") as say:
+            res = S.run_scale(chosen, boot_timeout=boot_timeout, sample_s=sample_s,
+                              progress=say)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    res["full"] = full
+    res["machine"] = report.machine()
+    if out is not None:
+        S.plot(res, out / "scale.png")
+    _emit(res, out, "scale", as_json, S.markdown(res))
 
 
 def main() -> None:
