@@ -253,6 +253,12 @@ class Listener:
             self._task.cancel()
             self._task = None
         if self.sock.fileno() >= 0:
+            # Unwatch before closing: the descriptor number may be reused at once, before
+            # the cancelled accept loop gets to run its own clean-up.
+            try:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            except RuntimeError:
+                pass  # no loop running: nothing watches the socket
             self.sock.close()
         if self._reserve is not None:
             os.close(self._reserve)
