@@ -379,3 +379,46 @@ def test_fault_walk_first_second_and_last_call_of_every_memory_point():
 @pytest.mark.slow
 def test_fault_walk_every_call_of_every_memory_point():
     _walk(lambda c: range(1, c + 1))
+
+
+# ------------------------------------------------------------------ ledger: write-then-commit
+
+
+def test_reserved_slots_are_nobodys_until_committed_and_cancel_changes_nothing():
+    from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap
+
+    led = FrameLedger(8, 4)
+    vm = led.add_vm("a", 8)
+    frames, _ = led.back(vm.index, np.arange(4))
+    led.unlock(frames)
+    victims = led.pick_victims(2)
+    slots = led.reserve_slots(2)
+    assert led.slots_used == 2 and np.all(vm.p2m[:4] >= 0)  # no page points at a slot yet
+    with pytest.raises(AssertionError, match="reserved"):
+        led.check()  # a reservation left behind is a leak
+    with pytest.raises(OutOfSwap):
+        led.reserve_slots(3)
+    with pytest.raises(OutOfSwap):
+        led.reserve_slots(1, limit=2)  # a full disk caps the slots below the file's size
+    led.cancel_slots(slots[1:])
+    with pytest.raises(LedgerError):
+        led.cancel_slots(slots[1:])  # already free
+    (so,) = led.swap_out(victims[:1], slots[:1])  # commit the one whose copy landed
+    assert vm.swapped == 1 and vm.p2m[so.gpfns[0]] == -(int(so.slots[0]) + 2)
+    led.unlock(victims[1:])
+    led.check()
+    assert led.slots_used == 1 and led.frames_used == 3
+
+
+def test_victims_are_never_picked_from_an_excluded_vm():
+    from hypervisor.ledger import FrameLedger
+
+    led = FrameLedger(8, 8)
+    a, b = led.add_vm("a", 4), led.add_vm("b", 4)
+    for v in (a, b):
+        f, _ = led.back(v.index, np.arange(4))
+        led.unlock(f)
+    state = led.state.copy()
+    victims = led.pick_victims(8, exclude=[a.index])
+    assert victims.size == 4 and set(led.owner_vm[victims].tolist()) == {b.index}
+    assert np.array_equal(led.state[led.owner_vm == a.index], state[led.owner_vm == a.index])
