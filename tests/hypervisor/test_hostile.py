@@ -150,13 +150,17 @@ def test_a_hung_guest_does_not_stall_the_other_vms():
         async with Lab(topo(10, 16, {"a": 8, "b": 8, "c": 8})) as lab:
             a, b, c = [await lab.guest(n) for n in "abc"]
             await a.touch(np.arange(8))  # 8 of 10 frames
-            lab.host.vms["a"].machine.shootdown_timeout = 3.0
+            # A's shootdown times out when the test says so (below), not after a wall-clock
+            # time a loaded machine could spend before C's fault is served.
+            lab.host.vms["a"].machine.shootdown_timeout = 600.0
             a.ack_shootdowns = False
             b_faults = asyncio.create_task(b.touch([0, 1, 2]))  # needs one of A's frames
             await _shootdown_in_flight(lab, a)
             await c.touch([5])  # a free frame: served now, not after A's timeout
             assert lab.host.vms["a"].state == "running" and not b_faults.done()
             assert await c.read(5, 16) == c.stamp(5)
+            for fut in lab.host.vms["a"].machine._pending.values():  # A's timeout expires
+                fut.set_exception(asyncio.TimeoutError())
             await b_faults  # A timed out and was stopped; its frames went to B
             await lab.quiesce()
             assert lab.host.vms["a"].state == "crashed"
