@@ -32,7 +32,9 @@ import numpy as np
 
 from benchmarks import references
 from guest import kernels as GK
-from guest.mm import BuddyAllocator
+from guest.cost import DEFAULT_COST
+from guest.kernel import QUANTUM
+from guest.mm import BuddyAllocator, MemoryManager, TaskMem, VmStats
 from hypervisor import kernels as HK
 from protocol import pfn as P
 from protocol.testing import naive as _naive_pfn
@@ -407,6 +409,34 @@ def _r_vcpu(c: Ctx) -> None:
     c["wcount"][:] = 0
 
 
+def _c_vcpu_quanta(n: int, rng: np.random.Generator) -> Ctx:
+    c = _c_vcpu(n, rng)
+    # the memory manager's bookkeeping needs only its stats and cost model
+    c["acct"] = type("Acct", (), {})()
+    c["acct"].stats, c["acct"].cost = VmStats(), DEFAULT_COST
+    c["task_mem"] = TaskMem(7, 1)
+    return c
+
+
+def _vcpu_quanta(c: Ctx, modelled: bool) -> tuple[int, int, int, int, int]:
+    """The stream in the guest kernel's quanta, as MemoryManager.run_quantum runs it; with
+    ``modelled``, its modelled-time bookkeeping after each quantum (count, then multiply)."""
+    n = c["vpns"].shape[0]
+    t, acct = c["task_mem"], c["acct"]
+    i = ops_all = bad_all = 0
+    code = arg = 0
+    while i < n:
+        code, i, arg, ops, bad = GK.vcpu_run(
+            c["ram"], c["pt"], c["wcount"], c["vpns"], c["writes"], i, min(n, i + QUANTUM),
+            c["ept"], c["host_acc"], c["guest_acc"], c["needs_zero"], c["task"])
+        ops_all += ops
+        bad_all += bad
+        if modelled:
+            t.accesses += ops
+            MemoryManager.charge(acct, t, acct.cost.accesses(ops))
+    return int(code), int(i), int(arg), int(ops_all), int(bad_all)
+
+
 def _c_lookahead(n: int, rng: np.random.Generator) -> Ctx:
     return {"pt": rng.permutation(n).astype(np.int64),
             "vpns": rng.integers(0, n, size=n, dtype=np.int64),
@@ -594,6 +624,17 @@ def _cases() -> list[Case]:
                  len(c["l_vpns"]), c["l_ept"], c["l_hacc"], c["l_gacc"], c["l_nz"], c["task"]),
              naive_ctx=_vcpu_naive_ctx, reset=_r_vcpu, mem_per_frame=48,
              note=f"elements are memory accesses (30 % writes) over {VCPU_PAGES} pages"),
+        *(Case(f"guest.vcpu_run[quanta{'+modelled' if on else ''}]", "guest", _c_vcpu_quanta,
+               kernel=lambda c, on=on: _vcpu_quanta(c, on),
+               numpy=np_vcpu_run,
+               naive=lambda c: NAIVE_GUEST.naive_vcpu_run(  # type: ignore[union-attr]
+                   c["l_ram"], c["l_pt"], c["l_wcount"], c["l_vpns"], c["l_writes"], 0,
+                   len(c["l_vpns"]), c["l_ept"], c["l_hacc"], c["l_gacc"], c["l_nz"],
+                   c["task"]),
+               naive_ctx=_vcpu_naive_ctx, reset=_r_vcpu, mem_per_frame=48,
+               note=f"as guest.vcpu_run, in quanta of {QUANTUM} accesses"
+                    + (", with the modelled-time bookkeeping after each" if on else ""))
+          for on in (False, True)),
         Case("guest.lookahead_not_present", "guest", _c_lookahead,
              kernel=lambda c: c["out"][:GK.lookahead_not_present(
                  c["pt"], c["vpns"], 0, c["vpns"].shape[0], c["ept"], c["mark"],
