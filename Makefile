@@ -39,12 +39,13 @@ test-quick: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 # Every benchmark in its full variant, results into docs/results (the tables in
-# docs/results.md come from them, so these stay comparable). About 45 minutes; a plain
+# docs/results.md come from them, so these stay comparable). About 55 minutes; a plain
 # `balloonlab bench NAME` is the quick run of a minute or two.
 bench: $(STAMP)
 	$(VENV)/bin/balloonlab bench protocol --repeat 9 --breakdown --out docs/results
 	$(VENV)/bin/balloonlab bench reclaim --full --out docs/results
 	$(VENV)/bin/balloonlab bench kernels --full --out docs/results
+	$(VENV)/bin/balloonlab bench scale --full --out docs/results
 
 clean:
 	rm -rf build $(VENV) *.egg-info
