@@ -17,10 +17,12 @@ averages of ``touched / sampled`` per VM, a slow one and a fast one, and uses th
 it reacts at once when a working set grows and slowly when it shrinks. A VM is not reclaimed
 from before its first sample: until then nothing says whether its memory is idle (the VMs of
 a host that just booted would otherwise be picked by their sizes alone). It can still be
-given memory back. A VM the policy saw booting (samples without guest stats yet) is sampled
-for ``warmup`` seconds after its first guest stats before a sample counts: the host picks the
-pages to sample when a period starts, and a period that started while the guest was booting
-sampled pages its tasks had not touched yet, so it would read as idle.
+given memory back. With ``warmup`` > 0 (off by default), a VM the policy saw booting (samples
+without guest stats yet) is sampled for ``warmup`` seconds after its first guest stats before
+a sample counts: the host picks the pages to sample when a period starts, and a period that
+started while the guest was booting sampled pages its tasks had not touched yet, so a busy VM
+can read as idle. Set it to at least the host's sampling period when VMs boot with the
+policy already running and the first seconds' decisions matter less than their victims.
 
 Host states, in fractions of ``frames_total`` (host free as in :func:`host_free_fraction`):
 
@@ -84,8 +86,8 @@ class SharePolicy(Policy):
         "fast_gain": 0.5,
         # Active fraction assumed before the first sample: 1.0 taxes nobody unmeasured.
         "initial_active": 1.0,
-        # Seconds after a booting VM's first guest stats before its samples count.
-        "warmup": 5.0,
+        # Seconds after a booting VM's first guest stats before its samples count (0: off).
+        "warmup": 0.0,
         "swap_debt": True,
         "stall_backoff": 10.0,
         "pressure_deflate_factor": 0.5,
@@ -134,7 +136,7 @@ class SharePolicy(Policy):
             self._ready_at.setdefault(vm.name, None)  # booting: no guest stats yet
         elif vm.name in self._ready_at and self._ready_at[vm.name] is None:
             self._ready_at[vm.name] = vm.time
-        if vm.name in self._ready_at:
+        if self.warmup > 0 and vm.name in self._ready_at:
             ready = self._ready_at[vm.name]
             if ready is None or vm.time < ready + self.warmup:
                 return

@@ -381,6 +381,7 @@ low_free = 0.20
 high_free = 0.40
 max_step_percent = 0.50
 stall_backoff = 3.0
+warmup = 2.0
 
 [[vm]]
 name = "web"
@@ -402,7 +403,7 @@ rate = 100000
 [[vm.task.phases]]
 workload = "uniform"
 size = "8MiB"
-duration = "8s"
+duration = "15s"
 [[vm.task.phases]]
 workload = "uniform"
 size = "32MiB"

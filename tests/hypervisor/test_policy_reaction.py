@@ -93,8 +93,8 @@ def test_share_does_not_hand_a_tiny_need_to_the_next_vm() -> None:
 def test_share_does_not_measure_a_booting_vm_before_its_warmup() -> None:
     # The host picked the pages to sample while the VM booted: none of them is touched
     # (0 of 100) although the VM's task is busy. A VM seen without guest stats is measured
-    # only `warmup` (5 s) after its first stats, so this sample cannot make it look idle.
-    policy = SharePolicy({"low_free": 0.25, "high_free": 0.4})
+    # only `warmup` (here 5 s) after its first stats, so this sample cannot make it look idle.
+    policy = SharePolicy({"low_free": 0.25, "high_free": 0.4, "warmup": 5.0})
     boot = [vm("a", 1.0, free_pages=None, active_sampled=0, active_touched=0)]
     assert policy.decide(host(500, 1.0), boot, []) == []
     stats = [vm("a", 2.0, active_touched=0)]  # first stats, a sample armed during boot
@@ -104,6 +104,10 @@ def test_share_does_not_measure_a_booting_vm_before_its_warmup() -> None:
     d = policy.decide(host(500, 7.0), [vm("a", 7.0, active_touched=0)], [])
     assert [x.vm for x in d] == ["a"]
     # A VM first seen with stats (already running when the policy started) counts at once.
-    fresh = SharePolicy({"low_free": 0.25, "high_free": 0.4})
+    fresh = SharePolicy({"low_free": 0.25, "high_free": 0.4, "warmup": 5.0})
     assert [x.vm for x in fresh.decide(host(500, 1.0), [vm("b", 1.0, active_touched=0)],
                                        [])] == ["b"]
+    # Off by default: the first sample counts as soon as it comes.
+    off = SharePolicy({"low_free": 0.25, "high_free": 0.4})
+    assert off.decide(host(500, 1.0), boot, []) == []
+    assert [x.vm for x in off.decide(host(500, 2.0), stats, [])] == ["a"]
