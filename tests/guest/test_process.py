@@ -314,10 +314,12 @@ def test_working_sets_shrink_and_finished_tasks_free_memory(tmp_path) -> None:
     async def scenario():
         async with guest_vm(tmp_path, pages, cfg) as (peer, proc, run_dir):
             ch = await driver(run_dir)
-            st = await wait_for(ch, lambda s: s[T.ANON_PAGES] >= 1024 + 256, "both tasks up")
-            assert st[T.TASKS_RUNNING] == 2
-            st = await wait_for(ch, lambda s: s[T.TASKS_RUNNING] == 1, "task 1 finished")
-            st = await wait_for(ch, lambda s: s[T.ANON_PAGES] <= 128, "phase shrink")
+            # (States that last, not a moment both tasks are up: on a loaded machine that
+            # moment may be over before the first meminfo.)
+            st = await wait_for(ch, lambda s: s[T.TASKS_RUNNING] == 1 and s[T.ANON_PAGES] <= 128,
+                                "task 1 finished and the phase shrink")
+            # Both tasks had their memory: each of their pages was faulted in once.
+            assert st[T.MINFLT] >= 1024 + 512
             assert st[T.ANON_PAGES] == 128  # the idle phase re-touched its smaller set
             assert st[T.CORRUPTED_READS] == 0
             free = st[T.MEMFREE] // PAGE
@@ -333,9 +335,11 @@ def test_deflate_on_oom_then_oom_kill(tmp_path) -> None:
     """No swap, most of RAM in the balloon, a task that needs it: the kernel asks the driver
     (oom_notify) first; when the driver refuses, the OOM killer runs."""
     pages = 4096
+    # The tasks start late enough for the driver to fill the balloon first, even on a
+    # loaded machine.
     cfg = config(pages, 0, [{"workload": "scan", "size": 3000 * PAGE, "write_ratio": 0.5,
-                             "start": 1.0},
-                            {"workload": "scan", "size": 1500 * PAGE, "start": 2.0}])
+                             "start": 4.0},
+                            {"workload": "scan", "size": 1500 * PAGE, "start": 5.0}])
 
     async def scenario():
         async with guest_vm(tmp_path, pages, cfg) as (peer, proc, run_dir):
