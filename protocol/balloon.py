@@ -400,7 +400,7 @@ class BalloonDriver(Connection):
             try:
                 P.validate_runs(arr, self.guest_pages or MAX_GUEST_PAGES)
             except P.RunError as e:
-                raise P.RunError(e.code, f"{msg.TYPE}: {e.message}", index=e.index,
+                raise P.RunError(ErrorCode(e.code), f"{msg.TYPE}: {e.message}", index=e.index,
                                  pfn=e.pfn) from None
             self._grow(int((arr[:, 0] + arr[:, 1]).max()))
         # Every page in the expected state: one pass over the batch's pages, never over

@@ -57,12 +57,12 @@ _HIGHEST = np.uint64(1) << np.uint64(63)  # keeps trailing_zeros defined on a ze
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _nz_hi(w):
+def _nz_hi(w: Any) -> Any:
     return (((w & _LO7) + _LO7) | w) & _HI
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _load_word(a, i, n):
+def _load_word(a: np.ndarray, i: int, n: int) -> Any:
     """Bytes ``a[i:i+8]`` as a little-endian uint64, zero-padded beyond ``n``."""
     w = np.uint64(0)
     for b in range(min(8, n - i)):
@@ -71,7 +71,7 @@ def _load_word(a, i, n):
 
 
 @njit(cache=True, nogil=True)
-def _runs_from_sorted(a, out):
+def _runs_from_sorted(a: np.ndarray, out: np.ndarray) -> int:
     """Compress a sorted array (duplicates allowed) into runs; returns the run count."""
     n = a.shape[0]
     if n == 0:
@@ -97,7 +97,7 @@ def _runs_from_sorted(a, out):
 
 
 @njit(cache=True, nogil=True)
-def _run_breaks(a, idx):
+def _run_breaks(a: np.ndarray, idx: np.ndarray) -> tuple[int, bool]:
     """For ascending ``a``: indices where a run starts go to ``idx`` (then ``len(a)``);
     returns (number of runs, whether ``a`` is strictly increasing).
 
@@ -111,7 +111,7 @@ def _run_breaks(a, idx):
     prev = np.int64(a[0])
     for i in range(1, n):
         v = np.int64(a[i])
-        ok &= v > prev
+        ok &= v > prev  # type: ignore[assignment]  # a numpy bool in Python, a bool in numba
         idx[k] = i
         k += v != prev + 1
         prev = v
@@ -120,14 +120,14 @@ def _run_breaks(a, idx):
 
 
 @njit(cache=True, nogil=True)
-def _runs_at_breaks(a, idx, k, out):
+def _runs_at_breaks(a: np.ndarray, idx: np.ndarray, k: int, out: np.ndarray) -> None:
     for r in range(k):
         out[r, 0] = np.uint64(a[idx[r]])
         out[r, 1] = np.uint64(idx[r + 1] - idx[r])
 
 
 @njit(cache=True, nogil=True)
-def _expand_runs(runs, out):
+def _expand_runs(runs: np.ndarray, out: np.ndarray) -> Any:
     k = 0
     for r in range(runs.shape[0]):
         first = np.int64(runs[r, 0])
@@ -139,7 +139,8 @@ def _expand_runs(runs, out):
 
 
 @njit(cache=True, nogil=True)
-def _check_pfns(pfns, limit, state, scratch, want_clear):
+def _check_pfns(pfns: np.ndarray, limit: Any, state: np.ndarray, scratch: np.ndarray,
+                want_clear: bool) -> Any:
     """Validate a pfn batch; returns (status, index of first bad entry).
 
     Range is checked first for the whole batch so that ``state``/``scratch`` are never
@@ -171,7 +172,8 @@ def _check_pfns(pfns, limit, state, scratch, want_clear):
 
 
 @njit(cache=True, nogil=True)
-def _first_bad_state(state, words, a, e, want_clear):
+def _first_bad_state(state: np.ndarray, words: np.ndarray, a: Any, e: Any,
+                     want_clear: bool) -> Any:
     """First index in ``[a, e)`` whose state is wrong (set when ``want_clear`` is false,
     clear when it is true), or -1: head and tail bytes one at a time, the aligned middle
     eight entries per load of ``words`` (``state``'s first ``len & ~7`` bytes as uint64)."""
@@ -193,7 +195,7 @@ def _first_bad_state(state, words, a, e, want_clear):
         if want_clear:
             m = ~m & _HI  # ... of each zero byte
         if m:
-            return (wi << 3) + (trailing_zeros(m) >> 3)
+            return (wi << 3) + (trailing_zeros(m) >> 3)  # type: ignore[call-arg]
         wi += 1
     i = max(i, wi << 3)
     while i < e:
@@ -222,7 +224,8 @@ def _check_run_bounds(runs: np.ndarray, limit: np.int64) -> Any:
 
 
 @njit(cache=True, nogil=True)
-def _check_runs(runs, limit, state, scratch, want_clear):
+def _check_runs(runs: np.ndarray, limit: Any, state: np.ndarray, scratch: np.ndarray,
+                want_clear: bool) -> Any:
     """Validate a run batch; returns (status, index of first bad run)."""
     n = runs.shape[0]
     status, bad, disjoint = _check_run_bounds(runs, limit)
@@ -293,20 +296,20 @@ def _first_run_page_not_in(runs: np.ndarray, state: np.ndarray, value: np.uint8)
 
 
 @njit(cache=True, nogil=True)
-def _set_pfns(state, pfns, value):
+def _set_pfns(state: np.ndarray, pfns: np.ndarray, value: Any) -> None:
     for i in range(pfns.shape[0]):
         state[np.int64(pfns[i])] = value
 
 
 @njit(cache=True, nogil=True)
-def _set_runs(state, runs, value):
+def _set_runs(state: np.ndarray, runs: np.ndarray, value: Any) -> None:
     for r in range(runs.shape[0]):
         first = np.int64(runs[r, 0])
         state[first : first + np.int64(runs[r, 1])] = value
 
 
 @njit(cache=True, nogil=True)
-def _count_nonzero(a):
+def _count_nonzero(a: np.ndarray) -> Any:
     c = 0
     for i in range(a.shape[0]):
         if a[i] != 0:
@@ -315,7 +318,7 @@ def _count_nonzero(a):
 
 
 @njit(cache=True, nogil=True)
-def _runs_of_set(state, words, out):
+def _runs_of_set(state: np.ndarray, words: np.ndarray, out: np.ndarray) -> Any:
     """Runs of nonzero entries of a byte map, in order; returns the run count.
 
     ``words`` is the map's first ``len(state) // 8 * 8`` bytes viewed as uint64. Word at a
@@ -342,7 +345,7 @@ def _runs_of_set(state, words, out):
         hi = _nz_hi(w)
         t = hi ^ ((hi << _U8) | carry)
         carry = hi >> _U56
-        flat[j] = i + (trailing_zeros(t | _HIGHEST) >> 3)
+        flat[j] = i + (trailing_zeros(t | _HIGHEST) >> 3)  # type: ignore[call-arg]
         j += t != 0
         t &= t - one
         flat[j] = i + (trailing_zeros(t | _HIGHEST) >> 3)
@@ -388,7 +391,7 @@ class BatchCheck(NamedTuple):
 
     ok: bool
     code: ErrorCode | None = None
-    index: int = -1
+    index: int = -1  # type: ignore[assignment]  # shadows tuple.index on purpose
     message: str = ""
 
     def error(self, pfn: int = -1) -> RunError | None:
