@@ -122,7 +122,8 @@ def measure_count(n: int, workdir: Path, *, boot_timeout: float | None = None,
     d = workdir / f"n{n}"
     d.mkdir(parents=True)
     topo = fleet_cut(n, f"scale{os.getpid()}n{n}", d / "run", POLICY_INTERVAL_S)
-    point: dict[str, Any] = {"vms": n, "ok": False, "boot_timeout_s": timeout}
+    point: dict[str, Any] = {"vms": n, "ok": False, "boot_timeout_s": timeout,
+                             "load_average_before": os.getloadavg()[0]}
     try:
         preflight.check(topo)
     except preflight.PreflightError as e:
@@ -223,6 +224,7 @@ def run_scale(counts: Sequence[int] = QUICK_COUNTS, *, boot_timeout: float | Non
     if sample_s <= 0:
         raise ValueError(f"the sampling window must be positive, got {sample_s}")
     say = progress or (lambda _m: None)
+    load_start = os.getloadavg()
     total = len(counts) + 1
     say(f"[1/{total}] reference: interpreter start")
     ref = interpreter_start_s()
@@ -236,7 +238,9 @@ def run_scale(counts: Sequence[int] = QUICK_COUNTS, *, boot_timeout: float | Non
                 progress=lambda m, k=k: say(f"[{k + 2}/{total}] {m}")))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return build_result(points, ref)
+    res = build_result(points, ref)
+    res["load_average_start"] = load_start
+    return res
 
 
 def build_result(points: list[dict[str, Any]], interpreter_s: float) -> dict[str, Any]:
@@ -287,10 +291,12 @@ def markdown(res: dict[str, Any]) -> str:
                      g(p, "pss_driver_mib", "median"), p["pss_host_mib"],
                      p.get("policy_round_ms"), p["dommemstat_p50_ms"], p["dommemstat_p99_ms"]])
     la = ", ".join(f"{x:.1f}" for x in res["load_average"])
+    if res.get("load_average_start"):
+        la = f"{res['load_average_start'][0]:.1f} at the start (1 min), {la} at the end"
     out = [f"First N VMs of the `fleet` topology (64 MiB each, mixed workloads, policy mom, "
            f"policy interval {res['policy_interval_s']} s). Reference (same run): a bare "
            f"`python -c pass` starts and exits in {res['interpreter_start_s'] * 1e3:.0f} ms. "
-           f"Load average at the end: {la}.", "",
+           f"Load average: {la} (the benchmark's own VMs add to it).", "",
            table(["VMs", "up s", "up ÷ smallest", "up s per VM", "down s",
                   "kernel PSS MiB", "driver PSS MiB", "hypervisor PSS MiB",
                   "policy round ms CPU", "dommemstat p50 ms", "p99 ms"], rows)]
@@ -344,8 +350,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("VMs")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    la = ", ".join(f"{v:.1f}" for v in res["load_average"])
-    fig.suptitle(f"balloonlab: cost against VM count (load average {la})")
+    start = res.get("load_average_start") or res["load_average"]
+    fig.suptitle(f"balloonlab: cost against VM count, fleet cuts (load average {start[0]:.1f} "
+                 f"on {os.cpu_count()} cores at the start)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
