@@ -3,6 +3,8 @@
     NUMBA_CACHE_DIR=build/numba-cache .venv/bin/python tests/hypervisor/bench_inflate.py [MiB]
     NUMBA_CACHE_DIR=build/numba-cache .venv/bin/python tests/hypervisor/bench_inflate.py \
         sizes [MiB ...]
+    NUMBA_CACHE_DIR=build/numba-cache .venv/bin/python tests/hypervisor/bench_inflate.py \
+        split [MiB]
 
 An in-test guest faults in the whole VM, then an in-test driver inflates all of it over the
 real balloon socket: RANGES with contiguous runs in 64 Ki-page batches, RANGES with every
@@ -10,17 +12,23 @@ other page (runs of one page: one punch per page), and virtio-style 256-pfn mess
 Each rate is printed with the same-run references: one PUNCH_HOLE over the same size, and
 one PUNCH_HOLE per 4 KiB page, on a scratch memfd.
 
+``split [MiB]`` (default 1024) inflates a fully backed VM in the balloon driver's batch shape
+(contiguous 128 MiB batches) under cProfile and prints the host's release time and the part
+of it spent inside ``fallocate`` (the punch): what is left is the host's own overhead.
+
 ``sizes`` (default 256 1024 4096 MiB) holds the batches fixed and varies the VM: in each VM,
 after one small warm-up inflate, the guest backs the same 64 MiB (at the start of RAM) and
 the driver inflates it as 8 contiguous batches of 8 MiB (one run each) and then, after a
-deflate and a refault, as 8 batches of 2048 one-page runs (every other page). It prints the host's release time per
-batch (``BalloonBackend.release_seconds``: EPT, ledger, punch) per VM size: it should follow
-the batch's pages and runs, not the size of the VM.
+deflate and a refault, as 8 batches of 2048 one-page runs (every other page). It prints the
+host's release time per batch (``BalloonBackend.release_seconds``: EPT, ledger, punch) per
+VM size: it should follow the batch's pages and runs, not the size of the VM.
 """
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -119,7 +127,37 @@ def sizes(mibs: list[int]) -> None:
               f"{r['one-page runs'] * 1e3:>17.2f} ms")
 
 
+async def split_case(pages: int) -> tuple[float, float, int]:
+    """Host release seconds and, of them, seconds inside fallocate for the balloon driver's
+    batch shape (contiguous 128 MiB batches) over a fully backed VM (cProfile)."""
+    async with Lab(topo(pages + 1024, 0, {"a": pages})) as lab:
+        g = await lab.guest("a")
+        d = await lab.driver("a")
+        vm = lab.host.vms["a"]
+        await g.touch(np.arange(pages), stamp=False)
+        assert (await d.inflate(np.arange(pages - 64, pages))).ok  # warm-up
+        prof = cProfile.Profile()
+        t0 = vm.balloon.release_seconds
+        starts = range(0, pages - 64 - 32768 + 1, 32768)
+        prof.enable()
+        for s in starts:
+            assert (await d.inflate(np.arange(s, s + 32768))).ok
+        prof.disable()
+        release = vm.balloon.release_seconds - t0
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        punch = sum(v[3] for k, v in stats.items()
+                    if k[2] == "fallocate" and k[0].endswith("vmmem.py"))
+        return release, punch, len(starts)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "split":
+        mib = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+        release, punch, n = asyncio.run(split_case(mib * 256))
+        print(f"{n} batches of 128 MiB in a {mib} MiB VM: host release {release * 1e3:.1f} ms, "
+              f"of which fallocate {punch * 1e3:.1f} ms ({punch / release:.0%}); the rest "
+              f"{(release - punch) / n * 1e3:.2f} ms per batch")
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "sizes":
         sizes([int(a) for a in sys.argv[2:]] or [256, 1024, 4096])
         return
