@@ -401,7 +401,8 @@ class HostMemory:
             live = self._take(g.frames, g.token)
             if live.size:
                 self._swap_out(vm, live, g.faulting)
-        self.changed.notify_all()
+        if not revert:  # (a revert runs at teardown, without the lock)
+            self.changed.notify_all()
 
     def _take(self, frames: np.ndarray, token: int) -> np.ndarray:
         """The victims still ours: LOCKED with our token (a VM stopped meanwhile freed its
