@@ -34,30 +34,19 @@ from typing import Annotated, Any, ClassVar, TypeVar, dataclass_transform
 import numpy as np
 
 from . import codec
-from .codec import (
-    U32_MAX,
-    U64_MAX,
-    Decoder,
-    Kind,
-    Registry,
-    decode_frame,
-    decode_message,
-    decoder_for,
-)
-from .constants import MAX_ORDER
-from .framing import encode_frame
 
-__all__ = [
-    "MAX_ORDER",
-    "U32_MAX",
-    "U64_MAX",
-    "Decoder",
-    "Kind",
-    "Registry",
-    "decode_frame",
-    "decode_message",
-    "decoder_for",
-]
+# Re-exported: callers use them as ``m.<name>``.
+from .codec import U32_MAX as U32_MAX
+from .codec import U64_MAX as U64_MAX
+from .codec import Decoder as Decoder
+from .codec import Kind as Kind
+from .codec import Registry as Registry
+from .codec import decode_frame as decode_frame
+from .codec import decode_message as decode_message
+from .codec import decoder_for as decoder_for
+from .constants import MAX_ORDER as MAX_ORDER
+from .errors import LocalProtocolError
+from .framing import encode_frame
 
 # The wire kinds, as annotations: ``name: U64`` (required) or ``name: U64 | None = None``.
 U64 = Annotated[int, Kind.U64]
@@ -136,7 +125,7 @@ def message(cls: type[_M]) -> type[_M]:
     return new
 
 
-def _bad(msg_type: str, name: str, problem: str) -> Exception:
+def _bad(msg_type: str, name: str, problem: str) -> LocalProtocolError:
     return codec.bad_field(msg_type, name, problem)
 
 
