@@ -28,12 +28,13 @@ __all__ = ["HOST_OVERHEAD", "PER_VM_OVERHEAD", "Capacity", "PreflightError", "ch
            "machine_capacity"]
 
 MIB = 1 << 20
-#: PSS of one VM before its guest touches memory: guest kernel (~92 MB) + balloon driver
-#: (~73 MB), measured on an idle 64 MiB VM, rounded up.
+#: PSS of one VM whose guest touches a few MiB: guest kernel (72-78 MiB) + balloon driver
+#: (60-78 MiB), measured by ``balloonlab bench scale`` on 1-32 VM hosts (the most, 155 MiB,
+#: with one VM: fewer processes to share pages with), rounded up.
 PER_VM_OVERHEAD = 170 * MIB
-#: PSS of the hypervisor process itself (Python, numpy, numba, the asyncio server), without
-#: its frame pool (the topology's host memory, counted apart).
-HOST_OVERHEAD = 120 * MIB
+#: PSS of the hypervisor process itself (Python, numpy, numba, the asyncio server; measured
+#: 78-85 MiB) beside its frame pool (the topology's host memory, counted apart), rounded up.
+HOST_OVERHEAD = 100 * MIB
 
 
 class PreflightError(ValueError):
