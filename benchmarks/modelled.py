@@ -1,0 +1,59 @@
+"""``python -m benchmarks.modelled [LOG2] [REPEATS]``: what modelled time costs the vCPU loop.
+
+The loop runs a stream of 2^LOG2 accesses (default 20; 30 % writes over the kernel cases'
+pages, all present) in the guest kernel's quanta, without and with the memory manager's
+modelled-time bookkeeping after each quantum (the ``guest.vcpu_run[quanta]`` and
+``guest.vcpu_run[quanta+modelled]`` cases of ``balloonlab bench kernels``).  The two
+alternate in one process and each keeps its fastest of REPEATS runs (default 21), so that a
+loaded machine slows both alike.  Units: accesses per second, ns per access.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import kernels as K
+
+
+def measure(log2: int = 20, repeats: int = 21) -> dict[str, float]:
+    """Fastest seconds per run of each variant: ``{"off": s, "on": s}``."""
+    cases = {c.name: c for c in K.CASES}
+    variants = {"off": cases["guest.vcpu_run[quanta]"],
+                "on": cases["guest.vcpu_run[quanta+modelled]"]}
+    n = 1 << log2
+    ctx = variants["off"].setup(n, np.random.default_rng(1))
+    for c in variants.values():  # warm up: load the JIT cache outside the timing
+        c.reset(ctx)  # type: ignore[misc]
+        c.kernel(ctx)
+    best = {k: float("inf") for k in variants}
+    for r in range(repeats):
+        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        for name in order:
+            c = variants[name]
+            c.reset(ctx)  # type: ignore[misc]
+            t0 = time.perf_counter()
+            res = c.kernel(ctx)
+            dt = time.perf_counter() - t0
+            if res[3] != n or res[4] != 0:
+                raise AssertionError(f"{c.name}: {res} (expected {n} accesses, 0 corrupted)")
+            best[name] = min(best[name], dt)
+    return best
+
+
+def main(argv: list[str]) -> int:
+    log2 = int(argv[0]) if argv else 20
+    repeats = int(argv[1]) if len(argv) > 1 else 21
+    best = measure(log2, repeats)
+    n = 1 << log2
+    for k, label in (("off", "without"), ("on", "with")):
+        print(f"{label:7} modelled time: {n / best[k] / 1e6:8.2f} M accesses/s "
+              f"({best[k] * 1e9 / n:.2f} ns/access)")
+    print(f"bookkeeping: {100 * (best['on'] / best['off'] - 1):+.2f} % time per access")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
