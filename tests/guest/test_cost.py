@@ -271,3 +271,21 @@ def test_topology_cost_errors_name_file_and_key(vm_extra, cost, line) -> None:
         parse_topology(TOPO.format(vm_extra=vm_extra, cost=cost), "lab.toml")
     assert str(e.value).startswith(line), str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("cfg", "words"), [
+    ('{"cost": {"ept_exit": "-1us"}}', "config.cost.ept_exit: '-1us' is negative"),
+    ('{"cost": {"guest_swap_device": "tape"}}', "config.cost.guest_swap_device: no device"),
+    ('{"cost": "fast"}', "config.cost: expected a table"),
+    ('{"memory": 1048576, "kernel_image": 1048576}', "config.kernel_image: the kernel's own"),
+    ('{"kernel_image": -5}', "config.kernel_image: expected a positive integer"),
+])
+def test_guest_config_checks_cost_and_kernel_image_again(cfg, words) -> None:
+    from guest.kernel import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert str(e.value).startswith(words), str(e.value)
+    ok = parse_config('{"memory": 33554432, "kernel_image": 1048576, '
+                      '"cost": {"host_swap_device": "hdd"}}')
+    assert ok["_cost"].host_swap == DEVICE_PRESETS["hdd"]
