@@ -131,7 +131,7 @@ def measure_count(n: int, workdir: Path, *, boot_timeout: float | None = None,
         return point
     topo_file = d / "topology.toml"
     topo_file.write_text(topo.to_toml())
-    seen = {"ready": 0, "first": None}
+    seen: dict[str, float | None] = {"ready": 0, "first": None}
     t0 = time.monotonic()
 
     def booting(msg: str) -> None:
@@ -233,9 +233,13 @@ def run_scale(counts: Sequence[int] = QUICK_COUNTS, *, boot_timeout: float | Non
     try:
         for k, n in enumerate(counts):
             say(f"[{k + 2}/{total}] {n} VMs")
-            points.append(measure_count(
-                n, workdir, boot_timeout=boot_timeout, sample_s=sample_s,
-                progress=lambda m, k=k: say(f"[{k + 2}/{total}] {m}")))
+            step = f"[{k + 2}/{total}]"
+
+            def stage(msg: str, step: str = step) -> None:
+                say(f"{step} {msg}")
+
+            points.append(measure_count(n, workdir, boot_timeout=boot_timeout,
+                                        sample_s=sample_s, progress=stage))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res = build_result(points, ref)
