@@ -145,7 +145,7 @@ async def _shootdown_in_flight(lab: Lab, guest: GuestPeer) -> None:
 
 def test_a_hung_guest_does_not_stall_the_other_vms():
     """The host waits for a shootdown ack without its memory lock: while A sits on one,
-    C's faults are served; B's fault, waits for A's timeout or takes C's page."""
+    C's faults are served; B's fault waits for A's timeout or takes C's page."""
     async def main():
         async with Lab(topo(10, 16, {"a": 8, "b": 8, "c": 8})) as lab:
             a, b, c = [await lab.guest(n) for n in "abc"]
