@@ -340,8 +340,10 @@ class Lab:
                 await p.close()
             except Exception:  # noqa: BLE001
                 pass
-        await self.host.shutdown("test over")
-        shutil.rmtree(self.base, ignore_errors=True)
+        try:
+            await self.host.shutdown("test over")
+        finally:  # even when a timed-out test is cancelled in the shutdown
+            shutil.rmtree(self.base, ignore_errors=True)
 
     async def guest(self, vm: str) -> GuestPeer:
         g = await GuestPeer(vm).connect(rundir.machine_sock(self.run_dir, vm))
