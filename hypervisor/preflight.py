@@ -8,7 +8,7 @@ topology is refused when
 * ``VMs × PER_VM_OVERHEAD + HOST_OVERHEAD + host memory`` exceeds ``MemAvailable`` in
   ``/proc/meminfo``, or
 * ``2 × VMs + 1`` processes exceed the headroom under ``RLIMIT_NPROC`` (the limit minus the
-  tasks this user already runs).
+  tasks this user already runs; root is not bound by it).
 
 The overheads are measured figures (proportional set size, ``Pss:`` of
 ``/proc/<pid>/smaps_rollup``, of idle processes; ``balloonlab bench scale`` measures them
@@ -82,7 +82,8 @@ def _tasks_of_user(uid: int) -> int:
 def machine_capacity() -> Capacity:
     """This machine's ``MemAvailable`` and the process limit of this user."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
-    limit = None if soft == resource.RLIM_INFINITY else int(soft)
+    # Linux does not hold root (real uid 0) to RLIMIT_NPROC.
+    limit = None if soft == resource.RLIM_INFINITY or os.getuid() == 0 else int(soft)
     used = _tasks_of_user(os.getuid()) if limit is not None else 0
     return Capacity(mem_available=_mem_available(), nproc_limit=limit, nproc_used=used)
 
