@@ -16,7 +16,9 @@ touched again (``active_touched``). The policy keeps two exponentially weighted 
 averages of ``touched / sampled`` per VM, a slow one and a fast one, and uses their maximum:
 it reacts at once when a working set grows and slowly when it shrinks. A VM is not reclaimed
 from before its first sample: until then nothing says whether its memory is idle (the VMs of
-a host that just booted would otherwise be picked by their sizes alone). It can still be
+a host that just booted would otherwise be picked by their sizes alone); and while any VM
+that reports guest stats has no sample yet, nothing is reclaimed at all, so that a VM
+measured early does not pay for one that booted later. It can still be
 given memory back. With ``warmup`` > 0 (off by default), a VM the policy saw booting (samples
 without guest stats yet) is sampled for ``warmup`` seconds after its first guest stats before
 a sample counts: the host picks the pages to sample when a period starts, and a period that
@@ -204,7 +206,11 @@ class SharePolicy(Policy):
         if free_frac < self.low_free:
             in_flight = sum(max(0, vm.target_pages - vm.balloon_pages) for vm in vms)
             need = math.ceil(self.low_free * host.frames_total - free) - in_flight
-            measured = [v for v in free_vms if v.name in self._activity]
+            # Rank only when every VM that reports guest stats has been measured: a VM
+            # sampled first would otherwise pay for one whose idleness is not known yet.
+            waiting = [v for v in vms if v.free_pages is not None
+                       and v.name not in self._activity]
+            measured = [] if waiting else [v for v in free_vms if v.name in self._activity]
             order = sorted(measured, key=lambda v: (rhos[v.name], v.name))
             head = (
                 f"share: host free {free_frac:.1%} < {self.low_free:.0%}: reclaim from "

@@ -70,11 +70,19 @@ def test_share_does_not_reclaim_from_unmeasured_vms() -> None:
              vm("b", 1.0, active_sampled=0, active_touched=0)]
     policy = SharePolicy()
     assert policy.decide(host(500, 1.0), fresh, []) == []
-    # Once b is measured idle (0 of 100 sampled pages touched), b pays the idle tax.
-    later = [vm("a", 5.0, active_sampled=0, active_touched=0),
-             vm("b", 5.0, active_touched=0)]
-    d = policy.decide(host(500, 5.0), later, [])
+    # b is measured busy (100 of 100 touched) but a, which reports guest stats, is not
+    # measured yet: b must not pay for a VM whose idleness is unknown. Still nothing.
+    later = [vm("a", 5.0, active_sampled=0, active_touched=0), vm("b", 5.0)]
+    assert policy.decide(host(500, 5.0), later, []) == []
+    # A VM still booting (no guest stats) is not waited for.
+    booting = [vm("a", 6.0, active_sampled=0, active_touched=0, free_pages=None),
+               vm("b", 6.0, active_touched=0)]
+    d = policy.decide(host(500, 6.0), booting, [])
     assert [x.vm for x in d] == ["b"] and d[0].target_pages == 50
+    # Once both are measured, the idle one (a: 0 of 100 touched) pays first.
+    both = [vm("a", 7.0, active_touched=0), vm("b", 7.0, target_pages=50, balloon_pages=50)]
+    d = SharePolicy().decide(host(500, 7.0), both, [])
+    assert d and d[0].vm == "a"
 
 
 def test_share_does_not_hand_a_tiny_need_to_the_next_vm() -> None:
