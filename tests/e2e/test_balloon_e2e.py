@@ -115,7 +115,7 @@ skew = 0.8
 workload = "uniform"
 size = "32MiB"
 write_ratio = 0.5
-start = "4s"
+start = "12s"  # after the balloon inflated, even on a loaded machine
 """)
     target = 6144  # 24 MiB ballooned: the second task will not fit beside it
     host.call("set_balloon", vm="a", pages=target)
