@@ -379,10 +379,11 @@ def dommemstat_lines(stats: dict[str, Any]) -> list[str]:
             continue  # not reported (yet): virsh leaves such fields out too
         if k == "tasks" and isinstance(v, list):
             for t in v:  # one line per task: its accesses and modelled clock
-                mt = t.get("modelled_throughput")
+                mt, wt = t.get("modelled_throughput"), t.get("wall_throughput")
                 lines.append(f"{'task ' + str(t.get('task')):<{width}} accesses "
                              f"{t.get('accesses')}  modelled {t.get('modelled_seconds', 0):.6f} s"
-                             f"  {'-' if mt is None else f'{mt:,.0f}'} accesses/modelled s")
+                             f"  {'-' if mt is None else f'{mt:,.0f}'} accesses/modelled s"
+                             f"  {'-' if wt is None else f'{wt:,.0f}'} accesses/wall s")
             continue
         if k in ("modelled_seconds", "modelled_throughput") and isinstance(v, float):
             text = f"{v:.6f}" if k == "modelled_seconds" else f"{v:,.0f}"

@@ -75,6 +75,7 @@ class Task:
     wl: Workload
     mem: TaskMem
     started: float | None = None
+    ended: float | None = None
     done: bool = False
     sleeping_until: float = 0.0
     tokens: float = 0.0
@@ -358,6 +359,7 @@ class GuestKernel:
                 if (t.spec.duration is not None and tt >= t.spec.duration) or t.wl.finished(tt):
                     mm.unmap_range(t.mem, 0, t.mem.npages)
                     t.done = True
+                    t.ended = now
                     self._log(f"task {t.tid} finished after {tt:.1f}s ({t.ops} ops, modelled "
                               f"{t.mem.modelled_ns / 1e9:.3f}s)")
                     continue
@@ -522,9 +524,17 @@ class GuestKernel:
     # ------------------------------------------------------------------ stats
 
     def _stats(self) -> dict[int, int]:
+        from protocol.features import MAX_TASK_STATS, TASK_STATS_BASE, TASK_STATS_STRIDE
+
         assert self.mm is not None
         running = sum(1 for t in self.tasks if t.started is not None and not t.done)
-        return self.mm.stats_map(tasks_running=running)
+        st = self.mm.stats_map(tasks_running=running)
+        now = time.monotonic()
+        for t in self.tasks:  # wall-clock time each task has run, beside its modelled clock
+            if t.started is not None and t.tid < MAX_TASK_STATS:
+                end = t.ended if t.ended is not None else now
+                st[TASK_STATS_BASE + TASK_STATS_STRIDE * t.tid + 2] = int((end - t.started) * 1e9)
+        return st
 
     async def _stats_logger(self) -> None:
         interval = float(self.cfg.get("stats_interval", 1.0))

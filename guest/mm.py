@@ -840,13 +840,13 @@ class MemoryManager:
 
     def task_stats(self) -> dict[int, int]:
         """Per-task accesses and modelled clocks as stats tags (``TASK_STATS_BASE``)."""
-        from protocol.features import MAX_TASK_STATS, TASK_STATS_BASE
+        from protocol.features import MAX_TASK_STATS, TASK_STATS_BASE, TASK_STATS_STRIDE
 
         out: dict[int, int] = {}
         for t in self.tasks.values():
             if 0 <= t.tid < MAX_TASK_STATS:
-                out[TASK_STATS_BASE + 2 * t.tid] = t.accesses
-                out[TASK_STATS_BASE + 2 * t.tid + 1] = t.modelled_ns
+                out[TASK_STATS_BASE + TASK_STATS_STRIDE * t.tid] = t.accesses
+                out[TASK_STATS_BASE + TASK_STATS_STRIDE * t.tid + 1] = t.modelled_ns
         return out
 
     def check_invariants(self) -> None:

@@ -34,7 +34,13 @@ from protocol import messages as m
 from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import ControlServer as ControlConnection
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.features import MAX_TASK_STATS, PAGE_SIZE, TASK_STATS_BASE, StatTag
+from protocol.features import (
+    MAX_TASK_STATS,
+    PAGE_SIZE,
+    TASK_STATS_BASE,
+    TASK_STATS_STRIDE,
+    StatTag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +140,21 @@ class CallError(Exception):
 def _modelled(st: Mapping[int, int]) -> dict[str, Any]:
     """``dommemstat``'s modelled-time fields from the guest's stats: the VM's modelled seconds
     (its tasks' clocks added: they share one vCPU) and accesses per modelled second, then the
-    same per task.  None until the guest reports them."""
+    same per task, with its wall-clock running time and throughput beside.  None until the
+    guest reports them."""
     ns = st.get(int(StatTag.MODELLED_NS))
     ops = st.get(int(StatTag.OPS))
     tasks = []
     for tid in range(MAX_TASK_STATS):
-        acc = st.get(TASK_STATS_BASE + 2 * tid)
+        base = TASK_STATS_BASE + TASK_STATS_STRIDE * tid
+        acc = st.get(base)
         if acc is None:
             break
-        tns = st.get(TASK_STATS_BASE + 2 * tid + 1, 0)
+        tns, wns = st.get(base + 1, 0), st.get(base + 2)
         tasks.append({"task": tid, "accesses": acc, "modelled_seconds": tns / 1e9,
-                      "modelled_throughput": acc * 1e9 / tns if tns else None})
+                      "modelled_throughput": acc * 1e9 / tns if tns else None,
+                      "wall_seconds": None if wns is None else wns / 1e9,
+                      "wall_throughput": acc * 1e9 / wns if wns else None})
     return {
         "modelled_seconds": ns / 1e9 if ns is not None else None,
         "modelled_throughput": ops * 1e9 / ns if ns and ops is not None else None,

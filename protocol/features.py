@@ -160,9 +160,11 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.DRIVER_FREE_NS: "ns",
 }
 
-#: Per-task stats: task ``tid``'s accesses at tag ``TASK_STATS_BASE + 2 * tid``, its modelled
-#: clock (ns) at the next tag; tasks beyond ``MAX_TASK_STATS`` are not reported one by one.
+#: Per-task stats, ``TASK_STATS_STRIDE`` tags per task from ``TASK_STATS_BASE + stride * tid``:
+#: its accesses, its modelled clock (ns), its wall-clock running time (ns); tasks beyond
+#: ``MAX_TASK_STATS`` are not reported one by one.
 TASK_STATS_BASE = 0x8000
+TASK_STATS_STRIDE = 4
 MAX_TASK_STATS = 1024
 
 #: Largest value a stat may carry (uint64).

@@ -75,6 +75,9 @@ def test_dommemstat_reports_modelled_time_and_kernel_memory(live_host, tmp_path)
     assert abs(st["modelled_throughput"] - want) <= 1e-6 * want
     for t in tasks:
         assert t["modelled_throughput"] <= 1e9 / 200 + 1e-6  # never faster than the accesses
+        assert t["wall_seconds"] > 0
+        assert abs(t["wall_throughput"] - t["accesses"] / t["wall_seconds"]) \
+            <= 1e-6 * t["wall_throughput"]
     assert st["corrupted_reads"] == 0
 
     # The same fields through the CLI, in text and --json.

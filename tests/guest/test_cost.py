@@ -17,7 +17,7 @@ from guest.mm import STRUCT_PAGE, MemoryManager, SwapDevice, kernel_reserve
 from guest.workloads import Workload, WorkloadSpec
 from hypervisor.topology import TopologyError, parse_topology
 from protocol.cost import DEVICE_PRESETS, CostError, normalize_cost
-from protocol.features import TASK_STATS_BASE, StatTag
+from protocol.features import TASK_STATS_BASE, TASK_STATS_STRIDE, StatTag
 from tests.guest.test_mm import PAGE, MiniHost
 
 #: Only memory accesses cost anything: the clock must be accesses x 100 ns exactly.
@@ -191,8 +191,9 @@ def test_per_task_stats_tags(tmp_path) -> None:
     v = np.arange(8, dtype=np.int64)
     asyncio.run(mm.run_quantum(tasks[1], v, np.ones(8, np.bool_)))
     st = mm.stats_map()
-    assert st[TASK_STATS_BASE + 2] == 8 and st[TASK_STATS_BASE + 3] == tasks[1].modelled_ns > 0
-    assert st[TASK_STATS_BASE] == 0 and st[TASK_STATS_BASE + 5] == 0
+    one = TASK_STATS_BASE + TASK_STATS_STRIDE
+    assert st[one] == 8 and st[one + 1] == tasks[1].modelled_ns > 0
+    assert st[TASK_STATS_BASE] == 0 and st[TASK_STATS_BASE + 2 * TASK_STATS_STRIDE + 1] == 0
     assert st[StatTag.MODELLED_NS] == tasks[1].modelled_ns
     assert all(0 <= tag <= 0xFFFF for tag in st)
 
