@@ -7,7 +7,8 @@ oversize announcement costs four bytes, not eight megabytes. :func:`decode_paylo
 with strict limits (no ext types, bounded string/bin/array/map sizes, no trailing bytes).
 ``next_frame_span()`` is ``next_frame()`` without the body copy (what ``Connection`` uses).
 ``pack_uint`` / ``pack_bin_header`` / ``pack_str`` / ``pack_frame_header`` are msgpack's
-encodings of single values, byte for byte packb's, for the generated ``to_frame`` encoders.
+encodings of single values, byte for byte packb's, for the hand ``to_frame`` encoders of
+:mod:`protocol.codec`.
 """
 
 from __future__ import annotations
