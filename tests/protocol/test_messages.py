@@ -18,14 +18,24 @@ from hypothesis import strategies as st
 from protocol import messages as m
 from protocol.balloon import BalloonDevice, BalloonDriver
 from protocol.connection import (
-    CLOSED, NEED_DATA, ControlClient, ControlServer, KernelClient, KernelServer, MachineGuest,
-    MachineHost, State,
+    CLOSED,
+    NEED_DATA,
+    ControlClient,
+    ControlServer,
+    KernelClient,
+    KernelServer,
+    MachineGuest,
+    MachineHost,
+    State,
 )
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.features import MAX_FRAME, Feature
 from protocol.framing import HEADER_SIZE, FrameBuffer, decode_payload, encode_frame
 from protocol.testing.strategies import (
-    EXAMPLES, MSGPACK_VALUES, any_message, message_strategy,
+    EXAMPLES,
+    MSGPACK_VALUES,
+    any_message,
+    message_strategy,
 )
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -235,7 +245,7 @@ def _fresh_connections() -> list:
     guest.send(m.Boot(vm="v", version=1))
     waiting = BalloonDriver(vm="v", features=(1 << 64) - 1)
     waiting.hello()  # HANDSHAKE: a welcome is what it waits for
-    return conns + [dev, drv, guest, waiting]
+    return [*conns, dev, drv, guest, waiting]
 
 
 def feed_all(conn, data: bytes, eof: bool = False) -> None:

@@ -7,7 +7,7 @@ RemoteProtocolError and leaves the connection in ERROR — never any other excep
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +16,14 @@ from hypothesis import strategies as st
 from protocol import messages as m
 from protocol.balloon import BalloonDevice, BalloonDriver, BatchRejected, Completed
 from protocol.connection import (
-    Connection, ControlClient, ControlServer, KernelClient, KernelServer, MachineGuest,
-    MachineHost, State,
+    Connection,
+    ControlClient,
+    ControlServer,
+    KernelClient,
+    KernelServer,
+    MachineGuest,
+    MachineHost,
+    State,
 )
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.features import DEVICE_FEATURES
