@@ -162,6 +162,8 @@ class Driver:
         self.timing_ns = {StatTag.DRIVER_ALLOC_NS: 0, StatTag.DRIVER_INFLATE_NS: 0,
                           StatTag.DRIVER_DEFLATE_NS: 0, StatTag.DRIVER_FREE_NS: 0}
         self._lock = asyncio.Lock()  # one fill/leak at a time (worker vs OOM)
+        #: The ``meminfo`` round trip answering the host's stats requests (at most one).
+        self._stats_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -444,7 +446,13 @@ class Driver:
             self.oom_until = 0.0
             self.target_changed.set()
         elif isinstance(msg, m.StatsRequest):
-            asyncio.get_running_loop().create_task(self.send_stats())
+            # One stats buffer, as in virtio: a request that arrives while the previous one
+            # is still being answered is answered by it. The kernel serves its channel in
+            # order, so one meminfo per request would pile up behind a busy kernel (one
+            # swapping answers about once a second, polled five times a second) and the
+            # balloon_free of a deflate would wait behind all of them.
+            if self._stats_task is None or self._stats_task.done():
+                self._stats_task = asyncio.get_running_loop().create_task(self.send_stats())
         elif isinstance(msg, (m.Bye, m.Error)):
             raise PeerClosed(f"device said {msg!r}")
 
