@@ -109,7 +109,7 @@ async def _until(cond: Any, what: str, *events: asyncio.Event) -> None:
                 t.cancel()
     try:
         await asyncio.wait_for(poll(), HANG)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
