@@ -361,14 +361,3 @@ def plot(res: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def main() -> None:
-    """``python -m benchmarks.scale``: the same command as ``balloonlab bench scale``."""
-    from balloonlab.bench import scale_cmd
-
-    scale_cmd(prog_name="python -m benchmarks.scale")
-
-
-if __name__ == "__main__":
-    main()

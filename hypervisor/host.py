@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,11 +48,13 @@ from hypervisor.hostswap import HostSwap
 from hypervisor.ledger import FrameLedger
 from hypervisor.machine import MachineServer
 from hypervisor.memory import HostMemory
+from hypervisor.schedule import ScheduleEntry
 from hypervisor.supervisor import HALT_GRACE, Supervisor
 from hypervisor.topology import Topology, VmConfig
 from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import VmMemory
 from protocol.aio import Listener, stream_handler
+from protocol.constants import PAGE_SIZE
 from protocol.features import Feature, StatTag
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ class Host:
         self.vms: dict[str, Vm] = {}
         self._by_index: dict[int, Vm] = {}
         self.memory = HostMemory(hc.frames, hc.swap_slots, vms=self._by_index, emit=self.emit,
-                                 stop_vm=self._stop_vm, spawn=self._spawn)
+                                 stop_vm=self._stop_vm, spawn=self.spawn)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.event_seq = 0
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -135,12 +138,10 @@ class Host:
             self.started_at = time.time()
             self.emit("host_started", None, frames=self.ledger.frames_total,
                       swap_slots=self.ledger.swap_slots_total)
-            self._spawn(self._policy_loop(), "policy")
+            self.spawn(self._policy_loop(), "policy")
             if self.topology.schedule:
-                from hypervisor.schedule import run_schedule
-
-                self._spawn(run_schedule(self, self.topology.schedule, time.monotonic()),
-                            "schedule")
+                self.spawn(self.run_schedule(self.topology.schedule, time.monotonic()),
+                           "schedule")
             if self.launch:
                 for vm in self.vms.values():
                     self.supervisor.start(vm)
@@ -200,12 +201,13 @@ class Host:
                 # Without a supervisor, a guest connecting to a crashed VM reboots it.
                 await self.restart_vm(vm)
                 self.emit("vm_restarted", vm.name, restarts=vm.restarts)
-            self._spawn(vm.machine.serve_socket(conn), f"{vm.name}-machine")
+            self.spawn(vm.machine.serve_socket(conn), f"{vm.name}-machine")
 
         await self._listen_unix(rundir.machine_sock(self.run_dir, vm.name), serve,
                                 point="machine.accept", raw=True)
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the host cancels at shutdown."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -224,7 +226,7 @@ class Host:
     def request_shutdown(self, reason: str = "requested") -> None:
         if not self._stopping:
             self._stopping = True
-            self._spawn(self.shutdown(reason), "shutdown")
+            self.spawn(self.shutdown(reason), "shutdown")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -330,8 +332,16 @@ class Host:
     def _free_vm_locked(self, vm: Vm, state: VmState) -> tuple[int, int]:
         return self.memory.free_vm(vm, state)
 
-    def _crash_locked(self, vm: Vm, reason: str) -> None:
+    def crash_locked(self, vm: Vm, reason: str) -> None:
         self.memory.crash_vm(vm, reason)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def by_index(self) -> dict[int, Vm]:
+        return self._by_index
 
     def _stop_vm(self, vm: Vm) -> None:
         """Kill a stopped VM's processes and drop its channels (its memory is freed by
@@ -342,8 +352,8 @@ class Host:
                     proc.kill()
                 except ProcessLookupError:
                     pass
-        self._spawn(vm.machine.disconnect(), f"{vm.name}-disconnect")
-        self._spawn(vm.balloon.disconnect("VM stopped"), f"{vm.name}-bdisconnect")
+        self.spawn(vm.machine.disconnect(), f"{vm.name}-disconnect")
+        self.spawn(vm.balloon.disconnect("VM stopped"), f"{vm.name}-bdisconnect")
 
     def resident_total(self) -> int:
         return self.memory.resident_total()
@@ -358,6 +368,38 @@ class Host:
     async def restart_vm(self, vm: Vm) -> None:
         """Give a crashed VM a fresh ledger entry (its memfds were punched to zero)."""
         await self.supervisor.restart_vm(vm)
+
+    # ================================================================== schedule
+
+    def _schedule_call(self, e: ScheduleEntry) -> Any:
+        """Run *e* through the control channel's handler of the same name."""
+        ctl = self.control
+        if e.action == "set_policy":
+            return ctl.set_policy({"name": e.name, "params": dict(e.params)})
+        assert e.size is not None
+        if e.action == "setmem":
+            return ctl.setmem({"vm": e.vm, "bytes": e.size})
+        return ctl.set_balloon({"vm": e.vm, "pages": e.size // PAGE_SIZE})
+
+    async def run_schedule(self, entries: Sequence[ScheduleEntry], start: float) -> None:
+        """Run *entries* (``[[schedule]]``) in time order, each at ``start + at``
+        (``time.monotonic`` clock), one ``schedule`` event each.
+
+        An action the host refuses (a VM that is gone, say) is reported in its event and
+        does not stop the schedule."""
+        for i, e in sorted(enumerate(entries), key=lambda p: (p[1].at, p[0])):
+            delay = start + e.at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            fields: dict[str, Any] = {"entry": i, "at": e.at, "action": e.action,
+                                      "what": e.describe()}
+            try:
+                fields["result"] = self._schedule_call(e)
+                fields["ok"] = True
+            except Exception as ex:  # a refused action is reported, not fatal
+                fields["ok"] = False
+                fields["error"] = getattr(ex, "message", None) or str(ex)
+            self.emit("schedule", e.vm, **fields)
 
     # ================================================================== targets, policy
 

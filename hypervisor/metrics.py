@@ -37,9 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +45,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hypervisor.units import parse_listen_address
 from protocol.features import PAGE_SIZE, StatTag
 
 if TYPE_CHECKING:
-    from hypervisor.host import Host
+    from hypervisor.hostview import HostView as Host
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +59,6 @@ MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 10.0
 #: Connections served at once; more wait in the kernel's accept queue.
 MAX_CLIENTS = 16
-
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 #: libvirt-exporter's per-domain memory gauges: (name suffix, dommemstat key, help).
 LIBVIRT_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -95,32 +91,6 @@ BALLOON_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("balloonlab_free_page_reported_pages", "reported",
      "Pages reported free by the guest and released by the host."),
 )
-
-
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """``(host, port)`` of ``HOST:PORT`` (``[v6]:PORT`` for IPv6); ValueError naming the
-    problem. Port 0 asks the system for a free port."""
-    if not isinstance(text, str) or ":" not in text:
-        raise ValueError(f"expected HOST:PORT, e.g. \"127.0.0.1:9177\", got {text!r}")
-    host, _, port_s = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
-    elif not host:
-        raise ValueError(f"no host before the port in {text!r} (e.g. \"127.0.0.1:9177\")")
-    else:
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            if not _HOSTNAME_RE.fullmatch(host) or host.replace(".", "").isdigit():
-                raise ValueError(f"{host!r} in {text!r} is neither an IPv4 address nor a "
-                                 "host name (IPv6: \"[::1]:9177\")") from None
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"port {port_s!r} in {text!r} is not a number in 0..65535")
-    return host, int(port_s)
 
 
 class HostCollector(Collector):

@@ -47,7 +47,7 @@ from hypervisor.vm import VmState
 from protocol.features import PAGE_SIZE, StatTag
 
 if TYPE_CHECKING:
-    from hypervisor.host import Host
+    from hypervisor.hostview import HostView as Host
     from hypervisor.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -566,7 +566,7 @@ class VmMonitor:
             return {}
         self.powering_down = True
         self.server.broadcast(self.vm.name, event("POWERDOWN"))
-        self.host._spawn(self._powerdown(), f"{self.vm.name}-powerdown")
+        self.host.spawn(self._powerdown(), f"{self.vm.name}-powerdown")
         return {}
 
     async def _powerdown(self) -> None:

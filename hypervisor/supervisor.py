@@ -27,7 +27,7 @@ from protocol import syscalls
 from protocol.lifeline import lifeline_env
 
 if TYPE_CHECKING:
-    from hypervisor.host import Host
+    from hypervisor.hostview import HostView as Host
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Supervisor:
 
     def start(self, vm: Vm) -> None:
         """Begin supervising ``vm`` (its kernel, then its driver)."""
-        vm.supervisor = self.host._spawn(self._supervise(vm), f"{vm.name}-supervisor")
+        vm.supervisor = self.host.spawn(self._supervise(vm), f"{vm.name}-supervisor")
 
     def cancel_all(self) -> None:
         for vm in self.host.vms.values():
@@ -85,11 +85,11 @@ class Supervisor:
 
     def on_guest_gone(self, vm: Vm, reason: str) -> None:
         host = self.host
-        if host._stopping or vm.state.stopped or vm.state is VmState.HALTED:
+        if host.stopping or vm.state.stopped or vm.state is VmState.HALTED:
             return
         if vm.kernel_proc is None:
             # In-test peer (or a kernel we did not launch) left: its memory goes back.
-            host._spawn(self.crash(vm, reason), f"{vm.name}-crash")
+            host.spawn(self.crash(vm, reason), f"{vm.name}-crash")
         elif vm.kernel_proc.returncode is None:
             # A kernel that drops its machine channel can never be resumed: stop it; the
             # supervisor sees the exit and frees, restarts or destroys the VM.
@@ -103,7 +103,7 @@ class Supervisor:
         async with host.mm_lock:
             if vm.state in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED):
                 return
-            host._crash_locked(vm, reason)
+            host.crash_locked(vm, reason)
 
     async def restart_vm(self, vm: Vm) -> None:
         """Give a crashed VM a fresh ledger entry (its memfds were punched to zero)."""
@@ -113,9 +113,9 @@ class Supervisor:
                 host.ledger.remove_vm(vm.led.index)
             vm.mem.accessed[:] = 0
             led = host.ledger.add_vm(vm.name, vm.pages, vm.mem.accessed)
-            host._by_index.pop(vm.led.index, None)
+            host.by_index.pop(vm.led.index, None)
             vm.led = led
-            host._by_index[led.index] = vm
+            host.by_index[led.index] = vm
             vm.balloon.ballooned = led.balloon
             vm.balloon.actual = 0
             vm.state = VmState.CREATED
@@ -152,7 +152,7 @@ class Supervisor:
             try:
                 return await self._spawn_once(vm, which)
             except OSError as e:
-                if self.host._stopping:
+                if self.host.stopping:
                     raise
                 name = errno.errorcode.get(e.errno or 0, "OSError")
                 log.error("%s: cannot start its %s (attempt %d): %s; retrying in %.1f s",
@@ -188,7 +188,7 @@ class Supervisor:
     async def _supervise(self, vm: Vm) -> None:
         """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""
         host = self.host
-        while not host._stopping:
+        while not host.stopping:
             vm.kernel_proc = await self.spawn_proc(vm, "kernel")
             kernel_wait = asyncio.create_task(vm.kernel_proc.wait())
             while not vm.machine.booted and not kernel_wait.done():
@@ -205,7 +205,7 @@ class Supervisor:
                     await asyncio.gather(driver_task, return_exceptions=True)
                 await self.stop_procs(vm, 1.0, kernel=False)
             vm.machine.booted = False
-            if host._stopping:
+            if host.stopping:
                 return
             if vm.state in (VmState.OOM_KILLED, VmState.DESTROYED):
                 return
@@ -221,11 +221,11 @@ class Supervisor:
     async def _run_driver(self, vm: Vm) -> None:
         host = self.host
         delay = DRIVER_BACKOFF[0]
-        while not host._stopping:
+        while not host.stopping:
             vm.driver_proc = await self.spawn_proc(vm, "driver")
             t0 = time.monotonic()
             code = await vm.driver_proc.wait()
-            if host._stopping:
+            if host.stopping:
                 return
             if time.monotonic() - t0 > 30:
                 delay = DRIVER_BACKOFF[0]  # it ran for a while: not a crash loop

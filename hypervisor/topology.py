@@ -18,16 +18,18 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hypervisor.schedule import ACTIONS, OPTIONAL, ScheduleEntry
 from hypervisor.units import (
     PAGE_SIZE,
     format_duration,
     format_size_exact,
     parse_duration,
+    parse_listen_address,
     parse_size,
 )
 from protocol.cost import DEVICE_KEYS, CostError, format_ns, normalize_cost
@@ -488,8 +490,6 @@ def _parse_host(ctx: _Ctx, raw: Mapping[str, Any]) -> HostConfig:
         raise ctx.error("host.seed", f"expected an integer in [0, 2^63), got {_describe(seed)}")
     metrics = raw.get("metrics")
     if metrics is not None:
-        from hypervisor.metrics import parse_listen_address
-
         metrics = ctx.string("host.metrics", metrics)
         try:
             parse_listen_address(metrics)
@@ -782,9 +782,7 @@ def _parse_document(doc: Mapping[str, Any], source: str) -> Topology:
     # The schedule names VMs: check it only against a complete list of them.
     if "schedule" in doc and host is not None and isinstance(raw_vms, list) \
             and len(parsed) == len(raw_vms):
-        from hypervisor.schedule import parse_schedule
-
-        schedule = ctx.collect(parse_schedule, ctx, doc["schedule"], host, vms) or ()
+        schedule = ctx.collect(_parse_schedule, ctx, doc["schedule"], host, vms) or ()
     if ctx.errors:
         raise TopologyError.several(ctx.errors)
     assert host is not None
@@ -990,7 +988,92 @@ def _to_toml(topo: Topology) -> str:
                 out.append(f"{k} = {{latency = {_toml_value(format_ns(v['latency']))}, "
                            f"bandwidth = {v['bandwidth']}}}")
     if topo.schedule:
-        from hypervisor.schedule import schedule_toml
-
-        out += schedule_toml(topo.schedule)
+        out += _schedule_toml(topo.schedule)
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ [[schedule]]
+
+
+def _parse_schedule(ctx: _Ctx, raw: Any, host: HostConfig,
+                   vms: Sequence[VmConfig]) -> tuple[ScheduleEntry, ...]:
+    """Validate the ``schedule`` array of tables; errors name ``schedule[i].key``."""
+    if not isinstance(raw, list):
+        raise ctx.error("schedule", "expected an array of tables: write [[schedule]], "
+                        "not [schedule]")
+    by_name = {v.name: v for v in vms}
+    out = []
+    for i, item in enumerate(raw):
+        # Each entry on its own: a bad one does not hide the problems of the next.
+        entry = ctx.collect(_parse_entry, ctx, f"schedule[{i}]", item, by_name)
+        if entry is not None:
+            out.append(entry)
+    return tuple(out)
+
+
+def _parse_entry(ctx: _Ctx, key: str, item: Any,
+                 by_name: Mapping[str, VmConfig]) -> ScheduleEntry:
+    t = ctx.table(item, key)
+    if "action" not in t:
+        raise ctx.error(f"{key}.action", f"missing: one of {', '.join(ACTIONS)}")
+    action = ctx.enum(f"{key}.action", t["action"], tuple(ACTIONS))
+    need = ACTIONS[action]
+    ctx.check_keys(t, ("at", "action", *need, *OPTIONAL.get(action, ())), key)
+    if "at" not in t:
+        raise ctx.error(f"{key}.at", "missing: when to act, after the host started "
+                        "(e.g. at = \"10s\")")
+    at = ctx.duration(f"{key}.at", t["at"])
+    if at < 0:
+        raise ctx.error(f"{key}.at", "must not be negative")
+    for k in need:
+        if k not in t:
+            raise ctx.error(f"{key}.{k}", f"missing: {action} needs {' and '.join(need)}")
+    if action == "set_policy":
+        return _parse_set_policy(ctx, key, t, at)
+    vm_name = ctx.string(f"{key}.vm", t["vm"])
+    vm = by_name.get(vm_name)
+    if vm is None:
+        close = difflib.get_close_matches(vm_name, list(by_name), n=1, cutoff=0.6)
+        raise ctx.error(f"{key}.vm", f"no VM {vm_name!r} in this topology "
+                        f"(VMs: {', '.join(by_name)})", close[0] if close else None)
+    size = ctx.size(f"{key}.size", t["size"])
+    if size > vm.memory:
+        raise ctx.error(f"{key}.size", f"{t['size']!r} is larger than VM {vm.name!r}'s "
+                        f"memory ({format_size_exact(vm.memory)})")
+    return ScheduleEntry(at=at, action=action, vm=vm.name, size=size)
+
+
+def _parse_set_policy(ctx: _Ctx, key: str, t: Mapping[str, Any], at: float) -> ScheduleEntry:
+    name = ctx.string(f"{key}.name", t["name"])
+    if name not in BUILTIN_POLICIES and not _POLICY_PATH_RE.fullmatch(name):
+        close = difflib.get_close_matches(name, BUILTIN_POLICIES, n=1, cutoff=0.6)
+        raise ctx.error(f"{key}.name", f"{name!r} is neither a built-in policy "
+                        f"({', '.join(BUILTIN_POLICIES)}) nor a 'package.module:Class' path",
+                        close[0] if close else None)
+    params = dict(ctx.table(t.get("params", {}), f"{key}.params"))
+    for k, v in params.items():
+        _check_plain(ctx, f"{key}.params.{k}", v)
+    if name in BUILTIN_POLICIES:
+        from hypervisor.policies import load_policy
+
+        try:
+            load_policy(name, params)
+        except ValueError as e:
+            raise ctx.error(f"{key}.params", str(e)) from None
+    return ScheduleEntry(at=at, action="set_policy", name=name, params=params)
+
+
+def _schedule_toml(entries: Sequence[ScheduleEntry]) -> list[str]:
+    """TOML lines of *entries* (``[[schedule]]`` tables), read back equal by the parser."""
+    out: list[str] = []
+    for e in entries:
+        out += ["", "[[schedule]]", f"at = {_toml_duration(e.at)}",
+                f"action = {_toml_value(e.action)}"]
+        if e.action == "set_policy":
+            out.append(f"name = {_toml_value(e.name)}")
+            if e.params:
+                out.append(f"params = {_toml_value(dict(e.params))}")
+        else:
+            assert e.size is not None
+            out += [f"vm = {_toml_value(e.vm)}", f"size = {_toml_value(format_size_exact(e.size))}"]
+    return out

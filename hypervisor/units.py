@@ -20,6 +20,7 @@ followed by ``ms``, ``s`` or ``m`` (``"250ms"``, ``"10s"``, ``"2m"``), or a plai
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from fractions import Fraction
@@ -36,6 +37,7 @@ __all__ = [
     "format_size_echo",
     "format_size_exact",
     "parse_duration",
+    "parse_listen_address",
     "parse_size",
     "size_unit",
 ]
@@ -204,3 +206,33 @@ def format_duration(seconds: float) -> str:
     if abs(ms - round(ms)) < 1e-6:
         return f"{round(ms)}ms"
     return f"{seconds:.12g}s"
+
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` (``[v6]:PORT`` for IPv6); ValueError naming the
+    problem. Port 0 asks the system for a free port."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"expected HOST:PORT, e.g. \"127.0.0.1:9177\", got {text!r}")
+    host, _, port_s = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
+    elif not host:
+        raise ValueError(f"no host before the port in {text!r} (e.g. \"127.0.0.1:9177\")")
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _HOSTNAME_RE.fullmatch(host) or host.replace(".", "").isdigit():
+                raise ValueError(f"{host!r} in {text!r} is neither an IPv4 address nor a "
+                                 "host name (IPv6: \"[::1]:9177\")") from None
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"port {port_s!r} in {text!r} is not a number in 0..65535")
+    return host, int(port_s)

@@ -26,10 +26,19 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from operator import attrgetter
-from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    TypeVar,
+    dataclass_transform,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import msgpack
 from msgpack import unpackb as _unpackb
@@ -48,9 +57,6 @@ from .framing import (
     pack_str,
     pack_uint,
 )
-
-if TYPE_CHECKING:
-    from .messages import Message
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
@@ -241,8 +247,6 @@ def prepare(cls: type[Message]) -> None:
 
 def _has_rule(cls: type[Message]) -> bool:
     """Whether ``cls`` has cross-field rules (overrides the root's no-op ``_validate``)."""
-    from .messages import Message  # defined before any message class is prepared
-
     return cls._validate is not Message._validate
 
 
@@ -669,3 +673,73 @@ def decode_frame(registry: Registry, body: bytes | memoryview) -> Message:
     Same result, and same errors, as ``decode_message(registry, decode_payload(body))``.
     """
     return decoder_for(registry)(body)
+
+
+# --------------------------------------------------------------------------------------
+# The root of every message, and the decorator that declares one
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Message:
+    """Base of all messages. Subclasses set ``TYPE`` and are declared with :func:`message`."""
+
+    TYPE: ClassVar[str] = ""
+    #: (field name, kind, required) per field, read from the annotations at class creation.
+    SPEC: ClassVar[tuple[tuple[str, Kind, bool], ...]] = ()
+    #: "t" and the field names: the keys a decoded map may hold for ``_from_map``.
+    _WIRE_KEYS: ClassVar[frozenset[str]] = frozenset()
+    #: The message from a decoded map whose values all pass their checks, else None.
+    _from_map: ClassVar[Callable[[Mapping[str, Any]], Message | None]]
+    #: Fields of which exactly one must be present (a cross-field rule the codec knows).
+    _ONE_OF: ClassVar[tuple[str, ...]] = ()
+    #: Page batches: the message parsed from its canonical frame body, else None.
+    _fast_body: ClassVar[Callable[[bytes, int, int], Message | None] | None] = None
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    def _validate(self) -> None:
+        """Cross-field rules; overridden where a message has them."""
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"t": self.TYPE}
+        for name, _kind, _req in self.SPEC:
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = v
+        return d
+
+    def to_frame(self) -> bytes:
+        """The message as one length-prefixed frame: ``encode_frame(self.to_wire())``.
+
+        Byte for byte that encoding; classes of ints, bools, strings and PFN sets get a
+        hand encoder that skips the intermediate map and copies a PFN set once.
+        """
+        return encode_frame(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Message:
+        if cls.TYPE:
+            msg = cls._from_map(d)
+            if msg is not None:
+                return msg
+        kwargs = {}
+        for name, _kind, required in cls.SPEC:
+            if name in d:
+                kwargs[name] = d[name]
+            elif required:
+                raise bad_field(cls.TYPE, name, "missing")
+        return cls(**kwargs)
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def message(cls: type[_M]) -> type[_M]:
+    """Declare a message class: a frozen, keyword-only, slotted dataclass whose codec
+    :func:`prepare` installs from its annotations."""
+    new = dataclass(frozen=True, kw_only=True, slots=True)(cls)
+    prepare(new)
+    return new

@@ -27,9 +27,7 @@ it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, TypeVar, dataclass_transform
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
@@ -40,13 +38,14 @@ from .codec import U32_MAX as U32_MAX
 from .codec import U64_MAX as U64_MAX
 from .codec import Decoder as Decoder
 from .codec import Kind as Kind
+from .codec import Message as Message
 from .codec import Registry as Registry
 from .codec import decode_frame as decode_frame
 from .codec import decode_message as decode_message
 from .codec import decoder_for as decoder_for
+from .codec import message as message
 from .constants import MAX_ORDER as MAX_ORDER
 from .errors import LocalProtocolError
-from .framing import encode_frame
 
 # The wire kinds, as annotations: ``name: U64`` (required) or ``name: U64 | None = None``.
 U64 = Annotated[int, Kind.U64]
@@ -58,71 +57,6 @@ Runs = Annotated[bytes, Kind.RUNS]
 StatsMap = Annotated[dict[int, int], Kind.STATS]
 StrMap = Annotated[dict[str, Any], Kind.MAP]
 AnyValue = Annotated[Any, Kind.ANY]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Message:
-    """Base of all messages. Subclasses set ``TYPE`` and are declared with :func:`message`."""
-
-    TYPE: ClassVar[str] = ""
-    #: (field name, kind, required) per field, read from the annotations at class creation.
-    SPEC: ClassVar[tuple[tuple[str, Kind, bool], ...]] = ()
-    #: "t" and the field names: the keys a decoded map may hold for ``_from_map``.
-    _WIRE_KEYS: ClassVar[frozenset[str]] = frozenset()
-    #: The message from a decoded map whose values all pass their checks, else None.
-    _from_map: ClassVar[Callable[[Mapping[str, Any]], Message | None]]
-    #: Fields of which exactly one must be present (a cross-field rule the codec knows).
-    _ONE_OF: ClassVar[tuple[str, ...]] = ()
-    #: Page batches: the message parsed from its canonical frame body, else None.
-    _fast_body: ClassVar[Callable[[bytes, int, int], Message | None] | None] = None
-
-    def __post_init__(self) -> None:
-        codec.validate_fields(self)
-
-    def _validate(self) -> None:
-        """Cross-field rules; overridden where a message has them."""
-
-    def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"t": self.TYPE}
-        for name, _kind, _req in self.SPEC:
-            v = getattr(self, name)
-            if v is not None:
-                d[name] = v
-        return d
-
-    def to_frame(self) -> bytes:
-        """The message as one length-prefixed frame: ``encode_frame(self.to_wire())``.
-
-        Byte for byte that encoding; classes of ints, bools, strings and PFN sets get a
-        hand encoder that skips the intermediate map and copies a PFN set once.
-        """
-        return encode_frame(self.to_wire())
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> Message:
-        if cls.TYPE:
-            msg = cls._from_map(d)
-            if msg is not None:
-                return msg
-        kwargs = {}
-        for name, _kind, required in cls.SPEC:
-            if name in d:
-                kwargs[name] = d[name]
-            elif required:
-                raise codec.bad_field(cls.TYPE, name, "missing")
-        return cls(**kwargs)
-
-
-_M = TypeVar("_M", bound=Message)
-
-
-@dataclass_transform(frozen_default=True, kw_only_default=True)
-def message(cls: type[_M]) -> type[_M]:
-    """Declare a message class: a frozen, keyword-only, slotted dataclass whose codec
-    :func:`protocol.codec.prepare` installs from its annotations."""
-    new = dataclass(frozen=True, kw_only=True, slots=True)(cls)
-    codec.prepare(new)
-    return new
 
 
 def _bad(msg_type: str, name: str, problem: str) -> LocalProtocolError:
