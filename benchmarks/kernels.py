@@ -35,11 +35,11 @@ from guest import kernels as GK
 from guest.cost import DEFAULT_COST
 from guest.kernel import QUANTUM
 from guest.mm import BuddyAllocator, MemoryManager, TaskMem, VmStats
+from guest.testing import naive as _naive_guest
 from hypervisor import kernels as HK
+from hypervisor.testing import naive as _naive_hv
 from protocol import pfn as P
 from protocol.testing import naive as _naive_pfn
-from guest.testing import naive as _naive_guest
-from hypervisor.testing import naive as _naive_hv
 
 GIB = float(1 << 30)
 #: Each timed sample of a non-mutating kernel loops until it lasts this long, so that small

@@ -48,7 +48,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
 
 
-class ReferenceError(RuntimeError):  # noqa: A001 - the name says what failed
+class ReferenceError(RuntimeError):
     """A reference measurement could not be made or did not do what it claims."""
 
 

@@ -359,7 +359,7 @@ class Driver:
 
     def _pick_deflate(self, num: int) -> np.ndarray:
         """Up to ``num`` ballooned pages, highest pfns first (Linux leaks LIFO)."""
-        states = self.conn._page  # noqa: SLF001 - the driver owns its state machine
+        states = self.conn._page
         idx = np.flatnonzero(states == PG_BALLOONED)
         if idx.shape[0] == 0:
             return np.empty((0, 2), dtype=np.uint64)
@@ -412,7 +412,7 @@ class Driver:
                     timeout = max(0.01, self.oom_until - time.monotonic())
                 try:
                     await asyncio.wait_for(self.target_changed.wait(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             async with self._lock:
@@ -430,7 +430,7 @@ class Driver:
                         try:
                             await asyncio.wait_for(self.target_changed.wait(),
                                                    OUT_OF_PUFF_BACKOFF)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             pass
                         continue
                     self.stalled = False

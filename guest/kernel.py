@@ -419,7 +419,7 @@ class GuestKernel:
             # A restarting driver may reconnect before we noticed its old connection close.
             try:
                 await asyncio.wait_for(self._driver_free.wait(), DRIVER_HANDOVER)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self.driver is not None or self.mm is None:
             # one driver at a time, and only once booted
@@ -428,7 +428,7 @@ class GuestKernel:
                                        message="a balloon driver is already connected"
                                        if self.mm else "the guest has not booted yet"))
                 await ch.drain(timeout=DRIVER_STALL_TIMEOUT)
-            except (PeerClosed, ProtocolError, asyncio.TimeoutError):
+            except (TimeoutError, PeerClosed, ProtocolError):
                 pass
             finally:
                 await ch.close()
@@ -445,7 +445,7 @@ class GuestKernel:
                     await ch.send(reply, timeout=DRIVER_STALL_TIMEOUT)
                 if isinstance(msg, (m.Bye, m.Error)):
                     break
-        except (PeerClosed, ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+        except (TimeoutError, PeerClosed, ProtocolError, ConnectionError) as e:
             if not isinstance(e, PeerClosed) or isinstance(e, PeerStalled):
                 self._log(f"balloon driver disconnected: {type(e).__name__}: {e}")
         finally:
@@ -516,7 +516,7 @@ class GuestKernel:
         try:
             await ch.send(m.OomNotify(id=mid, pages=pages), timeout=DRIVER_STALL_TIMEOUT)
             return await asyncio.wait_for(fut, OOM_NOTIFY_TIMEOUT)
-        except (asyncio.TimeoutError, PeerClosed, ProtocolError):
+        except (TimeoutError, PeerClosed, ProtocolError):
             return False
         finally:
             self._oom_acks.pop(mid, None)

@@ -15,8 +15,9 @@ then sleep; with ``hold``, end that many seconds after the last page was touched
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class WorkloadSpec:
     duration: float | None = None
     start: float = 0.0
     hold: float | None = None  # idle: seconds kept once all touched, then the task ends
-    phases: tuple["WorkloadSpec", ...] = field(default_factory=tuple)
+    phases: tuple[WorkloadSpec, ...] = field(default_factory=tuple)
 
     @property
     def pages(self) -> int:
@@ -51,7 +52,7 @@ class WorkloadSpec:
         return -(-self.size // PAGE_SIZE)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "task") -> "WorkloadSpec":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "task") -> WorkloadSpec:
         """Validate a spec map (``--config`` JSON); raise :class:`SpecError` naming the field."""
         if not isinstance(d, Mapping):
             raise SpecError(f"{where}: expected an object, got {type(d).__name__}")

@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
@@ -185,7 +186,7 @@ class BalloonBackend:
             self.metrics.protocol_errors += 1
             reason = f"protocol error from driver: {e}"
             log.warning("%s: %s", self.vm, reason)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = "driver stopped reading"
         except PeerStalled as e:
             reason = f"driver stalled: {e}"
@@ -210,7 +211,7 @@ class BalloonBackend:
         t0 = time.perf_counter()
         try:
             freed, calls = await self.release(runs)
-        except Exception as e:  # noqa: BLE001 - refuse the batch, keep the VM running
+        except Exception as e:
             code = str(getattr(e, "code", ErrorCode.IN_FLIGHT))
             dev.complete(ev.id, code=code, message=str(e))
             self.metrics.reject(code)

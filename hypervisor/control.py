@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from hypervisor.vm import Vm
 from protocol import messages as m
@@ -231,7 +231,7 @@ class ControlServer:
             log.info("control client disconnected: %s", e)
             why = str(e).removeprefix("peer ")
             _say_unavailable(ch, f"closing the connection: the client {why}")
-        except (RemoteProtocolError, PeerClosed, asyncio.TimeoutError):
+        except (TimeoutError, RemoteProtocolError, PeerClosed):
             pass
         finally:
             for t in followers:
@@ -250,7 +250,7 @@ class ControlServer:
             return m.Error(id=cid, code=str(e.code), message=e.message)
         except (ValueError, ProtocolError) as e:
             return m.Error(id=cid, code=str(ErrorCode.BAD_PARAMS), message=str(e))
-        except Exception as e:  # noqa: BLE001 - report, keep serving
+        except Exception as e:
             log.exception("control method %s failed", method)
             return m.Error(id=cid, code=str(ErrorCode.INTERNAL), message=f"{type(e).__name__}: {e}")
 
@@ -264,7 +264,7 @@ class ControlServer:
                 ev = await q.get()
                 ch.send_nowait(m.Event(id=cid, event=ev))
                 await ch.drain(timeout=self.write_timeout)
-        except (PeerClosed, asyncio.TimeoutError, ProtocolError, ConnectionError):
+        except (TimeoutError, PeerClosed, ProtocolError, ConnectionError):
             await ch.close()
         finally:
             self.host.unsubscribe(q)

@@ -36,9 +36,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -484,7 +484,7 @@ class Host:
             t0 = time.thread_time()
             try:
                 self.policy_step()
-            except Exception:  # noqa: BLE001 - a broken policy must not stop the host
+            except Exception:
                 log.exception("policy %s failed", self.policy_name)
             self.policy_rounds += 1
             self.policy_cpu_seconds += time.thread_time() - t0
@@ -514,9 +514,8 @@ class Host:
 def _warm_up_kernels() -> None:
     """Load the Numba kernels of the balloon path now (from the on-disk cache), not on
     the first inflate, whose time users measure."""
-    from protocol.warmup import warm_up
-
     from hypervisor import kernels
+    from protocol.warmup import warm_up
 
     warm_up()
     state = np.zeros(8, dtype=np.uint8)

@@ -23,7 +23,8 @@ import array
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class MachineServer:
     connection close during boot and exits; its supervisor restarts or destroys the VM).
     """
 
-    def __init__(self, vm: str, mem: "VmMemory", *, on_fault: FaultHandler,
+    def __init__(self, vm: str, mem: VmMemory, *, on_fault: FaultHandler,
                  on_boot: Callable[[], None], on_disconnect: Callable[[str], None],
                  on_boot_failed: Callable[[str], object] | None = None) -> None:
         self.vm = vm
@@ -106,7 +107,7 @@ class MachineServer:
         conn = MachineHost()
         try:
             ok = await asyncio.wait_for(self._boot(sock, conn), BOOT_TIMEOUT)
-        except (asyncio.TimeoutError, OSError, ProtocolError) as e:
+        except (TimeoutError, OSError, ProtocolError) as e:
             why = f"boot failed: {type(e).__name__}: {e}" if str(e) else \
                 f"boot failed: {type(e).__name__}"
             log.warning("%s: machine %s", self.vm, why)
@@ -232,7 +233,7 @@ class MachineServer:
                 # Shielded: a fault half-way through a reclaim (victims locked, EPT cleared,
                 # shootdowns out) must run to its end even if this guest goes away.
                 ok = await asyncio.shield(self.on_fault(pfns.astype(np.int64)))
-            except Exception as e:  # noqa: BLE001 - a host bug must not hang the guest
+            except Exception as e:
                 log.exception("%s: backing ept_fault %d failed", self.vm, msg.id)
                 await self._fatal(ch, ErrorCode.INTERNAL, f"host failed to back the fault: {e}")
                 return
@@ -241,7 +242,7 @@ class MachineServer:
             self.faults_served += 1
             try:
                 await ch.send(m.Resume(id=msg.id), timeout=SHOOTDOWN_TIMEOUT)
-            except (PeerClosed, asyncio.TimeoutError, ProtocolError):
+            except (TimeoutError, PeerClosed, ProtocolError):
                 await ch.close()
                 return
 
@@ -278,7 +279,7 @@ class MachineServer:
             if self.channel is None:
                 return
             raise
-        except (asyncio.TimeoutError, PeerClosed, ProtocolError) as e:
+        except (TimeoutError, PeerClosed, ProtocolError) as e:
             self._pending.pop(sid, None)
             if self.channel is None:
                 return
@@ -294,7 +295,7 @@ class MachineServer:
             return
         try:
             await ch.send(m.Halt(reason=reason), timeout=1.0)
-        except (PeerClosed, asyncio.TimeoutError, ProtocolError):
+        except (TimeoutError, PeerClosed, ProtocolError):
             pass
 
     async def disconnect(self) -> None:

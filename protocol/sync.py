@@ -7,7 +7,8 @@ file descriptors (``boot`` → ``boot_ok`` with memfds over SCM_RIGHTS).
 from __future__ import annotations
 
 import socket
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .connection import CLOSED, NEED_DATA, Connection
 from .errors import PeerClosed, RemoteProtocolError

@@ -37,9 +37,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "ENV_PLAN", "ENV_COUNTS", "POINTS", "ERRNOS", "Injection", "InjectedFault", "parse_plan",
-    "install", "clear", "counts", "hit", "fallocate", "pwrite_all", "pread_exact",
-    "ftruncate", "open_file", "accept", "sendmsg",
+    "ENV_COUNTS",
+    "ENV_PLAN",
+    "ERRNOS",
+    "POINTS",
+    "InjectedFault",
+    "Injection",
+    "accept",
+    "clear",
+    "counts",
+    "fallocate",
+    "ftruncate",
+    "hit",
+    "install",
+    "open_file",
+    "parse_plan",
+    "pread_exact",
+    "pwrite_all",
+    "sendmsg",
 ]
 
 ENV_PLAN = "BALLOONLAB_FAULTS"

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from balloonlab.bench import bench
 from benchmarks import kernels as K
 from benchmarks import references as R
-from balloonlab.bench import bench
 
 RECLAIM_KEYS = ("e2e_gib_s", "virtio_gib_s", "limit_punch_gib_s", "per_page_punch_gib_s",
                 "refault_gib_s", "limit_first_touch_gib_s", "ratio_e2e_to_limit",

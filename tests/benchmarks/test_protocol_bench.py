@@ -8,8 +8,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from benchmarks import protocol as B
 from balloonlab.bench import bench
+from benchmarks import protocol as B
 
 
 def test_protocol_benchmark_reports_every_workload_and_stage(capsys):

@@ -181,7 +181,7 @@ class HostPeer:
         if self.ch is not None:
             try:
                 await self.ch.send(m.Halt(reason=reason))
-            except (PeerClosed, Exception):  # noqa: BLE001 - guest may be gone
+            except (PeerClosed, Exception):
                 pass
 
     def resident_pages(self) -> int:
@@ -192,7 +192,7 @@ class HostPeer:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):
                 pass
         if self.ch is not None:
             await self.ch.close()

@@ -15,8 +15,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-
 from guest_hostpeer import HostPeer
+
 from protocol import messages as m
 from protocol.aio import Channel, PeerClosed
 from protocol.connection import KernelClient

@@ -46,7 +46,7 @@ def test_streams_stay_inside_the_working_set(kind, pages, n, seed, wr) -> None:
     assert vpns.dtype == np.int64 and writes.dtype == np.uint8
     assert len(vpns) == len(writes) <= n
     if len(vpns):
-        assert 0 <= vpns.min() and vpns.max() < pages
+        assert vpns.min() >= 0 and vpns.max() < pages
     if wr == 0.0 and kind != "idle":
         assert not writes.any()
 

@@ -58,7 +58,7 @@ class GuestPeer:
         self.closed = asyncio.Event()
         self.error: m.Error | None = None
 
-    async def connect(self, path: Path | str) -> "GuestPeer":
+    async def connect(self, path: Path | str) -> GuestPeer:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -115,7 +115,7 @@ class GuestPeer:
                 elif isinstance(msg, m.Error):
                     self.error = msg
                     break
-        except (PeerClosed, Exception):  # noqa: BLE001 - the test inspects closed/error
+        except (PeerClosed, Exception):
             pass
         finally:
             self.closed.set()
@@ -208,7 +208,7 @@ class DriverPeer:
         self.closed = asyncio.Event()
         self.error: m.Error | None = None
 
-    async def connect(self, path: Path | str) -> "DriverPeer":
+    async def connect(self, path: Path | str) -> DriverPeer:
         reader, writer = await asyncio.open_unix_connection(str(path))
         self.ch = Channel(self.conn, reader, writer)
         writer.write(self.conn.hello())
@@ -236,7 +236,7 @@ class DriverPeer:
                 elif isinstance(msg, m.Error):
                     self.error = msg
                     break
-        except (PeerClosed, Exception):  # noqa: BLE001
+        except (PeerClosed, Exception):
             pass
         finally:
             self.closed.set()
@@ -330,7 +330,7 @@ class Lab:
         self.guests: dict[str, GuestPeer] = {}
         self.drivers: dict[str, DriverPeer] = {}
 
-    async def __aenter__(self) -> "Lab":
+    async def __aenter__(self) -> Lab:
         await self.host.start()
         return self
 
@@ -338,7 +338,7 @@ class Lab:
         for p in [*self.guests.values(), *self.drivers.values()]:
             try:
                 await p.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         try:
             await self.host.shutdown("test over")
@@ -369,5 +369,14 @@ def run(coro):
 
 
 
-__all__ = ["Lab", "run", "topo", "GuestPeer", "DriverPeer", "raw_connect", "read_frame",
-           "read_until_eof", "frame"]
+__all__ = [
+    "DriverPeer",
+    "GuestPeer",
+    "Lab",
+    "frame",
+    "raw_connect",
+    "read_frame",
+    "read_until_eof",
+    "run",
+    "topo",
+]

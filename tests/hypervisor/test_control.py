@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from hv_peers import Lab, frame, raw_connect, read_frame, run, topo
+
 from balloonlab.client import ControlClient, ControlError, HostNotRunning
 
 PAGE = 4096

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from hv_peers import run
+
 from hypervisor.host import Host
 from hypervisor.topology import parse_topology
 

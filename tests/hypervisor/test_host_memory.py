@@ -9,8 +9,8 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from hv_peers import Lab, run, topo
+
 from hypervisor import rundir
 from hypervisor.host import Host
 from hypervisor.topology import parse_topology

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from hv_peers import Lab, run, topo
+
 from hypervisor import rundir
 
 PAGE = 4096

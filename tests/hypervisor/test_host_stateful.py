@@ -13,11 +13,10 @@ import asyncio
 import threading
 
 import numpy as np
+from hv_peers import Lab, topo
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-from hv_peers import Lab, topo
 
 PAGES = 24
 VMS = ("a", "b")

@@ -8,8 +8,8 @@ import struct
 import msgpack
 import numpy as np
 import pytest
-
 from hv_peers import GuestPeer, Lab, frame, raw_connect, read_frame, read_until_eof, run, topo
+
 from protocol import pfn as P
 
 PAGE = 4096
@@ -160,7 +160,7 @@ def test_a_hung_guest_does_not_stall_the_other_vms():
             assert lab.host.vms["a"].state == "running" and not b_faults.done()
             assert await c.read(5, 16) == c.stamp(5)
             for fut in lab.host.vms["a"].machine._pending.values():  # A's timeout expires
-                fut.set_exception(asyncio.TimeoutError())
+                fut.set_exception(TimeoutError())
             await b_faults  # A timed out and was stopped; its frames went to B
             await lab.quiesce()
             assert lab.host.vms["a"].state == "crashed"
@@ -318,7 +318,7 @@ def test_driver_that_stops_reading_is_disconnected():
                         w.write(frame({**big, "id": sent}))
                     try:
                         await asyncio.wait_for(w.drain(), 0.5)
-                    except (asyncio.TimeoutError, ConnectionError):
+                    except (TimeoutError, ConnectionError):
                         break
                     if sent > 400_000:
                         break
