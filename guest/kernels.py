@@ -2,7 +2,7 @@
 
 Everything here is array-in/array-out over guest page frame numbers (gpfns, units of
 4096-byte pages).  The stateful Python wrappers live in :mod:`guest.mm`; plain-Python twins
-of every kernel live in ``tests/guest/naive.py`` and are checked against these with
+of every kernel live in ``guest/testing/naive.py`` and are checked against these with
 hypothesis.
 
 Buddy allocator layout (all arrays indexed by gpfn unless noted):

@@ -3,7 +3,7 @@
 Units: frame numbers, swap slot numbers and guest page numbers (gpfns) are page indices
 (4096-byte pages). Every kernel is a small array-in/array-out function compiled with
 ``@njit(cache=True)``; each has a thin typed Python wrapper below that validates input and
-chooses dtypes, and a plain-Python naive twin in ``tests/hypervisor/naive.py``.
+chooses dtypes, and a plain-Python naive twin in ``hypervisor/testing/naive.py``.
 
 Maps are *byte maps* rather than packed bitmaps: one ``uint8`` per frame (or swap slot). At
 the sizes this emulator runs (a few hundred thousand frames) the 8x space is negligible, and a

@@ -1,4 +1,4 @@
-"""Buddy allocator kernels against the plain-Python twin (tests/guest/naive.py).
+"""Buddy allocator kernels against the plain-Python twin (guest/testing/naive.py).
 
 A hypothesis state machine runs the same operations on both and compares every result and
 the whole free-list layout; invariants: no overlap, free-count conservation, and complete
