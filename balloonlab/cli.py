@@ -8,6 +8,11 @@ host (``--host NAME``, default: the only one running). ``validate``, ``topologie
 GB decimal) and a bare number is KiB, as in virsh; durations take ms/s/m (docs/cli.md).
 
 Errors are one line on stderr and exit status 1 (2 for usage errors), never a traceback.
+
+Why one module of this size: it is the click group with every command's options, help text
+and one-line error mapping, and nothing else — each command body delegates to the launcher,
+the client, the recorder or the plots. Keeping the commands together keeps their options,
+units and messages consistent.
 """
 
 from __future__ import annotations

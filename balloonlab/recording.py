@@ -14,6 +14,10 @@ The dashboard renders snapshots, ``RunSummary`` folds them into the end-of-run t
   resolved topology, the policy's parameters with their defaults, and the seed;
 - ``summary.json``: ``RunSummary.to_json()`` at the end of the run, with the same
   provenance under ``"provenance"``.
+
+Why one module of this size: the recording format (three files and their columns) is a
+contract with ``plot``, the dashboard and users' own scripts; writer, readers, the run's
+story and the summary all live here so the format is defined in exactly one place.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ mutates before every timed call (untimed), and runs three formulations of the sa
 All three must agree on a small size before anything is timed (:func:`cross_check`), so a
 fast result is never a wrong one. Streaming kernels also get a bandwidth figure: bytes they
 read per element over their time, against the numpy read-bandwidth reference of the same run.
+
+Why one module of this size: most of it is the table of cases, one per kernel formulation
+with its inputs, numpy twin and naive twin side by side, so that a reader compares the three
+formulations of a kernel on one screen.
 """
 
 from __future__ import annotations

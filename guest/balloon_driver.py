@@ -27,6 +27,10 @@ kernel for its balloon list (K) and compares it with the host's ballooned set (H
 ``inflate`` and frees after the ``deflate`` ack, H ⊆ K always holds; pages in K \\ H
 (allocated but never acknowledged, or deflated but not yet freed) go back to the kernel,
 so no page is leaked or counted twice.
+
+Why one module of this size: it is one driver (Linux's ``virtio_balloon.c`` vocabulary:
+``fill_balloon``, ``leak_balloon``, ``tell_host``, ``towards_target``, reporting) with its
+two channels; the protocol state machines it drives live in ``protocol/balloon.py``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ or ask the balloon driver to deflate before an OOM kill: those paths take the as
 (:mod:`guest.kernel`).  Copying after ``ensure_present`` is safe because no ``shootdown_ack``
 can be sent between the EPT check and the copy (no ``await`` in between): the host does not
 touch a revoked page's bytes before the ack.
+
+Why one module of this size: it is the guest's memory manager — page states, tasks' page
+tables, swap, reclaim, OOM and the balloon's page lists — whose invariants span all of them
+(a page is in exactly one state, every stamp survives every move); the Numba kernels it
+drives live apart in ``guest/kernels.py``.
 """
 
 from __future__ import annotations

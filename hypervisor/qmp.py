@@ -27,6 +27,11 @@ behind, is disconnected.
 
 Units: bytes for memory (QEMU's), seconds for the stats polling interval (QEMU's
 ``guest-stats-polling-interval``), UNIX time in timestamps.
+
+Why one module of this size: QMP is one protocol with one command table (``SCHEMA``, QEMU's
+qapi in miniature), and the table, its argument checks, the sans-IO session, the JSON
+splitter and the per-VM server read as one unit; splitting them would scatter the table
+from the handlers it declares.
 """
 
 from __future__ import annotations

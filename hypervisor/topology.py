@@ -8,6 +8,10 @@ and the problem, with a "did you mean" suggestion for misspelt keys and enum val
 
 The default topology (used when ``balloonlab up`` gets no file) is the shipped example
 ``hypervisor/topologies/default.toml``; other shipped examples live beside it.
+
+Why one module of this size: it is the whole topology schema — every key, its type, its
+default, its error text and its TOML spelling — in one place, so that ``validate``, ``up``,
+``to_toml`` and the docs cannot drift apart.
 """
 
 from __future__ import annotations

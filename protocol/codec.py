@@ -20,6 +20,10 @@ text):
 Every fast path accepts exactly what the generic one accepts and, for anything else, hands
 over to it, so that errors (code, text and order) never depend on the fast path;
 tests/protocol/test_codec_fast.py checks each one against a naive twin.
+
+Why one module of this size: the generic paths and the hand-written page-batch paths must
+accept and refuse exactly the same bytes; they live side by side so that a change to one is
+seen next to the other.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Kernels are small, array-in/array-out and private (``_name``); the public wrappe
 dtypes and shapes. Validation works in one pass over the batch against a per-page state
 bitmap (uint8, 1 = in the set) plus a scratch bitmap the caller owns and that is left all
 zero on return, so that checking a batch costs O(batch), never O(guest RAM).
+
+Why one module of this size: it is the one family of PFN-set encodings and run validation
+that host and guest share, each Numba kernel beside its typed wrapper (stumpy's shape).
 """
 
 from __future__ import annotations
