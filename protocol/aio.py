@@ -142,7 +142,9 @@ class Channel:
     async def drain(self, *, timeout: float | None = None) -> None:
         self.flush()
         try:
-            if timeout is None:
+            if timeout is None or not self.writer.transport.get_write_buffer_size():
+                # Nothing left unsent: drain does not block, and wait_for would cost a trip
+                # through the loop (a busy guest kernel yields once per round of quanta).
                 await self.writer.drain()
             else:
                 await asyncio.wait_for(self.writer.drain(), timeout)
