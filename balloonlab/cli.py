@@ -642,7 +642,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     host = summary.get("host")
     if host:
         console.print(
-            f"host {host['name']}: peak frames used {format_size(host['peak_frames_used'] * PAGE_SIZE)} "
+            f"host {host['name']}: peak frames used "
+            f"{format_size(host['peak_frames_used'] * PAGE_SIZE)} "
             f"of {format_size(host['frames_total'] * PAGE_SIZE)}, peak host swap "
             f"{format_size(host['peak_swap_slots_used'] * PAGE_SIZE)}"
         )
@@ -653,7 +654,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for line in story_lines(summary):
         console.print(line)
     bad = summary.get("corrupted_reads_total", 0)
-    console.print(f"corrupted reads: {bad}" + ("  <-- DATA LOSS" if bad else " (none: nothing was lost)"))
+    console.print(
+        f"corrupted reads: {bad}" + ("  <-- DATA LOSS" if bad else " (none: nothing was lost)")
+    )
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -667,7 +670,9 @@ def _stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         yield
     finally:
@@ -686,9 +691,9 @@ def run_up(
     boot_timeout: float,
 ) -> dict[str, Any] | None:
     """`up` of *topo*, read by the host from *topo_path* (None: written to a temporary file,
-    for topologies built in memory): launch, wait, then detach or monitor until *for_* seconds pass, Ctrl-C (or
-    SIGTERM/SIGHUP), or the host exits; shut down and return the run summary (``None`` when
-    detached)."""
+    for topologies built in memory): launch, wait, then detach or monitor until *for_* seconds
+    pass, Ctrl-C (or SIGTERM/SIGHUP), or the host exits; shut down and return the run summary
+    (``None`` when detached)."""
     from hypervisor import preflight
 
     try:  # refuse a topology this machine cannot hold, before anything starts
@@ -718,7 +723,7 @@ def _run_up(
     recorder = Recorder(record, topo) if record is not None else None
     # The recorded copy of the topology is what the host runs; without a recording, a
     # topology built in memory goes to a temporary file (the launcher's).
-    if recorder is not None:
+    if record is not None:  # exactly when there is a recorder
         topo_file: Path | None = (record / "topology.toml").resolve()
     else:
         topo_file = topo_path.resolve() if topo_path is not None else None
@@ -798,7 +803,10 @@ def _run_up(
         click.echo("stopping host…", err=True)
         # A clean run's host output is not worth keeping (a recording keeps it).
         h.stop(SHUTDOWN_TIMEOUT, keep_output=bool(exited) or recorder is not None)
-    summary = recorder.close({"log": str(log_path)}) if recorder is not None else monitor.summary.to_json()
+    if recorder is not None:
+        summary = recorder.close({"log": str(log_path)})
+    else:
+        summary = monitor.summary.to_json()
     _print_summary(summary)
     if exited:
         _fail(f"{exited[0]} before the run ended; see {log_path} and {run_dir}")
@@ -811,9 +819,11 @@ def _run_up(
 @click.argument("file", required=False)
 @click.option("--for", "for_", metavar="DURATION", default=None,
               help="Stop the host after DURATION (e.g. 30s, 2m). Default: until Ctrl-C.")
-@click.option("--detach", is_flag=True, help="Return once every VM is up; `balloonlab down` stops it.")
+@click.option("--detach", is_flag=True,
+              help="Return once every VM is up; `balloonlab down` stops it.")
 @click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=None,
-              metavar="DIR", help="Record timeseries.csv, events.jsonl, topology.toml, summary.json.")
+              metavar="DIR",
+              help="Record timeseries.csv, events.jsonl, topology.toml, summary.json.")
 @click.option("--no-dashboard", is_flag=True, help="Plain status lines instead of the live table.")
 @click.option("--boot-timeout", default=DEFAULT_BOOT_TIMEOUT, show_default=True, metavar="DURATION",
               help="How long to wait for every VM to boot and negotiate.")
@@ -853,7 +863,7 @@ def _check_metrics_address(addr: str) -> None:
     cannot be bound (taken, or not an address of this machine)."""
     import socket
 
-    from hypervisor.metrics import parse_listen_address
+    from hypervisor.units import parse_listen_address
 
     try:
         host, port = parse_listen_address(addr)
@@ -872,14 +882,16 @@ def _check_metrics_address(addr: str) -> None:
 @click.option("--for", "for_", metavar="DURATION", default="60s", show_default=True,
               help="How long to run.")
 @click.option("--record", type=click.Path(file_okay=False, path_type=Path), default=None,
-              metavar="DIR", help="Where to record (default: a new results/demo-<time> directory here).")
+              metavar="DIR",
+              help="Where to record (default: a new results/demo-<time> directory here).")
 def demo(for_: str, record: Path | None) -> None:
     """Run the default three-VM lab with the dashboard, then print a summary and plot it."""
     duration = _duration_arg(for_, "--for")
     if record is None:
         record = Path("results") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_up(default_topology(), topo_path=example_path("default"), for_=duration, detach=False, record=record,
-                     dashboard=True, boot_timeout=parse_duration(DEFAULT_BOOT_TIMEOUT))
+    summary = run_up(default_topology(), topo_path=example_path("default"), for_=duration,
+                     detach=False, record=record, dashboard=True,
+                     boot_timeout=parse_duration(DEFAULT_BOOT_TIMEOUT))
     if summary is not None:
         from balloonlab.plot import plot_run
 

@@ -188,7 +188,7 @@ def render(
         ("bad", "right"),
         ("memory", "left"),
     ):
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=True)
     for vm in snap.vms:
         ops_s, faults_s = vm_rates.get(vm.name, (0.0, 0.0))
         mr = (modelled or {}).get(vm.name)

@@ -100,8 +100,11 @@ async def _pair(dev_conn: BalloonDevice, drv_conn: BalloonDriver) -> tuple[Chann
     return Channel(dev_conn, ra, wa), Channel(drv_conn, rb, wb)
 
 
-async def _device_loop(dev: Channel, log: _Log, script: asyncio.Queue) -> None:
+async def _device_loop(dev: Channel, log: _Log,
+                       script: asyncio.Queue[tuple[str, Any] | None]) -> None:
     """The hypervisor end: answer batches (the backend acks them) and run host actions."""
+    conn = dev.conn
+    assert isinstance(conn, BalloonDevice)
     async def host_actions() -> None:
         while True:
             action = await script.get()
@@ -109,9 +112,9 @@ async def _device_loop(dev: Channel, log: _Log, script: asyncio.Queue) -> None:
                 return
             kind, arg = action
             if kind == "target":
-                dev.conn.set_target(arg)
+                conn.set_target(arg)
             elif kind == "stats":
-                dev.conn.request_stats()
+                conn.request_stats()
             await dev.drain()
 
     actions = asyncio.create_task(host_actions())
@@ -123,7 +126,7 @@ async def _device_loop(dev: Channel, log: _Log, script: asyncio.Queue) -> None:
                 return
             log.line("driver -> device", ev)
             if isinstance(ev, (m.Inflate, m.Deflate, m.Report)):
-                dev.conn.complete(ev.id)  # the real backend releases frames first
+                conn.complete(ev.id)  # the real backend releases frames first
             await dev.drain()
             if isinstance(ev, m.Bye):
                 return
@@ -143,12 +146,13 @@ async def _transcript(out: TextIO) -> int:
     log = _Log(out)
     ballooned = np.zeros(GUEST_PAGES, dtype=np.uint8)  # the host's view survives a restart
     dev_conn = BalloonDevice(vm=VM, guest_pages=GUEST_PAGES, ballooned=ballooned)
-    dev, drv = await _pair(dev_conn, BalloonDriver(vm=VM, features=FEATURES))
-    script: asyncio.Queue = asyncio.Queue()
+    drv_conn = BalloonDriver(vm=VM, features=FEATURES)
+    dev, drv = await _pair(dev_conn, drv_conn)
+    script: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
     device = asyncio.create_task(_device_loop(dev, log, script))
 
     log.step("1. negotiation")
-    drv.writer.write(drv.conn.hello())
+    drv.writer.write(drv_conn.hello())
     await _driver_recv(drv, log)  # welcome
 
     log.step("2. the host sets a balloon target of 96 pages")
@@ -156,19 +160,19 @@ async def _transcript(out: TextIO) -> int:
     await _driver_recv(drv, log)  # config
 
     log.step("3. the driver inflates towards the target: pfns (virtio style), then runs")
-    await drv.send(m.Inflate(id=drv.conn.new_id(), pfns=P.pfns_to_wire(range(0, 64, 2))))
+    await drv.send(m.Inflate(id=drv.conn.new_id(), pfns=P.pfns_to_wire(list(range(0, 64, 2)))))
     await _driver_recv(drv, log)
     await drv.send(m.Inflate(id=drv.conn.new_id(),
                              runs=P.runs_to_wire([(128, 32), (512, 32)])))
     await _driver_recv(drv, log)
 
     log.step("4. the driver reports its balloon size; stats exchange")
-    await drv.send(m.Actual(actual=drv.conn.balloon_pages))
+    await drv.send(m.Actual(actual=drv_conn.balloon_pages))
     await script.put(("stats", None))
     await _driver_recv(drv, log)  # stats_request
     stats = {StatTag.MEMTOT: GUEST_PAGES * 4096, StatTag.MEMFREE: 600 * 4096,
              StatTag.AVAIL: 700 * 4096, StatTag.SWAP_IN: 0, StatTag.OOM_KILL: 0,
-             StatTag.BALLOON_PAGES: drv.conn.balloon_pages}
+             StatTag.BALLOON_PAGES: drv_conn.balloon_pages}
     await drv.send(m.Stats(id=drv.conn.new_id(), stats={int(k): v for k, v in stats.items()}))
     await _driver_recv(drv, log)
 
@@ -177,17 +181,18 @@ async def _transcript(out: TextIO) -> int:
     await _driver_recv(drv, log)
     await drv.send(m.Deflate(id=drv.conn.new_id(), runs=P.runs_to_wire([(512, 32)])))
     await _driver_recv(drv, log)  # MUST_TELL_HOST: pages reused only after this ack
-    await drv.send(m.Actual(actual=drv.conn.balloon_pages))
+    await drv.send(m.Actual(actual=drv_conn.balloon_pages))
     await drv.close("driver restart")
     await device
 
     log.step("6. driver restart without reconciling: a bad batch is rejected")
     dev_conn2 = BalloonDevice(vm=VM, guest_pages=GUEST_PAGES, ballooned=ballooned,
                               target=64)
-    dev, drv = await _pair(dev_conn2, BalloonDriver(vm=VM, features=FEATURES))
+    drv_conn = BalloonDriver(vm=VM, features=FEATURES)
+    dev, drv = await _pair(dev_conn2, drv_conn)
     script = asyncio.Queue()
     device = asyncio.create_task(_device_loop(dev, log, script))
-    drv.writer.write(drv.conn.hello())
+    drv.writer.write(drv_conn.hello())
     await _driver_recv(drv, log)  # welcome: actual=64
     # The restarted driver ignores welcome.actual / balloon_runs (it should reconcile with
     # the kernel's balloon list) and reuses pages that are still in the balloon.
