@@ -11,8 +11,8 @@ mutates before every timed call (untimed), and runs three formulations of the sa
   JIT compilation or cache loading is never timed);
 * ``numpy`` — a vectorised numpy formulation (``None`` where the algorithm is inherently
   sequential pointer chasing — the buddy free lists — and no honest one exists);
-* ``naive`` — the plain-Python twin from ``<package>/testing/naive.py`` or a twin kept here; run only up to ``naive_max_log2`` and extrapolated
-  per element.
+* ``naive`` — the plain-Python twin from ``<package>/testing/naive.py`` or a twin kept here;
+  run only up to ``naive_max_log2`` and extrapolated per element.
 
 All three must agree on a small size before anything is timed (:func:`cross_check`), so a
 fast result is never a wrong one. Streaming kernels also get a bandwidth figure: bytes they
@@ -183,7 +183,7 @@ def np_hv_clock_scan(state: np.ndarray, owner_vm: np.ndarray, owner_gpfn: np.nda
     USED frame unaccessed (sweep 1 cleared them) and takes them in order."""
     size = state.shape[0]
     if size == 0 or want == 0:
-        return [], hand
+        return np.empty(0, dtype=np.int64), hand
     h = hand % size
     order = np.concatenate((np.arange(h, size), np.arange(0, h)))
     used = order[state[order] == 1]
@@ -500,8 +500,38 @@ def _r_buddy_frag(c: Ctx) -> None:
     GK.free_pages(np.arange(0, c["n"], 2, dtype=np.int64), c["n"], *c["b"]._arrays())
 
 
+def _k_set_runs(c: Ctx) -> np.ndarray:
+    P.set_runs(c["state"], c["runs"], 1)
+    return c["state"]
+
+
+def _np_set_runs(c: Ctx) -> np.ndarray:
+    c["state"][np_runs_mask(c["n"], c["runs"])] = 1
+    return c["state"]
+
+
+def _k_map_free(c: Ctx) -> bool:
+    HK.map_free(c["state"], c["idx"])
+    return True
+
+
+def _r_hv_clock(c: Ctx) -> None:
+    c["state"].fill(1)
+    np.copyto(c["acc"], c["acc0"])
+
+
+def _vcpu_quanta_kernel(on: bool) -> Callable[[Ctx], Any]:
+    """The quanta kernel with the modelled-time bookkeeping ``on`` or off."""
+    return lambda c: _vcpu_quanta(c, on)
+
+
+def _k_buddy_init(c: Ctx) -> int:
+    _r_buddy(c)
+    return int(c["b"].cnt[0])
+
+
 def _naive_buddy_all_used(n: int) -> Any:
-    nb = NAIVE_GUEST.NaiveBuddy(n)  # type: ignore[union-attr]
+    nb = NAIVE_GUEST.NaiveBuddy(n)
     nb.alloc_many(n, GK.MAX_ORDER, GK.PG_ANON)
     return nb
 
@@ -517,19 +547,19 @@ def _cases() -> list[Case]:
         Case("pfn.runs_of_set", "protocol", _c_count_set,
              kernel=lambda c: P.runs_of_set(c["state"]),
              numpy=lambda c: np_runs_of_set(c["state"]),
-             naive=lambda c: NAIVE_PFN.runs_of_set(c["l_state"]),  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_PFN.runs_of_set(c["l_state"]),
              naive_ctx=lambda c: {"l_state": c["state"].tolist()},
              canon=_runs_list, stream_bytes=1, mem_per_frame=24),
         Case("pfn.pfns_to_runs", "protocol", _c_pfns_sorted,
              kernel=lambda c: P.pfns_to_runs(c["pfns"]),
              numpy=lambda c: np_pfns_to_runs(c["pfns"]),
-             naive=lambda c: NAIVE_PFN.pfns_to_runs(c["l_pfns"]),  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_PFN.pfns_to_runs(c["l_pfns"]),
              naive_ctx=lambda c: {"l_pfns": c["pfns"].tolist()},
              canon=_runs_list, stream_bytes=4, mem_per_frame=40),
         Case("pfn.runs_to_pfns", "protocol", _c_runs,
              kernel=lambda c: P.runs_to_pfns(c["runs"]),
              numpy=lambda c: np_runs_to_pfns(c["runs"]),
-             naive=lambda c: NAIVE_PFN.runs_to_pfns(c["l_runs"]),  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_PFN.runs_to_pfns(c["l_runs"]),
              naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"])},
              canon=lambda r: list(map(int, r)), stream_bytes=4, mem_per_frame=28,
              note="streams its output: 4 bytes written per page"),
@@ -537,7 +567,7 @@ def _cases() -> list[Case]:
              kernel=lambda c: P.check_pfns(c["pfns"], c["n"], c["state"], c["scratch"],
                                            want_clear=False),
              numpy=lambda c: np_check_pfns(c["pfns"], c["n"], c["state"], False),
-             naive=lambda c: NAIVE_PFN.check_pfns(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_PFN.check_pfns(
                  c["l_pfns"], c["n"], c["l_state"], False),
              naive_ctx=lambda c: {"l_pfns": c["pfns"].tolist(), "l_state": c["state"].tolist(),
                                   "n": c["n"]},
@@ -549,17 +579,15 @@ def _cases() -> list[Case]:
                                            want_clear=False),
              numpy=lambda c: np_check_pfns(np_runs_to_pfns(c["runs"]), c["n"], c["state"],
                                            False),
-             naive=lambda c: NAIVE_PFN.check_runs(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_PFN.check_runs(
                  c["l_runs"], c["n"], c["l_state"], False),
              naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
                                   "l_state": c["state"].tolist(), "n": c["n"]},
              canon=_check_ok, stream_bytes=2, mem_per_frame=24,
              note="reads state and scratch per page"),
         Case("pfn.set_runs", "protocol", _c_set_runs,
-             kernel=lambda c: (P.set_runs(c["state"], c["runs"], 1), c["state"])[1],
-             numpy=lambda c: (c["state"].__setitem__(np_runs_mask(c["n"], c["runs"]), 1),
-                              c["state"])[1],
-             naive=lambda c: NAIVE_PFN.set_runs(  # type: ignore[union-attr]
+             kernel=_k_set_runs, numpy=_np_set_runs,
+             naive=lambda c: NAIVE_PFN.set_runs(
                  c["l_state"], c["l_runs"], 1),
              naive_ctx=lambda c: {"l_runs": _runs_list(c["runs"]),
                                   "l_state": c["state"].tolist()},
@@ -569,22 +597,22 @@ def _cases() -> list[Case]:
         Case("hv.map_count", "hypervisor", _c_map,
              kernel=lambda c: HK.map_count(c["state"], 1),
              numpy=lambda c: int(np.count_nonzero(c["state"] == 1)),
-             naive=lambda c: NAIVE_HV.map_count(c["l_state"], 1),  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_HV.map_count(c["l_state"], 1),
              naive_ctx=lambda c: {"l_state": c["state"].tolist()},
              stream_bytes=1, mem_per_frame=3),
         Case("hv.map_alloc", "hypervisor", _c_map_alloc,
              kernel=lambda c: HK.map_alloc(c["state"], c["want"], 0, 1), canon=_alloc_canon,
              numpy=lambda c: np_map_alloc(c["state"], c["want"], 0, 1),
-             naive=lambda c: NAIVE_HV.map_alloc(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_HV.map_alloc(
                  c["l_state"], c["want"], 0, 1),
              naive_ctx=lambda c: {"l_state": c["state0"].tolist(), "want": c["want"]},
              reset=lambda c: np.copyto(c["state"], c["state0"]),
              stream_bytes=1, mem_per_frame=40,
              note="first fit of n/4 frames in a half-used map: scans about half of it"),
         Case("hv.map_free", "hypervisor", _c_map_free,
-             kernel=lambda c: (HK.map_free(c["state"], c["idx"]), True)[1],
+             kernel=_k_map_free,
              numpy=lambda c: np_map_free(c["state"], c["idx"]),
-             naive=lambda c: NAIVE_HV.map_free(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_HV.map_free(
                  c["l_state"], c["l_idx"]),
              naive_ctx=lambda c: {"l_state": [1] * c["state"].shape[0],
                                   "l_idx": c["idx"].tolist()},
@@ -597,13 +625,13 @@ def _cases() -> list[Case]:
              canon=_alloc_canon,
              numpy=lambda c: np_hv_clock_scan(c["state"], c["owner_vm"], c["owner_gpfn"],
                                               [c["acc"]], 0, c["want"]),
-             naive=lambda c: NAIVE_HV.clock_scan(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_HV.clock_scan(
                  c["l_state"], c["l_vm"], c["l_gpfn"], [c["l_acc"]], 0, c["want"]),
              naive_ctx=lambda c: {"l_state": [1] * c["state"].shape[0],
                                   "l_vm": c["owner_vm"].tolist(),
                                   "l_gpfn": c["owner_gpfn"].tolist(),
                                   "l_acc": c["acc0"].tolist(), "want": c["want"]},
-             reset=lambda c: (c["state"].fill(1), np.copyto(c["acc"], c["acc0"])) and None,
+             reset=_r_hv_clock,
              mem_per_frame=64,
              note="reverse map leads to a shuffled accessed array: random access"),
         Case("guest.clock_scan", "guest", _c_guest_clock,
@@ -612,7 +640,7 @@ def _cases() -> list[Case]:
                  c["out"])),
              canon=_gclock_canon,
              numpy=lambda c: np_guest_clock_scan(c["state"], c["acc"]),
-             naive=lambda c: NAIVE_GUEST.naive_clock_scan(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_GUEST.naive_clock_scan(
                  c["l_state"], c["l_acc"], 0, len(c["l_state"]), len(c["l_state"])),
              naive_ctx=lambda c: {"l_state": c["state"].tolist(), "l_acc": c["acc0"].tolist()},
              reset=lambda c: np.copyto(c["acc"], c["acc0"]),
@@ -623,15 +651,15 @@ def _cases() -> list[Case]:
                  c["vpns"].shape[0], c["ept"], c["host_acc"], c["guest_acc"],
                  c["needs_zero"], c["task"])),
              numpy=np_vcpu_run,
-             naive=lambda c: NAIVE_GUEST.naive_vcpu_run(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_GUEST.naive_vcpu_run(
                  c["l_ram"], c["l_pt"], c["l_wcount"], c["l_vpns"], c["l_writes"], 0,
                  len(c["l_vpns"]), c["l_ept"], c["l_hacc"], c["l_gacc"], c["l_nz"], c["task"]),
              naive_ctx=_vcpu_naive_ctx, reset=_r_vcpu, mem_per_frame=48,
              note=f"elements are memory accesses (30 % writes) over {VCPU_PAGES} pages"),
         *(Case(f"guest.vcpu_run[quanta{'+modelled' if on else ''}]", "guest", _c_vcpu_quanta,
-               kernel=lambda c, on=on: _vcpu_quanta(c, on),
+               kernel=_vcpu_quanta_kernel(on),
                numpy=np_vcpu_run,
-               naive=lambda c: NAIVE_GUEST.naive_vcpu_run(  # type: ignore[union-attr]
+               naive=lambda c: NAIVE_GUEST.naive_vcpu_run(
                    c["l_ram"], c["l_pt"], c["l_wcount"], c["l_vpns"], c["l_writes"], 0,
                    len(c["l_vpns"]), c["l_ept"], c["l_hacc"], c["l_gacc"], c["l_nz"],
                    c["task"]),
@@ -660,15 +688,15 @@ def _cases() -> list[Case]:
                                   "l_state": c["state"].tolist()},
              stream_bytes=1, mem_per_frame=24),
         Case("guest.buddy_init", "guest", _c_buddy,
-             kernel=lambda c: (_r_buddy(c), int(c["b"].cnt[0]))[1],
+             kernel=_k_buddy_init,
              numpy=None,
-             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).free_pages(),  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).free_pages(),
              naive_ctx=lambda c: {"n": c["n"]}, mem_per_frame=24,
              note="numpy: none (intrusive free lists)"),
         Case("guest.alloc_many[order0]", "guest", _c_buddy,
              kernel=lambda c: c["b"].alloc_many(c["n"] // 2, 0, GK.PG_BALLOON), canon=_runs_list,
              numpy=None,
-             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(
                  c["n"] // 2, 0, GK.PG_BALLOON),
              naive_ctx=lambda c: {"n": c["n"]}, reset=_r_buddy, mem_per_frame=60,
              note="n/2 single pages (virtio-style balloon fill); numpy: none. Naive time "
@@ -677,7 +705,7 @@ def _cases() -> list[Case]:
              kernel=lambda c: c["b"].alloc_many(c["n"] // 2, GK.MAX_ORDER, GK.PG_BALLOON),
              canon=_runs_list,
              numpy=None,
-             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(  # type: ignore[union-attr]
+             naive=lambda c: NAIVE_GUEST.NaiveBuddy(c["n"]).alloc_many(
                  c["n"] // 2, GK.MAX_ORDER, GK.PG_BALLOON),
              naive_ctx=lambda c: {"n": c["n"]}, reset=_r_buddy, mem_per_frame=60,
              note="n/2 pages, highest orders first (RANGES balloon fill); numpy: none. "
@@ -751,7 +779,7 @@ def _with_long_runs(cases: list[Case], names: tuple[str, ...]) -> list[Case]:
         out.append(c)
         if c.name in names:
             def setup(n: int, rng: np.random.Generator, base: Any = c.setup) -> Ctx:
-                return base(n, rng, LONG_RUN)  # type: ignore[no-any-return]
+                return base(n, rng, LONG_RUN)
             out.append(replace(c, name=f"{c.name}[long]", setup=setup))
     return out
 

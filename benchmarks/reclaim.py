@@ -183,7 +183,7 @@ class Host:
         return self.client.call(method, **params)
 
     def stat(self) -> dict[str, Any]:
-        return self.call("dommemstat", vm="bench")  # type: ignore[no-any-return]
+        return self.call("dommemstat", vm="bench")
 
     def wait(self, what: str, cond: Callable[[dict[str, Any]], bool],
              timeout: float = PHASE_TIMEOUT_S) -> tuple[float, dict[str, Any]]:
@@ -337,6 +337,9 @@ def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
+    def at_least(r: float | None, bound: float) -> bool | None:
+        return None if r is None else r >= bound
+
     return {
         "benchmark": "reclaim",
         "e2e_gib_s": e2e,
@@ -354,11 +357,9 @@ def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
         "ratio_e2e_to_per_page": ratio(e2e, refs["per_page_punch"].gib_s),
         "ratio_deflate_refault_to_first_touch": ratio(dr, first_touch),
         "targets": {
-            "e2e_ge_0.7_limit": None if ratio(e2e, limit) is None else ratio(e2e, limit) >= 0.7,
-            "e2e_ge_5_virtio": (None if ratio(e2e, virtio) is None
-                                else ratio(e2e, virtio) >= 5),
-            "deflate_refault_ge_0.5_first_touch": (None if ratio(dr, first_touch) is None
-                                                   else ratio(dr, first_touch) >= 0.5),
+            "e2e_ge_0.7_limit": at_least(ratio(e2e, limit), 0.7),
+            "e2e_ge_5_virtio": at_least(ratio(e2e, virtio), 5),
+            "deflate_refault_ge_0.5_first_touch": at_least(ratio(dr, first_touch), 0.5),
         },
         "vm_bytes": vm_bytes, "repeats": repeats,
         "references": {k: v.as_dict() for k, v in refs.items()},
