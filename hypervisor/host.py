@@ -221,7 +221,7 @@ class Host:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda s=sig: self.request_shutdown(f"signal {s.name}"))
+            loop.add_signal_handler(sig, self.request_shutdown, f"signal {sig.name}")
 
     def request_shutdown(self, reason: str = "requested") -> None:
         if not self._stopping:
