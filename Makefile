@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # pytest options: both cores, per-test timeout. `make test-quick` skips the slow tests.
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: demo test test-quick lint bench clean install
+.PHONY: demo test test-quick test-long lint bench clean install
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/balloonlab demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not long"
 
 # ruff (rules chosen in pyproject.toml) and mypy: strict on protocol/, checked elsewhere.
 lint: $(STAMP)
@@ -36,7 +36,11 @@ lint: $(STAMP)
 	$(PY) -m mypy protocol hypervisor guest balloonlab benchmarks
 
 test-quick: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not long"
+
+# The exhaustive fault matrices (about 15 minutes more on 2 cores).
+test-long: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m long
 
 # Every benchmark in its full variant, results into docs/results (the tables in
 # docs/results.md come from them, so these stay comparable). About 55 minutes; a plain

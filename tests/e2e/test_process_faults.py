@@ -344,9 +344,21 @@ FAULTS = [(kind, how, moment) for kind in ("kernel", "driver") for how in ("kill
           for moment in MOMENTS]
 
 
+#: One case of each process kind and signal, each at another moment, run in `make test`;
+#: the whole matrix is `make test-long`.
+FAULTS_IN_MAKE_TEST = {("kernel", "kill", "inflate"), ("kernel", "stop", "reclaim"),
+                       ("driver", "kill", "deflate"), ("driver", "stop", "inflate")}
+
+
+def _fault_marks(f: tuple[str, str, str]) -> tuple[pytest.MarkDecorator, ...]:
+    if f == ("kernel", "kill", "inflate"):
+        return ()
+    return (pytest.mark.slow,) if f in FAULTS_IN_MAKE_TEST else (pytest.mark.slow,
+                                                                 pytest.mark.long)
+
+
 @pytest.mark.parametrize("kind, how, moment", [
-    pytest.param(*f, marks=() if f == ("kernel", "kill", "inflate") else pytest.mark.slow,
-                 id="-".join(f)) for f in FAULTS])
+    pytest.param(*f, marks=_fault_marks(f), id="-".join(f)) for f in FAULTS])
 def test_a_vm_process_fault_mid_operation(hosts, kind, how, moment):
     host_mib, swap_mib, a_mib, on_crash = MOMENTS[moment]
     host = hosts(two_vms(f"pf{kind[0]}{how[0]}{moment[0]}", host_mib=host_mib, swap_mib=swap_mib,
@@ -364,8 +376,10 @@ def test_a_vm_process_fault_mid_operation(hosts, kind, how, moment):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill", "stop"])
-@pytest.mark.parametrize("moment", ["inflate", "reclaim"])
+@pytest.mark.parametrize("how, moment", [
+    ("kill", "reclaim"), ("stop", "inflate"),
+    pytest.param("kill", "inflate", marks=pytest.mark.long),
+    pytest.param("stop", "reclaim", marks=pytest.mark.long)])
 def test_a_hypervisor_fault_mid_operation(hosts, how, moment):
     """kill -9: every VM process dies with the hypervisor, and the next host in the same run
     dir starts clean; stop/cont: everything carries on."""
@@ -386,9 +400,12 @@ def test_a_hypervisor_fault_mid_operation(hosts, how, moment):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, how", [("kernel", "kill"), ("kernel", "stop"),
-                                       ("driver", "kill"), ("driver", "stop"),
-                                       ("hypervisor", "stop"), ("hypervisor", "kill")])
+@pytest.mark.parametrize("kind, how", [
+    ("kernel", "kill"), ("hypervisor", "kill"),
+    pytest.param("kernel", "stop", marks=pytest.mark.long),
+    pytest.param("driver", "kill", marks=pytest.mark.long),
+    pytest.param("driver", "stop", marks=pytest.mark.long),
+    pytest.param("hypervisor", "stop", marks=pytest.mark.long)])
 def test_a_process_fault_mid_shutdown(hosts, kind, how):
     """`shutdown`, and at once a fault: the host still stops, and leaves nothing behind."""
     host = hosts(two_vms(f"ps{kind[0]}{how[0]}"))
