@@ -24,8 +24,9 @@ MUST_TELL_HOST the guest never reuses a deflated page before the host knows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -93,8 +94,9 @@ class BalloonDevice(Connection):
     """Hypervisor end of ``<vm>.balloon.sock``."""
 
     ROLE = Role("balloon/device", m.BALLOON_TO_DEVICE, initial=State.START)
-    TRANSITIONS = {k: v for k, v in _ready_table(m.BALLOON_TO_DEVICE, "hello").items()
-                   if k[0] is not State.HANDSHAKE}
+    TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {
+        k: v for k, v in _ready_table(m.BALLOON_TO_DEVICE, "hello").items()
+        if k[0] is not State.HANDSHAKE}
 
     def __init__(
         self,
@@ -317,8 +319,9 @@ class BalloonDriver(Connection):
         replies=frozenset({"ack"}),
         initial=State.START,
     )
-    TRANSITIONS = {k: v for k, v in _ready_table(m.BALLOON_TO_DRIVER, "welcome").items()
-                   if k[0] is not State.START or k[1] in ("bye", "error")}
+    TRANSITIONS: ClassVar[Mapping[tuple[State, str], State]] = {
+        k: v for k, v in _ready_table(m.BALLOON_TO_DRIVER, "welcome").items()
+        if k[0] is not State.START or k[1] in ("bye", "error")}
 
     def __init__(self, *, vm: str, features: int) -> None:
         super().__init__()

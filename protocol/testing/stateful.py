@@ -291,7 +291,8 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
             choices.append(("deflate-runs", held[:1]))
         kind, pages = data.draw(st.sampled_from(choices))
         if kind == "deflate-runs":
-            msg: m.Message = m.Deflate(id=self.driver.new_id(), runs=P.runs_to_wire([(pages[0], 1)]))
+            msg: m.Message = m.Deflate(id=self.driver.new_id(),
+                                       runs=P.runs_to_wire([(pages[0], 1)]))
         else:
             cls = m.Inflate if kind == "inflate" else m.Deflate
             msg = cls(id=self.driver.new_id(), pfns=P.pfns_to_wire(pages))
@@ -327,7 +328,8 @@ class BalloonProtocolMachine(RuleBasedStateMachine):
         elif what == "already_ballooned":
             if not self.model:
                 return
-            msg = m.Inflate(id=rid, pfns=P.pfns_to_wire([data.draw(st.sampled_from(sorted(self.model)))]))
+            pfn = data.draw(st.sampled_from(sorted(self.model)))
+            msg = m.Inflate(id=rid, pfns=P.pfns_to_wire([pfn]))
         elif what == "not_ballooned":
             if not free:
                 return
