@@ -1,9 +1,10 @@
 """Shared test set-up.
 
 Numba's on-disk cache goes to the project's ignored ``build/`` folder (as `make test` sets
-it). The test helper modules — in-test peers that speak the real wire protocol — are registered under unique names, because the test
-directories have no ``__init__.py``. The plain-Python twins of the kernels ship with the
-packages (``protocol.testing.naive``, ``guest.testing.naive``, ``hypervisor.testing.naive``).
+it). The test helper modules — in-test peers that speak the real wire protocol — are
+registered under unique names, because the test directories have no ``__init__.py``. The
+plain-Python twins of the kernels ship with the packages (``protocol.testing.naive``,
+``guest.testing.naive``, ``hypervisor.testing.naive``).
 """
 
 from __future__ import annotations

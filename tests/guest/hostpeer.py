@@ -63,6 +63,7 @@ class HostPeer:
         self.swapped: dict[int, bytes] = {}
         self.faults = 0
         self.in_flight: dict[int, np.ndarray] = {}  # ept_fault id -> pfns, not resumed yet
+        self._fault_tasks: set[asyncio.Task[None]] = set()  # held until done (no early GC)
         self.fault_pages = 0
         self.booted = asyncio.Event()
         self.gone = asyncio.Event()
@@ -107,7 +108,9 @@ class HostPeer:
                     self.in_flight[msg.id] = msg.pfn_array.astype(np.int64)
                     # served in its own task: a fault waits while a revoke is in progress,
                     # and this loop must keep reading to see that revoke's shootdown_ack
-                    asyncio.create_task(self._fault(msg))
+                    task = asyncio.create_task(self._fault(msg))
+                    self._fault_tasks.add(task)
+                    task.add_done_callback(self._fault_tasks.discard)
                 elif isinstance(msg, m.ShootdownAck):
                     fut = self._acks.pop(msg.id, None)
                     if fut is not None:

@@ -61,7 +61,7 @@ def make_mm(tmp_path, pages: int, swap_pages: int, oom_notify=None):
 
 async def run(mm: MemoryManager, tasks, quanta: int, n: int = 2000, host=None, rng=None,
               t: float = 0.0):
-    for q in range(quanta):
+    for _ in range(quanta):
         for tm, wl in tasks:
             vpns, writes = wl.quantum(n, t)
             res = await mm.run_quantum(tm, vpns, writes)

@@ -71,7 +71,7 @@ class GuestPeer:
             if ev is not NEED_DATA:
                 break
             fut = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+            loop.add_reader(sock.fileno(), lambda f=fut: f.done() or f.set_result(None))
             try:
                 await fut
             finally:

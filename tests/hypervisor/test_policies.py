@@ -185,7 +185,7 @@ def test_a_user_policy_without_decide_is_refused_by_name() -> None:
 
 
 def test_base_policy_must_be_overridden() -> None:
-    with pytest.raises(TypeError, match="abstract method 'decide'|abstract method decide"):
+    with pytest.raises(TypeError, match=r"abstract method 'decide'|abstract method decide"):
         Policy()  # type: ignore[abstract]
 
 
