@@ -26,6 +26,9 @@ longer reported (the host has not discarded the merged whole).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import numpy as np
 from numba import njit
 
@@ -59,7 +62,13 @@ EXIT_EPT = 2  # EPT entry not present: arg = gpfn
 # list operation itself (measured: list add + del 107 ns with them, 1.6 ns without).  A
 # kernel compiled without the runtime (``_nrt=False``) cannot allocate, return or slice an
 # array, which these do not need.
-_NOALLOC = {"cache": True, "_nrt": False}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _noalloc(fn: _F) -> _F:
+    """``@njit(cache=True)`` without Numba's runtime, for the buddy and reclaim kernels."""
+    # ``_nrt`` is a private option of njit that numba's type stubs do not list.
+    return njit(cache=True, _nrt=False)(fn)  # type: ignore[call-overload]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -69,7 +78,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 # --------------------------------------------------------------------------- free lists
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def _list_add(g, o, to_tail, nxt, prv, forder, head, tail, nfree):
     forder[g] = o
     if to_tail:
@@ -93,7 +102,7 @@ def _list_add(g, o, to_tail, nxt, prv, forder, head, tail, nfree):
     nfree[o] += 1
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def _list_del(g, nxt, prv, forder, head, tail, nfree):
     o = forder[g]
     p = prv[g]
@@ -112,7 +121,7 @@ def _list_del(g, nxt, prv, forder, head, tail, nfree):
     nfree[o] -= 1
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def buddy_init(npages, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Put every page on the free lists as the largest aligned blocks that fit."""
     nxt[:] = -1
@@ -133,7 +142,7 @@ def buddy_init(npages, nxt, prv, forder, state, head, tail, nfree, cnt):
     cnt[CNT_FREE] = npages
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def _free_block(g, o, putback_reported, npages, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Free the aligned block (g, order o), merging with free buddies.
 
@@ -167,7 +176,7 @@ def _free_block(g, o, putback_reported, npages, nxt, prv, forder, state, head, t
     return o
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def alloc_block(o, new_state, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Allocate one block of order ``o`` (splitting a larger one); return its gpfn or -1."""
     k = o
@@ -194,7 +203,7 @@ def alloc_block(o, new_state, nxt, prv, forder, state, head, tail, nfree, cnt):
     return g
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def alloc_many(count, max_order, new_state, out, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Allocate up to ``count`` pages, highest orders first, into runs ``out[n] = (gpfn, len)``.
 
@@ -250,7 +259,7 @@ def alloc_many(count, max_order, new_state, out, nxt, prv, forder, state, head, 
     return n, count - rem
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def free_range(start, count, putback_reported, npages, nxt, prv, forder, state, head, tail,
                nfree, cnt):
     """Free pages [start, start+count) as maximal aligned blocks (buddies merge)."""
@@ -265,7 +274,7 @@ def free_range(start, count, putback_reported, npages, nxt, prv, forder, state, 
         g += 1 << o
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def free_runs(runs, from_isolated, mark_reported, npages, nxt, prv, forder, state, head, tail,
               nfree, cnt):
     """Free every run of ``runs`` (int64[n, 2]).  Caller has validated them."""
@@ -276,14 +285,14 @@ def free_runs(runs, from_isolated, mark_reported, npages, nxt, prv, forder, stat
                    head, tail, nfree, cnt)
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def free_pages(gpfns, npages, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Free single pages (order 0 each; buddies merge)."""
     for i in range(gpfns.shape[0]):
         _free_block(gpfns[i], 0, False, npages, nxt, prv, forder, state, head, tail, nfree, cnt)
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def isolate_free(min_order, max_runs, out, nxt, prv, forder, state, head, tail, nfree, cnt):
     """Take unreported free blocks of order >= min_order off the lists (highest first).
 
@@ -318,7 +327,7 @@ _HI = np.uint64(0x8080808080808080)
 _BYTES = np.uint64(0x0101010101010101)
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def first_not_in_state(runs, want, state):
     """First gpfn of ``runs`` whose state is not ``want``, or -1.
 
@@ -361,7 +370,7 @@ def first_not_in_state(runs, want, state):
 # --------------------------------------------------------------------------- reclaim
 
 
-@njit(**_NOALLOC)
+@_noalloc
 def clock_scan(state, guest_acc, hand, max_steps, max_victims, out):
     """Second-chance clock over anon pages.
 
