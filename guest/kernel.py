@@ -38,10 +38,10 @@ from protocol.connection import KernelServer, MachineGuest, State
 from protocol.constants import EPT_NOT_PRESENT
 from protocol.cost import CostError
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import PeerClosed as SyncPeerClosed
 from protocol.features import MAX_BATCH_RUNS, PAGE_SIZE, PROTOCOL_VERSION
 from protocol.lifeline import OwnedFile, bind_to_host
 from protocol.pfn import RunError, pfns_to_wire, runs_to_wire
-from protocol.sync import PeerClosed as SyncPeerClosed
 from protocol.sync import SyncChannel
 
 #: Accesses per quantum when no rate limits the task: ~1 ms of vCPU time at tens of

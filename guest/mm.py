@@ -362,7 +362,7 @@ class MemoryManager:
             raise ValueError("accessed array must have one byte per page")
         self.npages = npages
         self.ram = ram
-        self.ram_bytes = memoryview(ram).cast("B")
+        self.ram_bytes = ram.data.cast("B")
         self.ept = ept
         self.host_acc = host_acc
         self.swap = swap
@@ -559,7 +559,7 @@ class MemoryManager:
         st = self.stats
         clock0 = t.modelled_ns
         while i < n:
-            code, i, arg, ops, corrupted = K.vcpu_run(
+            code, i, _arg, ops, corrupted = K.vcpu_run(
                 self.ram, t.pt, t.wcount, vpns, writes, i, n, self.ept, self.host_acc,
                 self.guest_acc, self.needs_zero, t.tid)
             res.ops += ops
