@@ -32,21 +32,21 @@ size = "4MiB"
 
 [[schedule]]
 at = "1s"
+action = "set_policy"
+name = "mom"
+params = { pressure_threshold = 0.1 }
+
+[[schedule]]
+at = "2s"
 action = "set_balloon"
 vm = "a"
 size = "8MiB"
 
 [[schedule]]
-at = "2s"
+at = "3s"
 action = "setmem"
 vm = "a"
 size = "28MiB"
-
-[[schedule]]
-at = "3s"
-action = "set_policy"
-name = "mom"
-params = { pressure_threshold = 0.1 }
 """
 
 
@@ -59,16 +59,19 @@ def test_schedule_runs_each_action_in_time_order_with_an_event(live_host):
     evs = host.wait(lambda: len(scheduled()) == 3 and scheduled(), 60.0,
                     "three schedule events")
     assert [(e["entry"], e["action"], e["vm"], e["ok"]) for e in evs] == [
-        (0, "set_balloon", "a", True), (1, "setmem", "a", True), (2, "set_policy", None, True)]
-    assert [e["what"] for e in evs] == ["set_balloon a 8MiB", "setmem a 28MiB",
-                                        "set_policy mom pressure_threshold=0.1"]
+        (0, "set_policy", None, True), (1, "set_balloon", "a", True), (2, "setmem", "a", True)]
+    assert [e["what"] for e in evs] == ["set_policy mom pressure_threshold=0.1",
+                                        "set_balloon a 8MiB", "setmem a 28MiB"]
     # Each ran no earlier than its time after the host started (sleeps only ever run late).
     started = next(e["time"] for e in host.events() if e["kind"] == "host_started")
     for e in evs:
         assert e["time"] - started >= e["at"] - 0.05, e
-    # The last balloon target is setmem's: 32 MiB - 28 MiB = 4 MiB = 1024 pages.
-    assert evs[1]["result"]["target_pages"] == 1024
+    # The last balloon target is setmem's: 32 MiB - 28 MiB = 4 MiB = 1024 pages. It is a
+    # manual target, so the policy switched on before it (mom) leaves it alone.
+    assert evs[2]["result"]["target_pages"] == 1024
+    assert evs[2]["result"]["manual_target"] is True
     host.wait(lambda: host.stat("a")["balloon_pages"] == 1024, 60.0, "balloon at 1024 pages")
+    assert host.stat("a")["target_pages"] == 1024
     assert host.call("host_info")["policy"] == "mom"
     assert host.stat("a")["corrupted_reads"] == 0
 
