@@ -48,6 +48,8 @@ from hypervisor.hostswap import HostSwap
 from hypervisor.ledger import FrameLedger
 from hypervisor.machine import MachineServer
 from hypervisor.memory import HostMemory
+from hypervisor.policies import load_policy
+from hypervisor.policies.base import Decision, HostSample, Policy, VmSample
 from hypervisor.schedule import ScheduleEntry
 from hypervisor.supervisor import HALT_GRACE, Supervisor
 from hypervisor.topology import Topology, VmConfig
@@ -101,8 +103,9 @@ class Host:
         self.qmp: Any = None  # hypervisor.qmp.QmpServer once started
         self.metrics_server: Any = None  # hypervisor.metrics.MetricsServer when enabled
         self.policy_name = "none"
-        self.policy: Any = None
-        self.policy_history: collections.deque[Any] = collections.deque(maxlen=60)
+        self.policy: Policy | None = None
+        self.policy_history: collections.deque[tuple[HostSample, list[VmSample]]] = (
+            collections.deque(maxlen=60))
         #: Policy rounds run by the loop and the host CPU seconds they took (thread time).
         self.policy_rounds = 0
         self.policy_cpu_seconds = 0.0
@@ -417,25 +420,16 @@ class Host:
                 self.emit("balloon_target", vm.name, target_pages=pages, old=old, reason=reason)
 
     def set_policy(self, name: str, params: dict[str, Any] | None = None) -> None:
-        try:
-            from hypervisor.policies import load_policy
-        except ImportError:  # policies not installed: only manual control
-            if name != "none":
-                raise ValueError(f"policy {name!r} is not available (only 'none')") from None
-            self.policy, self.policy_name = None, "none"
-            return
         self.policy = load_policy(name, params or {})
         self.policy_name = name
 
-    def host_sample(self) -> Any:
-        from hypervisor.policies.base import HostSample
+    def host_sample(self) -> HostSample:
         return HostSample(time=time.time(), frames_total=self.ledger.frames_total,
                           frames_free=self.ledger.frames_free,
                           swap_slots_total=self.ledger.swap_slots_total,
                           swap_slots_free=self.ledger.slots_free)
 
-    def vm_sample(self, vm: Vm) -> Any:
-        from hypervisor.policies.base import VmSample
+    def vm_sample(self, vm: Vm) -> VmSample:
         st = vm.balloon.stats
         now = time.monotonic()
         if now - vm.sample_armed_at >= self.active_sample_period:
@@ -489,7 +483,7 @@ class Host:
             self.policy_rounds += 1
             self.policy_cpu_seconds += time.thread_time() - t0
 
-    def policy_step(self) -> list[Any]:
+    def policy_step(self) -> list[Decision]:
         """One collect → decide → act round; returns the decisions applied."""
         running = [vm for vm in self.vms.values() if not vm.state.stopped]
         if self.policy is None or not running:
@@ -498,7 +492,7 @@ class Host:
         samples = [self.vm_sample(vm) for vm in running]
         decisions = self.policy.decide(hs, samples, list(self.policy_history))
         self.policy_history.append((hs, samples))
-        applied = []
+        applied: list[Decision] = []
         for d in decisions:
             vm = self.vms.get(d.vm)
             if vm is None or vm.manual_target:

@@ -85,7 +85,7 @@ class Supervisor:
 
     def on_guest_gone(self, vm: Vm, reason: str) -> None:
         host = self.host
-        if host.stopping or vm.state.stopped or vm.state is VmState.HALTED:
+        if host.stopping or vm.state.stopped:
             return
         if vm.kernel_proc is None:
             # In-test peer (or a kernel we did not launch) left: its memory goes back.

@@ -35,8 +35,10 @@ class VmState(enum.StrEnum):
 
     @property
     def stopped(self) -> bool:
-        """Holds no memory and runs no processes now."""
-        return self in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED)
+        """Holds no memory and runs no processes now (a halted VM included: the policy, the
+        supervisor and the memory manager leave it alone)."""
+        return self in (VmState.CRASHED, VmState.DESTROYED, VmState.OOM_KILLED,
+                        VmState.HALTED)
 
 
 @dataclass

@@ -314,6 +314,10 @@ def test_stop_cont_and_system_powerdown_with_events():
             assert lab.host.vms["b"].state == "running"
             kinds = [(e["kind"], e["vm"]) for e in lab.host.events]
             assert ("vm_halted", "a") in kinds and ("vm_crashed", "a") not in kinds
+            # A halted VM has left the policy's view: a policy that would move every
+            # balloon decides for b alone.
+            lab.host.set_policy("static", {"targets": {"a": 100, "b": 100}})
+            assert {d.vm for d in lab.host.policy_step()} == {"b"}
             await lab.quiesce()
             await c.disconnect()
     run(main())
