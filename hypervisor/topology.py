@@ -37,6 +37,7 @@ from hypervisor.units import (
     parse_size,
 )
 from protocol.cost import DEVICE_KEYS, CostError, format_ns, normalize_cost
+from protocol.features import FEATURE_NAMES as _PROTOCOL_FEATURE_NAMES
 
 __all__ = [
     "BUILTIN_POLICIES",
@@ -61,29 +62,8 @@ __all__ = [
 TOPOLOGIES_DIR = Path(__file__).with_name("topologies")
 
 # Balloon feature names as spelled in topologies and on the driver's command line
-# (docs/internals.md). protocol.features.Feature is the authority once it exists; the
-# documented names are the fallback so this module works before/without it.
-_DOCUMENTED_FEATURES = (
-    "must_tell_host",
-    "stats",
-    "deflate_on_oom",
-    "free_page_hint",
-    "page_poison",
-    "reporting",
-    "ws_reporting",
-    "ranges",
-)
-
-
-def _feature_names() -> tuple[str, ...]:
-    try:
-        from protocol.features import FEATURE_NAMES as names
-    except ImportError:
-        return _DOCUMENTED_FEATURES
-    return tuple(names)
-
-
-FEATURE_NAMES: tuple[str, ...] = _feature_names()
+# (docs/internals.md); protocol.features is their one home.
+FEATURE_NAMES: tuple[str, ...] = tuple(_PROTOCOL_FEATURE_NAMES)
 DEFAULT_FEATURES: tuple[str, ...] = (
     "must_tell_host", "stats", "deflate_on_oom", "reporting", "ranges")
 WORKLOADS: tuple[str, ...] = ("uniform", "zipf", "scan", "hotcold", "phases", "idle")
