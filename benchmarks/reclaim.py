@@ -331,6 +331,7 @@ def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
     e2e = med("ranges", "inflate_gib_s")
     virtio = med("virtio", "inflate_gib_s")
     limit = refs["punch_limit"].gib_s
+    mapped = refs["mapped_punch_limit"].gib_s if "mapped_punch_limit" in refs else None
     first_touch = refs["first_touch"].gib_s
     dr = med("ranges", "deflate_refault_gib_s")
 
@@ -346,6 +347,7 @@ def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
         "virtio_gib_s": virtio,
         "fragmented_gib_s": med("fragmented", "inflate_gib_s"),
         "limit_punch_gib_s": limit,
+        "limit_mapped_punch_gib_s": mapped,
         "per_page_punch_gib_s": refs["per_page_punch"].gib_s,
         "refault_gib_s": med("ranges", "refault_gib_s"),
         "deflate_refault_gib_s": dr,
@@ -353,11 +355,14 @@ def build_result(vm_bytes: int, repeats: int, refs: dict[str, references.Rate],
         "fallocate_populate_gib_s": refs["fallocate_populate"].gib_s,
         "read_gib_s": refs["read_bandwidth"].gib_s,
         "ratio_e2e_to_limit": ratio(e2e, limit),
+        "ratio_e2e_to_mapped_limit": ratio(e2e, mapped),
         "ratio_ranges_to_virtio": ratio(e2e, virtio),
         "ratio_e2e_to_per_page": ratio(e2e, refs["per_page_punch"].gib_s),
         "ratio_deflate_refault_to_first_touch": ratio(dr, first_touch),
         "targets": {
             "e2e_ge_0.7_limit": at_least(ratio(e2e, limit), 0.7),
+            "e2e_ge_0.85_limit": at_least(ratio(e2e, limit), 0.85),
+            "e2e_ge_0.85_mapped_limit": at_least(ratio(e2e, mapped), 0.85),
             "e2e_ge_5_virtio": at_least(ratio(e2e, virtio), 5),
             "deflate_refault_ge_0.5_first_touch": at_least(ratio(dr, first_touch), 0.5),
         },

@@ -5,6 +5,9 @@ GiB/s (2^30 bytes per second) and pages/s.
 
 * :func:`punch_limit` — one ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` over a fully populated memfd:
   the fastest a host can give guest memory back to Linux (the release limit).
+* :func:`mapped_punch_limit` — the same punch while every page is mapped into a process's
+  page tables (as guest RAM is mapped by the guest kernel process, and by QEMU): Linux must
+  also zap each page's mapping, so this is the release limit a hypervisor can reach.
 * :func:`per_page_punch` — one punch call per 4 KiB page: the path QEMU's virtio-balloon
   takes (``ram_block_discard_range`` per pfn), here from Python through ctypes, so the
   interpreter's per-call cost (~0.2 µs) sits on top of the syscall.
@@ -177,6 +180,27 @@ def punch_limit(nbytes: int = 1 << 30, repeats: int = 3) -> Rate:
     return Rate("punch_limit", nbytes, Timing.of(times), calls=1)
 
 
+def mapped_punch_limit(nbytes: int = 1 << 30, repeats: int = 3) -> Rate:
+    """One PUNCH_HOLE over a populated memfd of ``nbytes`` whose every page is mapped (shared,
+    written once) in this process, as guest RAM is mapped in the guest kernel process: the
+    punch also unmaps each page."""
+    nbytes, repeats = _check_size(nbytes), _check_repeats(repeats)
+    times = []
+    with _Memfd(nbytes, "mapped-punch") as m:
+        mm = mmap.mmap(m.fd, nbytes)
+        try:
+            view = np.frombuffer(mm, dtype=np.uint8)
+            for _ in range(repeats):
+                m.populate()
+                view[::PAGE_SIZE] = 1  # map every page (a write fault per page)
+                times.append(_timed(lambda: fallocate(m.fd, PUNCH, 0, nbytes)))
+                m.expect_resident(0, "after the timed punch of the mapped file")
+            del view  # the mmap closes only once no array exports its buffer
+        finally:
+            mm.close()
+    return Rate("mapped_punch_limit", nbytes, Timing.of(times), calls=1)
+
+
 def per_page_punch(nbytes: int = 1 << 30, repeats: int = 3) -> Rate:
     """One PUNCH_HOLE per 4 KiB page over a populated memfd (QEMU's per-pfn path)."""
     nbytes, repeats = _check_size(nbytes), _check_repeats(repeats)
@@ -260,6 +284,7 @@ def all_references(nbytes: int = 1 << 30, repeats: int = 3,
     machine's page cache and free lists are in the same state as for the VM run)."""
     return {
         "punch_limit": punch_limit(nbytes, repeats),
+        "mapped_punch_limit": mapped_punch_limit(nbytes, repeats),
         "per_page_punch": per_page_punch(nbytes, repeats),
         "first_touch": first_touch(nbytes, repeats),
         "fallocate_populate": fallocate_populate(nbytes, repeats),

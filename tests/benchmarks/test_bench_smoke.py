@@ -19,11 +19,12 @@ from benchmarks import references as R
 
 RECLAIM_KEYS = ("e2e_gib_s", "virtio_gib_s", "limit_punch_gib_s", "per_page_punch_gib_s",
                 "refault_gib_s", "limit_first_touch_gib_s", "ratio_e2e_to_limit",
+                "limit_mapped_punch_gib_s", "ratio_e2e_to_mapped_limit",
                 "ratio_ranges_to_virtio")
 
 
-@pytest.mark.parametrize("fn", [R.punch_limit, R.per_page_punch, R.first_touch,
-                                R.fallocate_populate])
+@pytest.mark.parametrize("fn", [R.punch_limit, R.mapped_punch_limit, R.per_page_punch,
+                                R.first_touch, R.fallocate_populate])
 def test_reference_moves_memory_and_reports_rates(fn):
     r = fn(1 << 20, 2)
     d = r.as_dict()
