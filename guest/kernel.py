@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from guest.cost import CostModel
+from guest.disk import DiskDevice, DiskError
 from guest.mm import EPT_BATCH, MemoryManager, OutOfPuff, SwapDevice, TaskMem, kernel_reserve
 from guest.workloads import SpecError, Workload, WorkloadSpec
 from protocol import messages as m
@@ -86,6 +87,7 @@ class Task:
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
     oom_kills: int = 0
+    disk_base: int = 0  # fileio: the disk block its first file starts at
 
 
 def parse_config(raw: str) -> dict[str, Any]:
@@ -125,7 +127,34 @@ def parse_config(raw: str) -> dict[str, Any]:
                          for i, t in enumerate(tasks)]
     except SpecError as e:
         raise ConfigError(str(e)) from e
+    _check_disk(cfg)
     return cfg
+
+
+def _check_disk(cfg: dict[str, Any]) -> None:
+    """``disk`` (bytes) and ``disk_path``; fileio tasks' files laid out one after another
+    on it, which must fit (``_disk_bases`` holds where each task's files start)."""
+    disk = cfg.get("disk", 0)
+    if isinstance(disk, bool) or not isinstance(disk, int) or disk < 0 or disk % PAGE_SIZE:
+        raise ConfigError(f"config.disk: expected a non-negative multiple of {PAGE_SIZE} bytes, "
+                          f"got {disk!r}")
+    if disk and not isinstance(cfg.get("disk_path"), str):
+        raise ConfigError("config.disk_path: a VM with a disk needs the path of its disk file")
+    bases: list[int] = []
+    used = 0
+    for i, spec in enumerate(cfg["_specs"]):
+        bases.append(used)
+        if spec.workload != "fileio":
+            continue
+        if not disk:
+            raise ConfigError(f"config.tasks[{i}].workload: a fileio task needs a disk "
+                              "(config.disk)")
+        if used + spec.disk_pages > disk // PAGE_SIZE:
+            raise ConfigError(f"config.tasks[{i}].files: {spec.files} files of "
+                              f"{spec.file_size} bytes do not fit on the disk ({disk} bytes, "
+                              f"{used * PAGE_SIZE} taken by earlier tasks)")
+        used += spec.disk_pages
+    cfg["_disk_bases"] = bases
 
 
 class GuestKernel:
@@ -213,6 +242,13 @@ class GuestKernel:
                 log=self._log)
             if swap.error is not None:
                 self._log(f"guest swap disabled: {swap.error}")
+            if self.cfg.get("disk"):
+                try:
+                    disk = DiskDevice(str(self.cfg["disk_path"]), int(self.cfg["disk"]))
+                except DiskError as e:
+                    self._log(f"boot failed: {e}")
+                    return 1
+                self.mm.attach_disk(disk)
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
             self.machine = Channel(conn, reader, writer)
             self._make_tasks()
@@ -252,6 +288,8 @@ class GuestKernel:
                 await self.machine.close()
             if self.driver is not None:
                 await self.driver.close()
+            if self.mm is not None and self.mm.disk is not None:
+                self.mm.disk.close()  # the file is the host's: it stays
             if swap is not None:
                 swap.close(unlink=False)
                 if own_swap is not None:
@@ -268,7 +306,8 @@ class GuestKernel:
         seed = int(self.cfg.get("seed", 1))
         for i, spec in enumerate(self.cfg["_specs"]):
             mem = self.mm.add_task(i, spec.pages)
-            self.tasks.append(Task(i, spec, Workload(spec, seed * 1000003 + i), mem))
+            self.tasks.append(Task(i, spec, Workload(spec, seed * 1000003 + i), mem,
+                                   disk_base=self.cfg["_disk_bases"][i]))
 
     def _log(self, text: str) -> None:
         print(f"[{self.vm} kernel] {text}", file=sys.stderr, flush=True)
@@ -395,7 +434,10 @@ class GuestKernel:
 
     async def _run_quantum(self, t: Task, vpns: np.ndarray, writes: np.ndarray) -> None:
         assert self.mm is not None
-        res = await self.mm.run_quantum(t.mem, vpns, writes)
+        if t.spec.workload == "fileio":  # file blocks, through the page cache
+            res = await self.mm.run_file_quantum(t.mem, vpns + t.disk_base, writes)
+        else:
+            res = await self.mm.run_quantum(t.mem, vpns, writes)
         t.ops += res.ops
         t.stall_ns_ept += res.stall_ns_ept
         t.stall_ns_guest += res.stall_ns_guest
@@ -555,6 +597,7 @@ class GuestKernel:
                              f"@{mrate / 1e6:.2f}Mops/s")
             s = mm.stats
             self._log(f"free={mm.buddy.free_pages} anon={mm.anon_pages()} "
+                      f"cache={mm.cache_count} dirty={mm.dirty_pages()} "
                       f"balloon={mm.balloon_pages} swap_out={s.swap_out // PAGE_SIZE} "
                       f"swap_in={s.swap_in // PAGE_SIZE} oom={s.oom_kills} "
                       f"corrupted={s.corrupted_reads} ept_waiting={len(self._resumes)} "

@@ -1,4 +1,4 @@
-"""Numba kernels of the guest kernel: buddy allocator, clock reclaim scan, vCPU loop.
+"""Numba kernels of the guest kernel: buddy allocator, clock reclaim scans, vCPU loops.
 
 Everything here is array-in/array-out over guest page frame numbers (gpfns, units of
 4096-byte pages).  The stateful Python wrappers live in :mod:`guest.mm`; plain-Python twins
@@ -41,7 +41,7 @@ NR_ORDERS = MAX_ORDER + 1
 PG_FREE = 0  # on a free list, not reported
 PG_KERNEL = 1  # reserved for the guest kernel itself
 PG_ANON = 2  # mapped by a task
-PG_CACHE = 3  # page cache (reserved state; the workloads do no file I/O)
+PG_CACHE = 3  # page cache: holds one disk block (guest.mm's page cache section)
 PG_BALLOON = 4  # in the balloon list: handed to the host, must not be touched
 PG_REPORTED = 5  # on a free list, reported to the host (host discarded it)
 PG_ISOLATED = 6  # taken off the free lists while a free-page report is in flight
@@ -483,3 +483,97 @@ def lookahead_not_present(pt, vpns, start, stop, ept, mark, out):
     for j in range(n):
         mark[out[j]] = 0
     return n
+
+
+# --------------------------------------------------------------------------- page cache
+
+#: The "task" a disk block's stamps are made with: file data belongs to the disk, not to the
+#: task that wrote it (any task reading the block must see the last write).
+FILE_STAMP_TASK = 0xF11E
+
+
+@_noalloc
+def cache_scan(state, guest_acc, dirty, cache_block, hand, max_steps, max_victims, out_clean,
+               out_dirty):
+    """Second-chance clock over page-cache pages, the inactive file list's stand-in.
+
+    A cache page accessed since the last pass loses its bit and survives; an unaccessed one
+    is a victim: clean ones go to ``out_clean`` (dropped without I/O), dirty ones to
+    ``out_dirty`` while it has room (written back first).  Pages being filled
+    (``cache_block < 0``) are skipped untouched.  Stops after ``max_steps`` pages or
+    ``max_victims`` clean victims.  Returns ``(clean, dirty, new hand, cache pages
+    scanned)``."""
+    npages = state.shape[0]
+    nc = 0
+    nd = 0
+    scanned = 0
+    steps = 0
+    capd = out_dirty.shape[0]
+    if npages == 0:
+        return nc, nd, hand, scanned
+    hand %= npages
+    while steps < max_steps and nc < max_victims:
+        g = hand
+        hand += 1
+        if hand == npages:
+            hand = 0
+        steps += 1
+        if state[g] != PG_CACHE or cache_block[g] < 0:
+            continue
+        scanned += 1
+        if guest_acc[g] != 0:
+            guest_acc[g] = 0
+            continue
+        if dirty[g] == 0:
+            out_clean[nc] = g
+            nc += 1
+        elif nd < capd:
+            out_dirty[nd] = g
+            nd += 1
+    return nc, nd, hand, scanned
+
+
+@njit(cache=True)
+def cache_run(ram, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_acc, guest_acc,
+              needs_zero):
+    """Run file accesses ``blocks[start:stop]`` (disk block numbers) through the page cache;
+    return ``(exit code, index reached, exit arg, ops done, corrupted reads)``.
+
+    ``bmap`` maps a block to the gpfn caching it (-1: not cached, a ``EXIT_GUEST_FAULT``
+    exit with the block, for the memory manager to read it in); ``bcount`` counts the writes
+    to each block, the truth its stamps are checked against.  Per access as
+    :func:`vcpu_run`, plus: a write marks the page dirty (it is written back before the page
+    is dropped)."""
+    ops = 0
+    corrupted = 0
+    i = start
+    while i < stop:
+        b = blocks[i]
+        g = bmap[b]
+        if g < 0:
+            return EXIT_GUEST_FAULT, i, b, ops, corrupted
+        if ept[g] == EPT_NOT_PRESENT:
+            return EXIT_EPT, i, g, ops, corrupted
+        base = g * PAGE_WORDS
+        if needs_zero[g] != 0:  # write-allocated: the write covers the whole page
+            ram[base:base + PAGE_WORDS] = 0
+            needs_zero[g] = 0
+        if guest_acc[g] == 0:
+            guest_acc[g] = 1
+        if host_acc[g] == 0:
+            host_acc[g] = 1
+        if writes[i]:
+            c = bcount[b] + 1
+            bcount[b] = c
+            ram[base] = stamp(FILE_STAMP_TASK, b, c)
+            dirty[g] = 1
+        else:
+            c = bcount[b]
+            expect = np.uint64(0)
+            if c != 0:
+                expect = stamp(FILE_STAMP_TASK, b, c)
+            if ram[base] != expect:
+                corrupted += 1
+        ops += 1
+        i += 1
+    return EXIT_DONE, i, 0, ops, corrupted

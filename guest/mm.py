@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from guest import kernels as K
+from guest.disk import DiskDevice, contiguous_runs
 from guest.cost import DEFAULT_COST, CostModel
 from guest.kernels import (
     MAX_ORDER,
@@ -39,6 +40,7 @@ from guest.kernels import (
     PAGE_WORDS,
     PG_ANON,
     PG_BALLOON,
+    PG_CACHE,
     PG_FREE,
     PG_ISOLATED,
     PG_KERNEL,
@@ -220,6 +222,12 @@ def _coalesce(runs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a`` in first-seen order (a copy)."""
+    _, first = np.unique(a, return_index=True)
+    return a[np.sort(first)].copy()
+
+
 class SwapDevice:
     """The guest swap device: a file of 4096-byte slots and a free-slot stack.
 
@@ -344,6 +352,23 @@ class VmStats:
     modelled_ns: int = 0  # sum of the tasks' modelled clocks (one vCPU time-shares them)
 
 
+@dataclass
+class CacheStats:
+    """Page-cache and disk counters (pages unless named otherwise)."""
+
+    misses: int = 0  # accesses that found their block uncached (a fill each)
+    readahead: int = 0  # further blocks of the quantum read in by the same fill
+    write_allocs: int = 0  # misses on a whole-page write: a page without a read
+    disk_read_pages: int = 0
+    disk_read_ios: int = 0  # pread calls (a run of contiguous blocks each)
+    disk_write_pages: int = 0
+    disk_write_ios: int = 0  # pwrite calls
+    dropped_clean: int = 0  # cold clean pages reclaimed without I/O
+    written_back: int = 0  # cold dirty pages written back by reclaim, then dropped
+    disk_read_errors: int = 0  # fills that failed (the task was killed, as by SIGBUS)
+    disk_write_errors: int = 0  # writebacks that failed (the pages stayed dirty)
+
+
 class MemoryManager:
     """Page states, task page tables, guest swap, reclaim and OOM over guest RAM.
 
@@ -398,6 +423,7 @@ class MemoryManager:
         self.kernel_runs = self.buddy.alloc_many(image + memmap, MAX_ORDER, PG_KERNEL)
         self.kernel_pages = int(self.kernel_runs[:, 1].sum()) if len(self.kernel_runs) else 0
         self.kernel_memmap_pages = memmap
+        self._init_page_cache()
 
     async def touch_kernel_memory(self) -> None:
         """Touch the kernel's own pages once at boot, as a kernel that uses its image and
@@ -642,9 +668,14 @@ class MemoryManager:
         """Swap out up to ``nr`` cold anon pages; returns pages reclaimed.
 
         Direct reclaim's modelled time (double paging, the swap write) goes to ``task``, the
-        one that waits for it."""
+        one that waits for it.  Cold page-cache pages go first (:meth:`reclaim_cache`), as
+        Linux takes its inactive file list before anon memory."""
+        cache_done = await self.reclaim_cache(nr, direct=direct, task=task)
+        nr -= cache_done
+        if nr <= 0:
+            return cache_done
         if self.swap.free_slots == 0:
-            return 0  # anon memory is only reclaimable to swap
+            return cache_done  # anon memory is only reclaimable to swap
         nr = min(nr, self.swap.free_slots, self._victims.shape[0])
         n, self.clock_hand, scanned = K.clock_scan(
             self.buddy.state, self.guest_acc, self.clock_hand, 2 * self.npages, nr,
@@ -654,7 +685,7 @@ class MemoryManager:
         else:
             self.stats.async_scan += int(scanned)
         if n == 0:
-            return 0
+            return cache_done
         victims = self._victims[:n].copy()
         absent = victims[(self.ept[victims] == 0) & (self.needs_zero[victims] == 0)]
         if absent.size:
@@ -703,7 +734,7 @@ class MemoryManager:
             self.stats.direct_reclaim += done
         else:
             self.stats.async_reclaim += done
-        return done
+        return done + cache_done
 
     def _swap_error(self, text: str, count: int) -> None:
         """Remember and log a guest swap I/O error: the 1st, 2nd, 4th, 8th… of each kind,
@@ -730,6 +761,323 @@ class MemoryManager:
             self.kswapd_active = False  # nothing reclaimable: go back to sleep
         return got
 
+    # ------------------------------------------------------------------ page cache
+    #
+    # File data lives on the virtual disk (guest.disk) and is cached in PG_CACHE pages, one
+    # disk block each: ``bmap`` maps a block to its gpfn (-1: not cached), ``cache_block``
+    # maps back (-1: not a cache page, or one being filled, which reclaim leaves alone),
+    # ``dirty`` marks pages written since they were read or written back.  ``bcount`` counts
+    # the writes to each block: the truth its stamps are checked against, wherever the block
+    # is (cache or disk).  Reclaim takes cold clean pages first (no I/O), then writes cold
+    # dirty ones back (contiguous blocks in one pwrite) and drops them, and only then swaps
+    # anon pages out (:meth:`reclaim`).  A cache page's frame must be backed before its bytes
+    # are copied to or from the disk, as an anon page's for swap.
+
+    def _init_page_cache(self) -> None:
+        self.disk: DiskDevice | None = None
+        self.bmap = np.full(0, -1, np.int64)
+        self.bcount = np.zeros(0, np.int64)
+        self.cache_block = np.full(self.npages, -1, np.int64)
+        self.dirty = np.zeros(self.npages, np.uint8)
+        self.cache_count = 0  # pages in PG_CACHE (those being filled included)
+        self.cache_hand = 0
+        self.cstats = CacheStats()
+        self.last_disk_error = ""
+        self._cache_victims = np.empty(self._victims.shape[0], np.int64)
+        self._dirty_victims = np.empty(self._victims.shape[0], np.int64)
+
+    def attach_disk(self, disk: DiskDevice) -> None:
+        """Give the page cache its disk (at boot, before any file task runs)."""
+        if self.disk is not None:
+            raise RuntimeError("the page cache already has a disk")
+        self.disk = disk
+        self.bmap = np.full(disk.nblocks, -1, np.int64)
+        self.bcount = np.zeros(disk.nblocks, np.int64)
+
+    def dirty_pages(self) -> int:
+        return int(np.count_nonzero(self.dirty))
+
+    async def run_file_quantum(self, t: TaskMem, blocks: np.ndarray,
+                               writes: np.ndarray) -> QuantumResult:
+        """Run one quantum of file accesses (disk block numbers) for ``t``: cache hits in
+        the vCPU kernel, misses filled from the disk, EPT exits batched as for anon pages."""
+        if self.disk is None:
+            raise RuntimeError(f"task {t.tid}: file accesses but the VM has no disk")
+        blocks = np.ascontiguousarray(blocks, np.int64)
+        if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= self.disk.nblocks):
+            raise IndexError(f"task {t.tid}: blocks outside the disk's {self.disk.nblocks}")
+        res = QuantumResult()
+        sigbus = t.sigbus
+        i, n = 0, len(blocks)
+        st = self.stats
+        clock0 = t.modelled_ns
+        while i < n:
+            code, i, _arg, ops, corrupted = K.cache_run(
+                self.ram, self.bmap, self.bcount, self.dirty, blocks, writes, i, n, self.ept,
+                self.host_acc, self.guest_acc, self.needs_zero)
+            res.ops += ops
+            st.ops += ops
+            t.accesses += ops
+            self.charge(t, self.cost.accesses(ops))
+            res.corrupted += corrupted
+            st.corrupted_reads += corrupted
+            if code == K.EXIT_DONE:
+                break
+            s = time.perf_counter_ns()
+            if code == K.EXIT_GUEST_FAULT:
+                st.guest_faults += 1
+                ok = await self._cache_fill(t, blocks, writes, i)
+                dt = time.perf_counter_ns() - s
+                res.stall_ns_guest += dt
+                st.stall_ns_guest += dt
+                if not ok:
+                    res.killed = True
+                    if t.sigbus != sigbus:
+                        res.sigbus = self.last_disk_error
+                    break
+            else:
+                k = K.lookahead_not_present(self.bmap, blocks, i, n, self.ept, self._mark,
+                                            self._ahead)
+                if k:
+                    st.ept_exits += 1
+                    ahead = self._ahead[:k].copy()
+                    fresh = int(np.count_nonzero(self.needs_zero[ahead]))
+                    self.charge(t, self.cost.ept_exit_cost(fresh, k - fresh))
+                    await self.ensure_present(ahead)
+                dt = time.perf_counter_ns() - s
+                res.stall_ns_ept += dt
+                st.stall_ns_ept += dt
+        res.modelled_ns = t.modelled_ns - clock0
+        return res
+
+    async def _cache_fill(self, t: TaskMem, blocks: np.ndarray, writes: np.ndarray,
+                          i: int) -> bool:
+        """Bring block ``blocks[i]`` into the cache, with read-around: the quantum's next
+        uncached blocks, as many as fit above the high watermark (up to FAULT_AROUND).
+
+        A write miss allocates its page without reading the block (the write covers the
+        whole page: the vCPU kernel zeroes it before the stamp).  The blocks to read are
+        read in runs of contiguous blocks, one pread each, charged to ``t`` on the disk
+        device.  Returns False when ``t`` was killed: to make room (OOM) or by a disk read
+        error (as by SIGBUS: the data it needs cannot be had)."""
+        assert self.disk is not None
+        b = int(blocks[i])
+        g0 = await self.alloc_anon(t)  # reclaim, deflate-on-OOM, OOM kill as for anon
+        if g0 < 0:
+            return False
+        self.buddy.state[g0] = PG_CACHE
+        self.cache_count += 1
+        self.guest_acc[g0] = 1
+        if self.bmap[b] >= 0:  # filled while we waited for memory
+            self._cache_free(np.array([g0], np.int64))
+            return True
+        write_alloc = bool(writes[i])
+        # Read-around from free memory only (as fault-around): it must never cause reclaim.
+        extra = min(FAULT_AROUND, self.buddy.free_pages - self.wmark_high)
+        more = np.empty(0, np.int64)
+        if extra > 0:
+            win = blocks[i + 1:i + 4 * FAULT_AROUND]
+            absent = win[(self.bmap[win] < 0) & (win != b)]
+            _, first = np.unique(absent, return_index=True)
+            more = absent[np.sort(first)][:extra]
+        g_more = np.empty(0, np.int64)
+        if more.size:
+            runs = self.buddy.alloc_many(int(more.size), MAX_ORDER, PG_CACHE)
+            g_more = runs_to_pfns(runs).astype(np.int64)
+            more = more[:g_more.size]
+            self.cache_count += int(g_more.size)
+            self.guest_acc[g_more] = 1
+        rblocks = more if write_alloc else np.concatenate(([b], more)).astype(np.int64)
+        rpages = g_more if write_alloc else np.concatenate(([g0], g_more)).astype(np.int64)
+        ios = 0
+        if rpages.size:
+            # The frames must be backed before the disk's bytes are copied in.
+            while True:
+                absent_g = rpages[self.ept[rpages] == EPT_NOT_PRESENT]
+                if absent_g.size == 0:
+                    break
+                self.charge(t, self.cost.ept_exit_cost(int(absent_g.size), 0))
+                await self.ensure_present(absent_g)
+            # No await from the check above to the copies below (see the module docstring).
+            order = np.argsort(rblocks, kind="stable")
+            rblocks = rblocks[order]
+            rpages = rpages[order]
+            words = self.ram.reshape(-1, PAGE_WORDS)
+            try:
+                for s, blk, ln in contiguous_runs(rblocks):
+                    data = self.disk.read(blk, ln)
+                    words[rpages[s:s + ln]] = np.frombuffer(data, np.uint64).reshape(
+                        ln, PAGE_WORDS)
+                    self.charge(t, self.cost.disk.io_ns(ln))
+                    self.cstats.disk_read_pages += ln
+                    self.cstats.disk_read_ios += 1
+                    ios += 1
+            except OSError as e:
+                self._cache_free(np.concatenate(([g0], g_more)).astype(np.int64))
+                self.cstats.disk_read_errors += 1
+                t.sigbus += 1
+                self.last_disk_error = f"disk read of block {b} failed ({e}); task {t.tid} " \
+                                       "killed (SIGBUS)"
+                if self.log is not None and self.cstats.disk_read_errors & (
+                        self.cstats.disk_read_errors - 1) == 0:
+                    self.log(f"{self.last_disk_error} [{self.cstats.disk_read_errors} so far]")
+                return False
+            self._cache_install(rpages, rblocks)
+        if write_alloc:
+            self._cache_install(np.array([g0], np.int64), np.array([b], np.int64))
+            self.needs_zero[g0] = 1  # zeroed by the vCPU kernel after its EPT check
+            self.cstats.write_allocs += 1
+            self.stats.minor_faults += 1
+            self.charge(t, self.cost.minor_faults(1))
+        else:
+            self.stats.major_faults += 1
+            self.charge(t, self.cost.minor_fault)
+        self.cstats.misses += 1
+        self.cstats.readahead += int(more.size)
+        return True
+
+    def _cache_install(self, pages: np.ndarray, blocks: np.ndarray) -> None:
+        self.bmap[blocks] = pages
+        self.cache_block[pages] = blocks
+        self.dirty[pages] = 0
+        self.needs_zero[pages] = 0
+        self.guest_acc[pages] = 1
+
+    def _cache_free(self, pages: np.ndarray) -> None:
+        """Drop cache pages (being filled or cached, clean) and free their frames."""
+        if pages.size == 0:
+            return
+        b = self.cache_block[pages]
+        self.bmap[b[b >= 0]] = -1
+        self.cache_block[pages] = -1
+        self.dirty[pages] = 0
+        self.needs_zero[pages] = 0
+        self.cache_count -= int(pages.size)
+        self.buddy.free_gpfns(pages)
+
+    async def reclaim_cache(self, nr: int, *, direct: bool, task: TaskMem | None = None) -> int:
+        """Reclaim up to ``nr`` cold page-cache pages: clean ones dropped without I/O, then
+        (if too few) dirty ones written back and dropped.  Returns pages freed.
+
+        Writeback in direct reclaim is charged to ``task``; kswapd's and the balloon's is
+        background work (``task`` None)."""
+        if self.disk is None or self.cache_count == 0 or nr <= 0:
+            return 0
+        # Scans at most one revolution of the clock (see below).
+        nr = min(nr, self._cache_victims.shape[0])
+        nc, nd, self.cache_hand, scanned = K.cache_scan(
+            self.buddy.state, self.guest_acc, self.dirty, self.cache_block, self.cache_hand,
+            self.npages, nr, self._cache_victims, self._dirty_victims)
+        if direct:
+            self.stats.direct_scan += int(scanned)
+        else:
+            self.stats.async_scan += int(scanned)
+        # One revolution at most: a page used since the last pass loses its bit and stays
+        # (Linux's active list ages into the inactive one), and anon pages get their turn
+        # rather than the cache being emptied of hot pages.  Victims are distinct already;
+        # _distinct keeps that so should the bound change.
+        clean = _distinct(self._cache_victims[:nc])
+        dirty = _distinct(self._dirty_victims[:nd])[:max(0, nr - clean.size)]
+        self._cache_free(clean)
+        self.cstats.dropped_clean += int(clean.size)
+        done = int(clean.size)
+        if dirty.size:
+            written = await self.cache_writeback(dirty, task)
+            # dropped only if still clean and cold after the write (no await since)
+            drop = written[(self.dirty[written] == 0) & (self.cache_block[written] >= 0)]
+            self._cache_free(drop)
+            self.cstats.written_back += int(drop.size)
+            done += int(drop.size)
+        if direct:
+            self.stats.direct_reclaim += done
+        else:
+            self.stats.async_reclaim += done
+        return done
+
+    async def cache_writeback(self, pages: np.ndarray, task: TaskMem | None = None) -> np.ndarray:
+        """Write dirty cache ``pages`` to the disk, contiguous blocks in one pwrite; returns
+        the pages written (now clean).  A failed write stops the batch: its pages stay
+        dirty and cached, nothing is lost."""
+        assert self.disk is not None
+        pages = np.asarray(pages, np.int64)
+        absent = pages[self.ept[pages] == EPT_NOT_PRESENT]
+        if absent.size:
+            # double paging: the host swapped these out; it must back them before we copy
+            self.charge(task, self.cost.ept_exit_cost(0, int(absent.size)))
+            await self.ensure_present(absent)
+        # re-check after the await: still cached and dirty, and backed
+        ok = ((self.buddy.state[pages] == PG_CACHE) & (self.cache_block[pages] >= 0)
+              & (self.dirty[pages] != 0) & (self.ept[pages] != EPT_NOT_PRESENT))
+        pages = pages[ok]
+        blocks = self.cache_block[pages]
+        order = np.argsort(blocks, kind="stable")
+        pages = pages[order]
+        blocks = blocks[order]
+        words = self.ram.reshape(-1, PAGE_WORDS)
+        written: list[np.ndarray] = []
+        for s, blk, ln in contiguous_runs(blocks):
+            run = pages[s:s + ln]
+            try:
+                self.disk.write(blk, words[run].tobytes())
+            except OSError as e:
+                self.cstats.disk_write_errors += 1
+                self.last_disk_error = f"disk write of blocks {blk}..{blk + ln - 1} failed " \
+                                       f"({e}); the pages stay dirty"
+                n_err = self.cstats.disk_write_errors
+                if self.log is not None and n_err & (n_err - 1) == 0:
+                    self.log(f"{self.last_disk_error} [{n_err} so far]")
+                break
+            self.dirty[run] = 0
+            self.charge(task, self.cost.disk.io_ns(ln))
+            self.cstats.disk_write_pages += ln
+            self.cstats.disk_write_ios += 1
+            written.append(run)
+        return np.concatenate(written) if written else np.empty(0, np.int64)
+
+    async def cache_sync(self) -> int:
+        """Write every dirty cache page back (background work, like ``sync``); returns the
+        pages written."""
+        if self.disk is None:
+            return 0
+        return int((await self.cache_writeback(np.flatnonzero(self.dirty))).size)
+
+    def cache_stats_map(self) -> dict[int, int]:
+        """The page cache's project stats tags (absent without a disk)."""
+        from protocol.features import StatTag as T
+
+        if self.disk is None:
+            return {}
+        c = self.cstats
+        return {
+            T.CACHE_PAGES: self.cache_count,
+            T.DIRTY_PAGES: self.dirty_pages(),
+            T.DISK_READ_PAGES: c.disk_read_pages,
+            T.DISK_READ_IOS: c.disk_read_ios,
+            T.DISK_WRITE_PAGES: c.disk_write_pages,
+            T.DISK_WRITE_IOS: c.disk_write_ios,
+            T.DISK_READ_ERRORS: c.disk_read_errors,
+            T.DISK_WRITE_ERRORS: c.disk_write_errors,
+            T.CACHE_MISSES: c.misses,
+            T.CACHE_DROPPED_CLEAN: c.dropped_clean,
+            T.CACHE_WRITTEN_BACK: c.written_back,
+        }
+
+    def check_cache_invariants(self) -> None:
+        """Every cached block maps to a PG_CACHE page that maps back; dirty only there."""
+        st = self.buddy.state
+        cache = st == PG_CACHE
+        if int(np.count_nonzero(cache)) != self.cache_count:
+            raise AssertionError(f"cache count {self.cache_count} != PG_CACHE pages "
+                                 f"{int(np.count_nonzero(cache))}")
+        mapped = np.flatnonzero(self.bmap >= 0)
+        g = self.bmap[mapped]
+        if g.size and not (np.all(st[g] == PG_CACHE) and np.all(self.cache_block[g] == mapped)):
+            raise AssertionError("block map and cache rmap disagree")
+        if int(np.count_nonzero(self.cache_block >= 0)) != mapped.size:
+            raise AssertionError("cache pages with a block that does not map to them")
+        if np.any(self.dirty[~cache]):
+            raise AssertionError("dirty bit on a page that is not in the page cache")
+
     # ------------------------------------------------------------------ balloon
 
     async def balloon_reclaim(self, count: int) -> int:
@@ -744,7 +1092,7 @@ class MemoryManager:
         as an allocation stall: no task of the guest waited for it."""
         room = self.buddy.free_pages - self.wmark_low
         want = min(count - max(room, 0), BALLOON_RECLAIM_BATCH)
-        if want <= 0 or self.swap.free_slots == 0:
+        if want <= 0 or (self.swap.free_slots == 0 and self.cache_count == 0):
             return 0
         return await self.reclaim(want, direct=False)
 
@@ -811,9 +1159,11 @@ class MemoryManager:
             T.MEMFREE: free * PAGE_SIZE,
             # As Linux without DEFLATE_ON_OOM: ballooned pages leave MemTotal.
             T.MEMTOT: (self.npages - balloon) * PAGE_SIZE,
-            # si_mem_available() without page cache: free minus the reserve (high wmark)
-            T.AVAIL: max(0, free - self.wmark_high) * PAGE_SIZE,
-            T.CACHES: 0,  # no file-backed workloads: no page cache
+            # si_mem_available(): free minus the reserve (high wmark), plus the page cache
+            # but for what the kernel would keep (half of it, at most the low watermark)
+            T.AVAIL: max(0, free - self.wmark_high + self.cache_count
+                         - min(self.cache_count // 2, self.wmark_low)) * PAGE_SIZE,
+            T.CACHES: self.cache_count * PAGE_SIZE,
             T.OOM_KILL: s.oom_kills,
             T.ALLOC_STALL: s.alloc_stalls,
             T.ASYNC_SCAN: s.async_scan,
@@ -840,6 +1190,7 @@ class MemoryManager:
             T.SWAP_READ_KILLS: s.swap_read_kills,
             T.MODELLED_NS: s.modelled_ns,
             T.KERNEL_MEMMAP_PAGES: self.kernel_memmap_pages,
+            **self.cache_stats_map(),
             **self.task_stats(),
         }
 
@@ -873,3 +1224,4 @@ class MemoryManager:
         used = int(self.swap.used.sum())
         if used != sum(t.swapped for t in self.tasks.values()):
             raise AssertionError("swap slots in use != swapped ptes")
+        self.check_cache_invariants()

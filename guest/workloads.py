@@ -9,7 +9,13 @@ Kinds (``docs/internals.md``): ``uniform``, ``zipf`` (``skew``), ``scan``, ``hot
 (``hot_fraction``, ``hot_prob``), ``phases`` (a list of specs, each with a ``duration`` and
 optionally its own ``rate``; the list repeats, so working sets and access rates grow and
 shrink periodically), ``idle`` (touch ``size`` once,
-then sleep; with ``hold``, end that many seconds after the last page was touched).
+then sleep; with ``hold``, end that many seconds after the last page was touched),
+``fileio`` (dbench-like file I/O: ``files`` files of ``file_size`` bytes on the VM's disk,
+the file of each operation drawn zipf(``skew``)-wise, then a run of up to
+:data:`FILEIO_RUN` consecutive blocks from a uniform offset, all read or all written as
+``write_ratio`` says).  A fileio task's accesses are block numbers relative to its first file
+(the kernel adds where its files start on the disk) and go through the page cache; its
+address space is one page.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import numpy as np
 
 from guest.kernels import PAGE_SIZE
 
-KINDS = ("uniform", "zipf", "scan", "hotcold", "phases", "idle")
+KINDS = ("uniform", "zipf", "scan", "hotcold", "phases", "idle", "fileio")
+#: Blocks one fileio operation reads or writes (at most the file's size).
+FILEIO_RUN = 8
 
 
 class SpecError(ValueError):
@@ -43,13 +51,27 @@ class WorkloadSpec:
     start: float = 0.0
     hold: float | None = None  # idle: seconds kept once all touched, then the task ends
     phases: tuple[WorkloadSpec, ...] = field(default_factory=tuple)
+    files: int = 0  # fileio: number of files
+    file_size: int = 0  # fileio: bytes per file (a multiple of the page)
 
     @property
     def pages(self) -> int:
         """Address-space size in pages: the largest working set over all phases."""
         if self.workload == "phases":
             return max(p.pages for p in self.phases)
+        if self.workload == "fileio":
+            return 1  # its data is on the disk, cached in the page cache
         return -(-self.size // PAGE_SIZE)
+
+    @property
+    def file_pages(self) -> int:
+        """fileio: blocks per file."""
+        return self.file_size // PAGE_SIZE
+
+    @property
+    def disk_pages(self) -> int:
+        """Disk blocks the task's files take (0 for anonymous workloads)."""
+        return self.files * self.file_pages if self.workload == "fileio" else 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "task") -> WorkloadSpec:
@@ -85,8 +107,19 @@ class WorkloadSpec:
                     raise SpecError(f"{where}.phases[{i}].workload: phases do not nest")
                 if p.duration is None:
                     raise SpecError(f"{where}.phases[{i}].duration: every phase needs one")
+                if p.workload == "fileio":
+                    raise SpecError(f"{where}.phases[{i}].workload: a fileio task cannot be "
+                                    "a phase")
             size = max(p.size for p in phases)
-        else:
+        files = file_size = 0
+        if kind == "fileio":
+            files = num("files", None, 1, 1 << 24, integer=True)
+            file_size = num("file_size", None, PAGE_SIZE, 1 << 40, integer=True)
+            if file_size % PAGE_SIZE:
+                raise SpecError(f"{where}.file_size: {file_size} is not a multiple of "
+                                f"{PAGE_SIZE}")
+            size = files * file_size
+        if kind != "phases" and kind != "fileio":
             size = num("size", None, PAGE_SIZE, 1 << 44, integer=True)
         rate = num("rate", None, 1e-3, 1e12, allow_none=True)
         hold = num("hold", None, 0.0, 1e9, allow_none=True)
@@ -104,6 +137,8 @@ class WorkloadSpec:
             start=float(num("start", 0.0, 0.0, 1e9)),
             hold=None if hold is None else float(hold),
             phases=phases,
+            files=files,
+            file_size=file_size,
         )
 
 
@@ -189,6 +224,8 @@ class Workload:
             if self._touched >= p and self.touched_at is None:
                 self.touched_at = t
             return vpns, np.ones(k, np.uint8)
+        elif a.workload == "fileio":
+            return self._fileio(a, n)
         else:  # pragma: no cover - specs are validated
             raise AssertionError(a.workload)
         writes = (rng.random(n) < a.write_ratio).view(np.uint8)
@@ -204,5 +241,31 @@ class Workload:
             # hot pages scattered over the address space, as a real heap's would be
             perm = np.random.default_rng(p).permutation(p).astype(np.int64)
             tab = (cdf, perm)
+            self._zipf[key] = tab
+        return tab
+
+    def _fileio(self, a: WorkloadSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` block accesses: operations of ``run`` consecutive blocks in one file."""
+        fp = a.file_pages
+        run = min(FILEIO_RUN, fp)
+        nops = -(-n // run)
+        rng = self.rng
+        cdf, perm = self._file_tables(a)
+        ranks = np.searchsorted(cdf, rng.random(nops) * cdf[-1], side="right")
+        np.minimum(ranks, a.files - 1, out=ranks)
+        files = perm[ranks]
+        starts = files * fp + rng.integers(0, fp - run + 1, nops)
+        blocks = (starts[:, None] + np.arange(run, dtype=np.int64)).reshape(-1)[:n]
+        op_writes = (rng.random(nops) < a.write_ratio).view(np.uint8)
+        writes = np.repeat(op_writes, run)[:n]
+        return blocks.astype(np.int64), np.ascontiguousarray(writes)
+
+    def _file_tables(self, a: WorkloadSpec) -> tuple[np.ndarray, np.ndarray]:
+        key = -1 - a.files  # apart from the page tables' keys
+        tab = self._zipf.get(key)
+        if tab is None:
+            w = 1.0 / np.power(np.arange(1, a.files + 1, dtype=np.float64), a.skew)
+            perm = np.random.default_rng(a.files).permutation(a.files).astype(np.int64)
+            tab = (np.cumsum(w), perm)
             self._zipf[key] = tab
         return tab

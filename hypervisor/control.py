@@ -345,6 +345,16 @@ class ControlServer:
             "guest_anon_pages": tag(StatTag.ANON_PAGES),
             "guest_kernel_pages": tag(StatTag.KERNEL_PAGES),
             "guest_kernel_memmap_pages": tag(StatTag.KERNEL_MEMMAP_PAGES),
+            # The page cache over the VM's disk (absent: no disk): pages cached and dirty,
+            # disk traffic in pages and system calls, and disk I/O errors.
+            "guest_cache_pages": tag(StatTag.CACHE_PAGES),
+            "guest_dirty_pages": tag(StatTag.DIRTY_PAGES),
+            "disk_read_pages": tag(StatTag.DISK_READ_PAGES),
+            "disk_read_ios": tag(StatTag.DISK_READ_IOS),
+            "disk_write_pages": tag(StatTag.DISK_WRITE_PAGES),
+            "disk_write_ios": tag(StatTag.DISK_WRITE_IOS),
+            "disk_read_errors": tag(StatTag.DISK_READ_ERRORS),
+            "disk_write_errors": tag(StatTag.DISK_WRITE_ERRORS),
             "manual_target": vm.manual_target,
             **_modelled(st),
         }

@@ -142,6 +142,34 @@ def qmp_sock(run_dir: Path, vm: str) -> Path:
     return run_dir / f"{vm}.qmp.sock"
 
 
+def disk_path(run_dir: Path, vm: str) -> Path:
+    """The VM's virtual disk image (``disk`` in its ``[[vm]]`` table)."""
+    return run_dir / f"{vm}.disk"
+
+
+def create_disk(run_dir: Path, vm: str, size: int) -> Path:
+    """Create the VM's virtual disk afresh: zero-filled (sparse), ``size`` bytes, 0600.
+
+    A previous boot's disk of ours is removed first (every boot starts from a blank disk, as
+    the guest's record of what it wrote starts empty); the new file is created with
+    ``O_CREAT|O_EXCL|O_NOFOLLOW`` (point ``disk.create``) and sized at ``disk.truncate``.
+    Raises ``OSError`` (the system's or an injected one) or :class:`RunDirError` (something
+    not ours in the way), leaving no half-made disk behind."""
+    path = disk_path(run_dir, vm)
+    if _ours_regular(path):
+        os.unlink(path)
+    fd = syscalls.open_file("disk.create", path,
+                            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        syscalls.ftruncate("disk.truncate", fd, size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return path
+
+
 def pid_alive(pid: int) -> bool:
     """True while *pid* runs. A zombie counts as gone; when it is our own child (a host
     started by this process, e.g. `up --detach` in a long-lived caller) it is reaped."""

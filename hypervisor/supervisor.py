@@ -128,6 +128,8 @@ class Supervisor:
 
             seed = guest_seed(self.host.topology.host.seed, vm.name, vm.restarts)
             cfg = vm.config.guest_config(seed=seed)
+            if vm.config.disk:
+                cfg["disk_path"] = str(rundir.disk_path(r, vm.name))
             return [*self.python, "-m", "guest.kernel", "--vm", vm.name,
                     "--machine-sock", str(rundir.machine_sock(r, vm.name)),
                     "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
@@ -189,6 +191,8 @@ class Supervisor:
         """Kernel first; the driver once the kernel booted; restart per ``on_crash``."""
         host = self.host
         while not host.stopping:
+            if vm.config.disk and not await self._make_disk(vm):
+                return
             vm.kernel_proc = await self.spawn_proc(vm, "kernel")
             kernel_wait = asyncio.create_task(vm.kernel_proc.wait())
             while not vm.machine.booted and not kernel_wait.done():
@@ -217,6 +221,28 @@ class Supervisor:
             await self.restart_vm(vm)
             host.emit("vm_restarted", vm.name, restarts=vm.restarts)
             await asyncio.sleep(min(DRIVER_BACKOFF[0] * 2 ** vm.restarts, DRIVER_BACKOFF[1]))
+
+    async def _make_disk(self, vm: Vm) -> bool:
+        """Create the VM's virtual disk afresh before its kernel starts (every boot).
+
+        A disk that cannot be made (no space, a planted file, an injected fault at
+        ``disk.create``/``disk.truncate``) is a ``vm_disk_failed`` event and one log line,
+        and the VM does not start: it is destroyed (its memory freed, as after a crash);
+        the other VMs go on."""
+        try:
+            rundir.create_disk(self.host.run_dir, vm.name, vm.config.disk)
+            return True
+        except (OSError, rundir.RunDirError) as e:
+            name = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+            path = rundir.disk_path(self.host.run_dir, vm.name)
+            log.error("%s: cannot create its disk %s: %s; the VM does not start",
+                      vm.name, path, e)
+            self.host.emit("vm_disk_failed", vm.name, error=name, detail=str(e),
+                           path=str(path))
+            await self.crash(vm, f"cannot create its disk: {e}")
+            vm.state = VmState.DESTROYED
+            self.host.emit("vm_destroyed", vm.name)
+            return False
 
     async def _run_driver(self, vm: Vm) -> None:
         host = self.host

@@ -66,7 +66,8 @@ TOPOLOGIES_DIR = Path(__file__).with_name("topologies")
 FEATURE_NAMES: tuple[str, ...] = tuple(_PROTOCOL_FEATURE_NAMES)
 DEFAULT_FEATURES: tuple[str, ...] = (
     "must_tell_host", "stats", "deflate_on_oom", "reporting", "ranges")
-WORKLOADS: tuple[str, ...] = ("uniform", "zipf", "scan", "hotcold", "phases", "idle")
+WORKLOADS: tuple[str, ...] = ("uniform", "zipf", "scan", "hotcold", "phases", "idle",
+                              "fileio")
 WIRES: tuple[str, ...] = ("ranges", "virtio")
 ON_CRASH: tuple[str, ...] = ("restart", "destroy")
 BUILTIN_POLICIES: tuple[str, ...] = ("none", "static", "mom", "share")
@@ -140,6 +141,10 @@ class TaskConfig:
     #: ends (a duration that starts when the touch is done, however long that took).
     hold: float | None = None
     phases: tuple[TaskConfig, ...] = ()
+    #: ``fileio`` only: how many files, and bytes per file, on the VM's disk (``size`` is
+    #: then their product).
+    files: int = 0
+    file_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The task object of docs/internals.md (guest ``--config``)."""
@@ -154,6 +159,8 @@ class TaskConfig:
             "duration": self.duration,
             "start": self.start,
             **({"hold": self.hold} if self.hold is not None else {}),
+            **({"files": self.files, "file_size": self.file_size}
+               if self.workload == "fileio" else {}),
             "phases": [p.to_json() for p in self.phases],
         }
 
@@ -182,6 +189,8 @@ class VmConfig:
     kernel_image: int | None = None
     #: The topology's ``[cost]`` table in normal form (protocol.cost), the same for every VM.
     cost: Mapping[str, Any] = field(default_factory=dict)
+    #: Bytes of the VM's virtual disk (``<vm>.disk`` in the run dir; 0: no disk).
+    disk: int = 0
 
     @property
     def pages(self) -> int:
@@ -199,6 +208,7 @@ class VmConfig:
             "tasks": [t.to_json() for t in self.tasks],
             **({"kernel_image": self.kernel_image} if self.kernel_image is not None else {}),
             **({"cost": dict(self.cost)} if self.cost else {}),
+            **({"disk": self.disk} if self.disk else {}),
         }
 
 
@@ -279,6 +289,7 @@ _VM_KEYS = (
     "shares",
     "initial_balloon",
     "kernel_image",
+    "disk",
 )
 _TASK_KEYS = (
     "workload",
@@ -292,6 +303,8 @@ _TASK_KEYS = (
     "start",
     "hold",
     "phases",
+    "files",
+    "file_size",
 )
 
 
@@ -552,7 +565,31 @@ def _parse_task(
             raise ctx.error(f"{key}.phases", "phases cannot nest")
         raise ctx.error(f"{key}.phases", f"only a 'phases' workload takes phases, not {workload!r}")
 
-    if "size" in raw:
+    files = file_size = 0
+    if workload == "fileio":
+        if in_phases:
+            raise ctx.error(f"{key}.workload", "a fileio task cannot be a phase")
+        if "size" in raw:
+            raise ctx.error(f"{key}.size", "a fileio task's data is files x file_size on the "
+                            "VM's disk: set those instead of size")
+        for k in ("files", "file_size"):
+            if k not in raw:
+                raise ctx.error(f"{key}.{k}", "missing: a fileio task needs files (a count) "
+                                "and file_size (e.g. \"1MiB\")")
+        fv = raw["files"]
+        if isinstance(fv, bool) or not isinstance(fv, int) or fv <= 0:
+            raise ctx.error(f"{key}.files", f"expected a positive integer, got {_describe(fv)}")
+        files = fv
+        file_size = ctx.size(f"{key}.file_size", raw["file_size"])
+        if file_size == 0:
+            raise ctx.error(f"{key}.file_size", "must be larger than 0")
+    else:
+        for k in ("files", "file_size"):
+            if k in raw:
+                raise ctx.error(f"{key}.{k}", f"only a fileio task has files, not {workload!r}")
+    if workload == "fileio":
+        size = files * file_size
+    elif "size" in raw:
         size = ctx.size(f"{key}.size", raw["size"])
     elif phases:
         # A phases task spans the largest working set of its phases.
@@ -562,7 +599,7 @@ def _parse_task(
                         "missing: the task's working-set size, e.g. size = \"64MiB\"")
     if size == 0:
         raise ctx.error(f"{key}.size", "must be larger than 0")
-    if size > vm_memory:
+    if size > vm_memory and workload != "fileio":  # a fileio task's data is on the disk
         # vm_memory here is the VM's memory plus its guest swap: a task may overcommit
         # its guest (that is what guest swap is for), but not beyond what it can hold.
         raise ctx.error(
@@ -605,7 +642,32 @@ def _parse_task(
         start=ctx.duration(f"{key}.start", raw.get("start", 0.0)),
         hold=hold,
         phases=phases,
+        files=files,
+        file_size=file_size,
     )
+
+
+def _check_disk(ctx: _Ctx, key: str, disk: int, tasks: Sequence[TaskConfig | None]) -> None:
+    """fileio tasks' files lie on the disk one task after another: they must fit."""
+    used = 0
+    for i, t in enumerate(tasks):
+        if t is None or t.workload != "fileio":
+            continue
+        if disk == 0:
+            ctx.errors.append(ctx.error(
+                f"{key}.task[{i}].workload", "a fileio task needs a disk: add e.g. "
+                "disk = \"64MiB\" to the VM"))
+            return
+        if used + t.size > disk:
+            ctx.errors.append(ctx.error(
+                f"{key}.task[{i}].files",
+                f"{t.files} files of {format_size_exact(t.file_size)} "
+                f"({format_size_exact(t.size)}) do not fit on the VM's disk "
+                f"({format_size_exact(disk)}"
+                + (f", {format_size_exact(used)} taken by earlier fileio tasks)" if used
+                   else ")")))
+            return
+        used += t.size
 
 
 def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfig:
@@ -657,12 +719,14 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
     parsed = [ctx.collect(_parse_task, ctx, t, f"{key}.task[{i}]", memory + guest_swap)
               for i, t in enumerate(raw_tasks)]
     tasks = tuple(t for t in parsed if t is not None)
+    disk = ctx.size(f"{key}.disk", raw.get("disk", 0))
+    _check_disk(ctx, key, disk, parsed)
     for i, t in enumerate(parsed):
-        if t is not None and t.size > memory:
+        if t is not None and t.size > memory and t.workload != "fileio":
             ctx.warn(f"{key}.task[{i}].size",
                      f"{format_size_exact(t.size)} is larger than the VM's memory "
                      f"({format_size_exact(memory)}): the task will live partly in guest swap")
-    together = sum(t.size for t in tasks)
+    together = sum(t.size for t in tasks if t.workload != "fileio")
     if len(tasks) > 1 and together > memory + guest_swap:
         ctx.warn(f"{key}.task",
                  f"the tasks' sizes add up to {format_size_exact(together)}, more than the VM's "
@@ -723,6 +787,7 @@ def _parse_vm(ctx: _Ctx, raw: Any, key: str, host: HostConfig | None) -> VmConfi
         max_memory=max_memory,
         shares=shares_raw,
         initial_balloon=initial_balloon,
+        disk=disk,
     )
 
 
@@ -912,6 +977,10 @@ def _task_lines(task: TaskConfig) -> list[str]:
     lines.append(f"start = {_toml_duration(task.start)}")
     if task.hold is not None:
         lines.append(f"hold = {_toml_duration(task.hold)}")
+    if task.workload == "fileio":
+        lines = [ln for ln in lines if not ln.startswith("size = ")]
+        lines += [f"files = {task.files}",
+                  f"file_size = {_toml_value(format_size_exact(task.file_size))}"]
     return lines
 
 
@@ -952,6 +1021,8 @@ def _to_toml(topo: Topology) -> str:
         ]
         if vm.kernel_image is not None:
             out.append(f"kernel_image = {_toml_value(format_size_exact(vm.kernel_image))}")
+        if vm.disk:
+            out.append(f"disk = {_toml_value(format_size_exact(vm.disk))}")
         for task in vm.tasks:
             out += ["", "[[vm.task]]", *_task_lines(task)]
             if task.phases:

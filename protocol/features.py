@@ -131,6 +131,18 @@ class StatTag(IntEnum):
     SWAP_READ_KILLS = 277  # tasks killed (as by SIGBUS) on a guest swap read error
     MODELLED_NS = 278  # modelled time of the VM's tasks (sum of their clocks, guest.cost)
     KERNEL_MEMMAP_PAGES = 279  # of KERNEL_PAGES: the page descriptors of configured RAM
+    # The page cache and the virtual disk (guest.mm); sent only by a guest with a disk.
+    CACHE_PAGES = 296  # pages in the page cache (CACHES in pages)
+    DIRTY_PAGES = 297  # of CACHE_PAGES: written and not yet written back
+    DISK_READ_PAGES = 298  # blocks read from the disk into the cache
+    DISK_READ_IOS = 299  # preads (one per run of contiguous blocks)
+    DISK_WRITE_PAGES = 300  # blocks written back to the disk
+    DISK_WRITE_IOS = 301  # pwrites
+    DISK_READ_ERRORS = 302  # cache fills that failed (the task was killed, as by SIGBUS)
+    DISK_WRITE_ERRORS = 303  # writebacks that failed (the pages stayed dirty)
+    CACHE_MISSES = 304  # file accesses that missed the cache
+    CACHE_DROPPED_CLEAN = 305  # cold clean cache pages reclaimed without I/O
+    CACHE_WRITTEN_BACK = 306  # cold dirty cache pages written back, then reclaimed
 
     @property
     def unit(self) -> str:
@@ -151,6 +163,10 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.ANON_PAGES: "pages",
     StatTag.KERNEL_PAGES: "pages",
     StatTag.KERNEL_MEMMAP_PAGES: "pages",
+    StatTag.CACHE_PAGES: "pages",
+    StatTag.DIRTY_PAGES: "pages",
+    StatTag.DISK_READ_PAGES: "pages",
+    StatTag.DISK_WRITE_PAGES: "pages",
     StatTag.MODELLED_NS: "ns",
     StatTag.STALL_NS_EPT: "ns",
     StatTag.STALL_NS_GUEST: "ns",

@@ -81,6 +81,11 @@ POINTS: dict[str, str] = {
     "machine.accept": "accept on a VM's machine socket",
     "machine.sendmsg": "sendmsg carrying the RAM/EPT memfds to a booting guest",
     "spawn": "starting a VM process (guest kernel or balloon driver)",
+    "disk.create": "open (O_CREAT|O_EXCL) of a VM's virtual disk file in the run directory",
+    "disk.truncate": "ftruncate that sizes a VM's virtual disk file before its kernel starts",
+    "disk.open": "open of its virtual disk file by a booting guest kernel",
+    "disk.read": "pread of disk blocks into the guest's page cache (a cache miss)",
+    "disk.write": "pwrite of dirty page-cache pages to the virtual disk (writeback)",
 }
 
 #: The errors an injection may name.

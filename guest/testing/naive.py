@@ -10,8 +10,10 @@ from guest.kernels import (
     EXIT_DONE,
     EXIT_EPT,
     EXIT_GUEST_FAULT,
+    FILE_STAMP_TASK,
     MAX_ORDER,
     PG_ANON,
+    PG_CACHE,
     PG_FREE,
     PG_ISOLATED,
     PG_REPORTED,
@@ -203,3 +205,54 @@ def naive_lookahead(pt, vpns, start, stop, ept, cap):
             if len(out) == cap:
                 break
     return out
+
+
+def naive_cache_scan(state, guest_acc, dirty, cache_block, hand, max_steps, max_victims,
+                     cap_dirty):
+    """Returns (clean victims, dirty victims, new hand, scanned); mutates guest_acc."""
+    n = len(state)
+    clean: list[int] = []
+    dirt: list[int] = []
+    scanned = steps = 0
+    while steps < max_steps and len(clean) < max_victims:
+        g = hand
+        hand = (hand + 1) % n
+        steps += 1
+        if state[g] != PG_CACHE or cache_block[g] < 0:
+            continue
+        scanned += 1
+        if guest_acc[g]:
+            guest_acc[g] = 0
+        elif not dirty[g]:
+            clean.append(g)
+        elif len(dirt) < cap_dirty:
+            dirt.append(g)
+    return clean, dirt, hand, scanned
+
+
+def naive_cache_run(ram_pages, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_acc,
+                    guest_acc, needs_zero):
+    """ram_pages: list of lists of 512 Python ints (one per guest page)."""
+    ops = corrupted = 0
+    for i in range(start, stop):
+        b = blocks[i]
+        g = bmap[b]
+        if g < 0:
+            return EXIT_GUEST_FAULT, i, b, ops, corrupted
+        if not ept[g]:
+            return EXIT_EPT, i, g, ops, corrupted
+        if needs_zero[g]:
+            ram_pages[g] = [0] * 512
+            needs_zero[g] = 0
+        guest_acc[g] = 1
+        host_acc[g] = 1
+        if writes[i]:
+            bcount[b] += 1
+            ram_pages[g][0] = naive_stamp(FILE_STAMP_TASK, b, bcount[b])
+            dirty[g] = 1
+        else:
+            expect = naive_stamp(FILE_STAMP_TASK, b, bcount[b]) if bcount[b] else 0
+            if ram_pages[g][0] != expect:
+                corrupted += 1
+        ops += 1
+    return EXIT_DONE, stop, 0, ops, corrupted
