@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from guest import kernels as K
-from guest.disk import DiskDevice, contiguous_runs
 from guest.cost import DEFAULT_COST, CostModel
+from guest.disk import DiskDevice, contiguous_runs
 from guest.kernels import (
     MAX_ORDER,
     NR_ORDERS,

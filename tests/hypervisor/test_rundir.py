@@ -231,3 +231,33 @@ def test_a_file_size_limit_is_a_one_line_error(xdg: Path, tmp_path: Path) -> Non
     assert "File too large" in lines[0] and "EFBIG" in lines[0], lines[0]
     assert not (_base(xdg) / "small").exists()  # its run dir went with it
 
+
+
+def test_create_disk_is_fresh_sized_private_and_never_follows_a_link(tmp_path: Path) -> None:
+    from protocol import syscalls
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    p = rundir.create_disk(run_dir, "vm", 1 << 20)
+    assert p == run_dir / "vm.disk" and p.stat().st_size == 1 << 20
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    p.write_bytes(b"old data")  # a previous boot's disk: replaced by a blank one
+    rundir.create_disk(run_dir, "vm", 8192)
+    assert p.read_bytes() == bytes(8192)
+    # a planted link is refused, its target untouched
+    p.unlink()
+    target = tmp_path / "victim"
+    target.write_bytes(b"keep")
+    os.symlink(target, p)
+    with pytest.raises(rundir.RunDirError, match="symbolic link"):
+        rundir.create_disk(run_dir, "vm", 8192)
+    assert target.read_bytes() == b"keep"
+    p.unlink()
+    # a failed sizing leaves no half-made disk
+    syscalls.install("disk.truncate@1=ENOSPC")
+    try:
+        with pytest.raises(OSError, match="injected at disk.truncate"):
+            rundir.create_disk(run_dir, "vm", 8192)
+    finally:
+        syscalls.clear()
+    assert not os.path.lexists(p)

@@ -4,6 +4,7 @@ protocol), restarts a dead driver, frees and restarts a crashed guest, and leave
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -237,4 +238,43 @@ def test_a_vm_stays_down_while_descriptors_are_short_then_comes_back():
             syscalls.clear()
             await host.shutdown("test over")
             shutil.rmtree(base, ignore_errors=True)
+    run(main())
+
+
+def test_a_disk_that_cannot_be_created_stops_only_its_vm():
+    """VM "a" has a disk whose creation fails (injected ENOSPC at disk.create): one event
+    and one log line, "a" is destroyed without starting a process; "b" boots as usual. A VM
+    whose disk is made finds it in the run dir, sized, and named in its --config."""
+    async def main():
+        base = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+        text = topo(64, 16, {"a": 16, "b": 16, "c": 16})
+        text = text.replace('name = "a"\n', 'name = "a"\ndisk = "1MiB"\n')
+        text = text.replace('name = "c"\n', 'name = "c"\ndisk = "2MiB"\n')
+        host = Host(parse_topology(text), run_dir=base / "run",
+                    vm_command=[sys.executable, str(FAKEVM)])
+        syscalls.install("disk.create@1=ENOSPC")
+        try:
+            await host.start()
+            await _wait_event(host, "vm_disk_failed")
+            await _wait_event(host, "vm_booted", 2)
+            failed = next(e for e in host.events if e["kind"] == "vm_disk_failed")
+            assert failed["vm"] == "a" and failed["error"] == "ENOSPC"
+            assert failed["path"].endswith("a.disk")
+            a = host.vms["a"]
+            assert a.state.value == "destroyed" and a.kernel_proc is None
+            booted = {e["vm"] for e in host.events if e["kind"] == "vm_booted"}
+            assert booted == {"b", "c"}
+            assert not (base / "run" / "a.disk").exists()
+            disk = base / "run" / "c.disk"
+            assert disk.stat().st_size == 2 << 20 and (disk.stat().st_mode & 0o777) == 0o600
+            argv = host.supervisor.vm_argv(host.vms["c"], "kernel")
+            cfg = json.loads(argv[argv.index("--config") + 1])
+            assert (cfg["disk"], cfg["disk_path"]) == (2 << 20, str(disk))
+            async with host.mm_lock:
+                host.check_conservation()
+        finally:
+            syscalls.clear()
+            await host.shutdown("test over")
+            shutil.rmtree(base, ignore_errors=True)
+
     run(main())

@@ -351,3 +351,74 @@ memory = "32MiB"
     assert "did you mean 'tax_rate'?" in msg
     ok = parse_topology(text.replace("tax = 0.5", "tax_rate = 0.5"), "p.toml")
     assert ok.host.policy_params == {"tax_rate": 0.5}
+
+
+FILEIO = """
+[host]
+memory = "256MiB"
+
+[[vm]]
+name = "db"
+memory = "64MiB"
+disk = "32MiB"
+[[vm.task]]
+workload = "fileio"
+files = 8
+file_size = "2MiB"
+write_ratio = 0.4
+skew = 1.1
+[[vm.task]]
+workload = "fileio"
+files = 4
+file_size = "4MiB"
+[[vm.task]]
+workload = "uniform"
+size = "8MiB"
+"""
+
+
+def test_fileio_task_and_disk_parse_round_trip_and_reach_the_guest() -> None:
+    topo = parse(FILEIO)
+    vm = topo.vms[0]
+    assert vm.disk == 32 * MiB
+    t0, t1, _ = vm.tasks
+    assert (t0.workload, t0.files, t0.file_size, t0.size) == ("fileio", 8, 2 * MiB, 16 * MiB)
+    assert parse_topology(topo.to_toml(), "t.toml") == topo
+    cfg = vm.guest_config(seed=1)
+    assert cfg["disk"] == 32 * MiB
+    assert (cfg["tasks"][0]["files"], cfg["tasks"][0]["file_size"]) == (8, 2 * MiB)
+    assert "files" not in cfg["tasks"][2]
+    # the guest kernel accepts what the topology sends (with the path the host adds)
+    from guest.kernel import parse_config
+    got = parse_config(json.dumps({**cfg, "disk_path": "/r/db.disk"}))
+    assert got["_disk_bases"] == [0, 4096, 8192]
+
+
+@pytest.mark.parametrize("edit, key, text", [
+    (('disk = "32MiB"', 'disk = "24MiB"'), "vm[0].task[1].files",
+     "4 files of 4MiB (16MiB) do not fit on the VM's disk (24MiB, 16MiB taken by earlier "
+     "fileio tasks)"),
+    (('disk = "32MiB"\n', ""), "vm[0].task[0].workload", "a fileio task needs a disk"),
+    (("files = 8", "files = 0"), "vm[0].task[0].files", "expected a positive integer"),
+    (("files = 8\n", ""), "vm[0].task[0].files", "missing"),
+    (('file_size = "2MiB"', 'file_size = "1000"'), "vm[0].task[0].file_size", ""),
+    (('files = 8\n', 'files = 8\nsize = "1MiB"\n'), "vm[0].task[0].size",
+     "set those instead of size"),
+    (('size = "8MiB"', 'size = "8MiB"\nfiles = 2'), "vm[0].task[2].files",
+     "only a fileio task has files"),
+    (('disk = "32MiB"', 'disk = "1MiB + 1"'), "vm[0].disk", ""),
+])
+def test_fileio_and_disk_errors_name_file_and_key(edit, key, text) -> None:
+    src = FILEIO.replace(*edit)
+    assert src != FILEIO
+    err = error_of(src)
+    assert err.key == key
+    first = str(err).splitlines()[0]
+    assert first.startswith(f"t.toml: {key}: ") and text in first
+
+
+def test_fileio_size_does_not_count_against_memory() -> None:
+    vm = parse(FILEIO.replace('file_size = "2MiB"', 'file_size = "1MiB"')
+               .replace('disk = "32MiB"', 'disk = "1GiB"')
+               .replace("files = 8", "files = 900")).vms[0]
+    assert vm.tasks[0].size == 900 * MiB > vm.memory
