@@ -429,6 +429,7 @@ class GuestKernel:
                     if self.stopping.is_set():
                         return
             await mm.kswapd()
+            await mm.flush_dirty()  # the page cache's background writeback
             # Yield to the loop: serve shootdowns and the driver between quanta.
             await asyncio.sleep(0 if ran else IDLE_TICK)
 

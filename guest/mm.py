@@ -60,6 +60,13 @@ EPT_BATCH = 4096
 KSWAPD_BATCH = 256
 #: Most pages one balloon request may push to guest swap (see balloon_reclaim): 8 MiB.
 BALLOON_RECLAIM_BATCH = 2048
+#: Dirty page-cache pages, in percent of the memory that could hold them (free + cache), above
+#: which the flusher writes back in the background, and above which a writing task must write
+#: back itself before it goes on (Linux's vm.dirty_background_ratio and vm.dirty_ratio).
+DIRTY_BACKGROUND_RATIO = 10
+DIRTY_RATIO = 20
+#: Most dirty pages one writeback round writes (in runs of contiguous blocks).
+WRITEBACK_BATCH = 256
 #: Default size of the guest kernel's image (text, data, boot-time allocations): 8 MiB,
 #: capped at 1/16 of RAM so that toy VMs still boot.
 KERNEL_IMAGE = 8 << 20
@@ -365,6 +372,8 @@ class CacheStats:
     disk_write_ios: int = 0  # pwrite calls
     dropped_clean: int = 0  # cold clean pages reclaimed without I/O
     written_back: int = 0  # cold dirty pages written back by reclaim, then dropped
+    flushed: int = 0  # dirty pages written back by the flusher (background)
+    throttled: int = 0  # dirty pages written back by writers over the dirty limit
     disk_read_errors: int = 0  # fills that failed (the task was killed, as by SIGBUS)
     disk_write_errors: int = 0  # writebacks that failed (the pages stayed dirty)
 
@@ -781,6 +790,7 @@ class MemoryManager:
         self.dirty = np.zeros(self.npages, np.uint8)
         self.cache_count = 0  # pages in PG_CACHE (those being filled included)
         self.cache_hand = 0
+        self.flush_cursor = 0  # the flusher's next block
         self.cstats = CacheStats()
         self.last_disk_error = ""
         self._cache_victims = np.empty(self._victims.shape[0], np.int64)
@@ -847,8 +857,61 @@ class MemoryManager:
                 dt = time.perf_counter_ns() - s
                 res.stall_ns_ept += dt
                 st.stall_ns_ept += dt
+        if not res.killed:
+            await self.balance_dirty(t)
         res.modelled_ns = t.modelled_ns - clock0
         return res
+
+    def _dirty_thresholds(self) -> tuple[int, int]:
+        """(background, foreground) dirty-page limits (Linux's dirty ratios)."""
+        dirtyable = self.buddy.free_pages + self.cache_count
+        return dirtyable * DIRTY_BACKGROUND_RATIO // 100, dirtyable * DIRTY_RATIO // 100
+
+    async def _write_some(self, nr: int, task: TaskMem | None) -> int:
+        """Write back up to ``nr`` dirty pages in block order from the flusher's cursor
+        (so that runs of contiguous blocks go out in one pwrite each); they stay cached."""
+        g = np.flatnonzero(self.dirty)
+        if g.size == 0 or nr <= 0:
+            return 0
+        b = self.cache_block[g]
+        order = np.argsort(b, kind="stable")
+        g, b = g[order], b[order]
+        start = int(np.searchsorted(b, self.flush_cursor))
+        pick = np.concatenate((g[start:], g[:start]))[:nr]
+        if pick.size:
+            self.flush_cursor = int(self.cache_block[pick[-1]]) + 1
+        return int((await self.cache_writeback(pick, task)).size)
+
+    async def flush_dirty(self) -> int:
+        """The flusher: above the background dirty limit, write one batch back (background
+        work, charged to no task). The scheduler calls it every round, beside kswapd."""
+        if self.disk is None or self.cache_count == 0:
+            return 0
+        dirty = self.dirty_pages()
+        bg, _ = self._dirty_thresholds()
+        if dirty <= bg:
+            return 0
+        done = await self._write_some(min(WRITEBACK_BATCH, dirty - bg), None)
+        self.cstats.flushed += done
+        return done
+
+    async def balance_dirty(self, t: TaskMem) -> int:
+        """A writer over the dirty limit writes back, batch by batch, until the dirty pages
+        are down to the background limit, charged to it: Linux's balance_dirty_pages
+        throttling. Stops early when a batch makes no progress (a failing disk)."""
+        bg, hard = self._dirty_thresholds()
+        dirty = self.dirty_pages()
+        if dirty <= hard:
+            return 0
+        total = 0
+        while dirty > bg:
+            done = await self._write_some(min(WRITEBACK_BATCH, dirty - bg), t)
+            if done == 0:
+                break
+            total += done
+            dirty = self.dirty_pages()
+        self.cstats.throttled += total
+        return total
 
     async def _cache_fill(self, t: TaskMem, blocks: np.ndarray, writes: np.ndarray,
                           i: int) -> bool:
@@ -872,8 +935,9 @@ class MemoryManager:
             self._cache_free(np.array([g0], np.int64))
             return True
         write_alloc = bool(writes[i])
-        # Read-around from free memory only (as fault-around): it must never cause reclaim.
-        extra = min(FAULT_AROUND, self.buddy.free_pages - self.wmark_high)
+        # Read-around from free memory only, down to the low watermark (readahead may wake
+        # kswapd, whose clock spares these just-read pages once, but never reclaims itself).
+        extra = min(FAULT_AROUND, self.buddy.free_pages - self.wmark_low)
         more = np.empty(0, np.int64)
         if extra > 0:
             win = blocks[i + 1:i + 4 * FAULT_AROUND]

@@ -371,3 +371,30 @@ def test_cache_run_matches_twin(case) -> None:
     assert (a["bcount"].tolist(), a["dirty"].tolist(), a["guest_acc"].tolist(),
             a["host_acc"].tolist(), a["needs_zero"].tolist()) == (r_bc, r_d, r_ga, r_ha, r_nz)
 
+
+
+def test_flusher_writes_back_in_the_background_above_the_background_ratio(tmp_path) -> None:
+    host, mm, disk = with_disk(tmp_path, 1024, 64, 512)
+    t = mm.add_task(0, 1)
+    b = np.arange(100, dtype=np.int64)
+    run(mm.run_file_quantum(t, b, ones(100)))  # 100 dirty of ~900 dirtyable: > 10 %, < 20 %
+    assert mm.dirty_pages() == 100 and mm.cstats.throttled == 0
+    clock = t.modelled_ns
+    bg, _ = mm._dirty_thresholds()
+    got = run(mm.flush_dirty())
+    assert got == 100 - bg and mm.dirty_pages() == bg and mm.cache_count == 100
+    assert disk.write_calls == 1  # one run of contiguous blocks
+    assert t.modelled_ns == clock  # background: no task waits
+    assert run(mm.flush_dirty()) == 0  # at the limit: nothing more to do
+
+
+def test_a_writer_over_the_dirty_limit_writes_back_itself(tmp_path) -> None:
+    host, mm, disk = with_disk(tmp_path, 1024, 64, 512)
+    t = mm.add_task(0, 1)
+    b = np.arange(400, dtype=np.int64)
+    res = run(mm.run_file_quantum(t, b, ones(400)))
+    bg, hard = mm._dirty_thresholds()
+    assert mm.cstats.throttled > 0 and mm.dirty_pages() <= bg
+    assert res.modelled_ns >= mm.cost.disk.io_ns(mm.cstats.throttled)
+    res = run(mm.run_file_quantum(t, b, ones(400, 0)))
+    assert res.corrupted == 0

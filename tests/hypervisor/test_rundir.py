@@ -256,7 +256,7 @@ def test_create_disk_is_fresh_sized_private_and_never_follows_a_link(tmp_path: P
     # a failed sizing leaves no half-made disk
     syscalls.install("disk.truncate@1=ENOSPC")
     try:
-        with pytest.raises(OSError, match="injected at disk.truncate"):
+        with pytest.raises(OSError, match=r"injected at disk\.truncate"):
             rundir.create_disk(run_dir, "vm", 8192)
     finally:
         syscalls.clear()
