@@ -11,6 +11,10 @@ reader coroutine runs, no access to guest RAM is in flight: it acknowledges ``sh
 at once.  That covers "between quanta" and "while waiting for ``resume``" alike.
 
 Units: pages of 4096 bytes, times in seconds (monotonic), stall times in ns.
+
+Why one module of this size: it is one process — boot (RAM, swap, disk), the task
+scheduler, the machine channel and the kernel-channel server with its stats — whose parts
+share the loop's safe-point rule; the memory manager it drives lives in ``guest/mm.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Guest memory manager: buddy allocator, page tables, guest swap, reclaim, OOM, balloon list.
+"""Guest memory manager: buddy allocator, page tables, guest swap, page cache, reclaim, OOM,
+balloon list.
 
 Units: pages are 4096 bytes; gpfn = guest page frame number (index into guest RAM), vpn =
 virtual page number inside one task's address space, slot = guest swap slot (4096 bytes in
@@ -16,7 +17,8 @@ can be sent between the EPT check and the copy (no ``await`` in between): the ho
 touch a revoked page's bytes before the ack.
 
 Why one module of this size: it is the guest's memory manager — page states, tasks' page
-tables, swap, reclaim, OOM and the balloon's page lists — whose invariants span all of them
+tables, swap, the page cache, reclaim (which balances file and anon pages), OOM and the
+balloon's page lists — whose invariants span all of them
 (a page is in exactly one state, every stamp survives every move); the Numba kernels it
 drives live apart in ``guest/kernels.py``.
 """
