@@ -937,15 +937,23 @@ class MemoryManager:
             self._cache_free(np.array([g0], np.int64))
             return True
         write_alloc = bool(writes[i])
-        # Read-around from free memory only, down to the low watermark (readahead may wake
-        # kswapd, whose clock spares these just-read pages once, but never reclaims itself).
-        extra = min(FAULT_AROUND, self.buddy.free_pages - self.wmark_low)
-        more = np.empty(0, np.int64)
-        if extra > 0:
-            win = blocks[i + 1:i + 4 * FAULT_AROUND]
-            absent = win[(self.bmap[win] < 0) & (win != b)]
-            _, first = np.unique(absent, return_index=True)
-            more = absent[np.sort(first)][:extra]
+        # Read-around: the quantum's next uncached blocks (at most FAULT_AROUND, at most an
+        # eighth of RAM), from free memory down to the low watermark after one pass of
+        # reclaim for them, as Linux's readahead allocates (__GFP_NORETRY: one try, no OOM).
+        # The pages just read have their accessed bits set, so that pass cannot take them.
+        win = blocks[i + 1:i + 4 * FAULT_AROUND]
+        absent = win[(self.bmap[win] < 0) & (win != b)]
+        _, first = np.unique(absent, return_index=True)
+        more = absent[np.sort(first)][:min(FAULT_AROUND, self.npages // 8)]
+        room = self.buddy.free_pages - self.wmark_low
+        if more.size > room:
+            await self.reclaim(int(more.size) - max(room, 0), direct=True, task=t)
+            if self.bmap[b] >= 0:  # cannot happen (one filler at a time), but be safe
+                self._cache_free(np.array([g0], np.int64))
+                return True
+            more = more[self.bmap[more] < 0]
+            room = self.buddy.free_pages - self.wmark_low
+        more = more[:max(room, 0)]
         g_more = np.empty(0, np.int64)
         if more.size:
             runs = self.buddy.alloc_many(int(more.size), MAX_ORDER, PG_CACHE)
