@@ -378,3 +378,62 @@ async def call_free(ch: Channel, runs: np.ndarray) -> None:
 def _frame(d: dict) -> bytes:
     body = msgpack.packb(d, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
+
+
+def test_fileio_through_the_page_cache_under_host_swap(tmp_path) -> None:
+    """A fileio task in the real kernel process, its disk a real file: the cache fills,
+    writes back and is reclaimed while the host takes frames away behind its back; every
+    block read holds its last write."""
+    pages = 2048  # 8 MiB of RAM; 12 MiB of files on a 16 MiB disk
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    disk = run_dir / "vm.disk"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    cfg = {**config(pages, 512, [
+        {"workload": "fileio", "files": 12, "file_size": 1 << 20, "write_ratio": 0.4,
+         "skew": 0.5},
+        {"workload": "zipf", "size": 256 * PAGE, "write_ratio": 0.5}]),
+        "disk": 16 << 20, "disk_path": str(disk)}
+
+    async def scenario():
+        async with guest_vm(tmp_path, pages, cfg) as (peer, proc, run_dir):
+            ch = await driver(run_dir)
+            await wait_for(ch, lambda s: s.get(T.DISK_WRITE_PAGES, 0) > 0
+                           and s.get(T.CACHE_DROPPED_CLEAN, 0) + s.get(T.CACHE_WRITTEN_BACK, 0)
+                           > 0, "the cache to fill, write back and be reclaimed")
+            rng = np.random.default_rng(2)
+            taken = 0
+            for _ in range(20):
+                taken += await peer.revoke(rng.integers(0, pages, 200))
+                await asyncio.sleep(0.02)
+            base = (await meminfo(ch))[T.OPS]
+            st = await wait_for(ch, lambda s: s[T.OPS] > base + 100_000, "more work")
+            assert taken > 0
+            assert st[T.CORRUPTED_READS] == 0
+            assert st[T.CACHES] == st[T.CACHE_PAGES] * PAGE > 0
+            assert st[T.DISK_READ_PAGES] > 0 and st[T.DISK_READ_ERRORS] == 0
+            assert peer.resident_pages() <= int(peer.ept.sum())
+            await ch.close()
+            await peer.halt()
+            rc = await asyncio.wait_for(proc.wait(), 30)
+            err = (await proc.stderr.read()).decode()
+            assert rc == 0, err
+            assert "corrupted reads 0" in err
+            assert disk.exists()  # the host's file: the guest leaves it
+
+    asyncio.run(scenario())
+
+
+def test_a_disk_the_guest_cannot_open_fails_its_boot(tmp_path) -> None:
+    cfg = {**config(1024, 0, [{"workload": "fileio", "files": 1, "file_size": PAGE}]),
+           "disk": 1 << 20, "disk_path": str(tmp_path / "run" / "missing.disk")}
+
+    async def scenario():
+        async with guest_vm(tmp_path, 1024, cfg) as (peer, proc, run_dir):
+            rc = await asyncio.wait_for(proc.wait(), 60)
+            return rc, (await proc.stderr.read()).decode()
+
+    rc, err = asyncio.run(scenario())
+    assert rc == 1
+    assert "boot failed: cannot open the disk" in err and "missing.disk" in err
