@@ -534,8 +534,8 @@ def cache_scan(state, guest_acc, dirty, cache_block, hand, max_steps, max_victim
 
 
 @njit(cache=True)
-def cache_run(ram, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_acc, guest_acc,
-              needs_zero):
+def cache_run(ram, bmap, bcount, dirty, clean, blocks, writes, start, stop, ept, host_acc,
+              guest_acc, needs_zero):
     """Run file accesses ``blocks[start:stop]`` (disk block numbers) through the page cache;
     return ``(exit code, index reached, exit arg, ops done, corrupted reads)``.
 
@@ -543,7 +543,7 @@ def cache_run(ram, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_a
     exit with the block, for the memory manager to read it in); ``bcount`` counts the writes
     to each block, the truth its stamps are checked against.  Per access as
     :func:`vcpu_run`, plus: a write marks the page dirty (it is written back before the page
-    is dropped)."""
+    is dropped) and no longer ``clean`` (an unmodified copy of its block)."""
     ops = 0
     corrupted = 0
     i = start
@@ -567,6 +567,7 @@ def cache_run(ram, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_a
             bcount[b] = c
             ram[base] = stamp(FILE_STAMP_TASK, b, c)
             dirty[g] = 1
+            clean[g] = 0
         else:
             c = bcount[b]
             expect = np.uint64(0)

@@ -790,6 +790,10 @@ class MemoryManager:
         self.bcount = np.zeros(0, np.int64)
         self.cache_block = np.full(self.npages, -1, np.int64)
         self.dirty = np.zeros(self.npages, np.uint8)
+        #: 1 where a cache page holds an unmodified copy of its disk block (read in, or
+        #: written back since its last write): a page the host need not swap, as it could
+        #: be read from the disk again (the host-swap pathology counters read it).
+        self.clean_cache = np.zeros(self.npages, np.uint8)
         self.cache_count = 0  # pages in PG_CACHE (those being filled included)
         self.cache_hand = 0
         self.flush_cursor = 0  # the flusher's next block
@@ -825,8 +829,8 @@ class MemoryManager:
         clock0 = t.modelled_ns
         while i < n:
             code, i, _arg, ops, corrupted = K.cache_run(
-                self.ram, self.bmap, self.bcount, self.dirty, blocks, writes, i, n, self.ept,
-                self.host_acc, self.guest_acc, self.needs_zero)
+                self.ram, self.bmap, self.bcount, self.dirty, self.clean_cache, blocks, writes,
+                i, n, self.ept, self.host_acc, self.guest_acc, self.needs_zero)
             res.ops += ops
             st.ops += ops
             t.accesses += ops
@@ -1000,6 +1004,7 @@ class MemoryManager:
         if write_alloc:
             self._cache_install(np.array([g0], np.int64), np.array([b], np.int64))
             self.needs_zero[g0] = 1  # zeroed by the vCPU kernel after its EPT check
+            self.clean_cache[g0] = 0  # not a copy of the block: its write is coming
             self.cstats.write_allocs += 1
             self.stats.minor_faults += 1
             self.charge(t, self.cost.minor_faults(1))
@@ -1011,9 +1016,11 @@ class MemoryManager:
         return True
 
     def _cache_install(self, pages: np.ndarray, blocks: np.ndarray) -> None:
+        """Map freshly read ``pages`` to their ``blocks``: clean copies of the disk."""
         self.bmap[blocks] = pages
         self.cache_block[pages] = blocks
         self.dirty[pages] = 0
+        self.clean_cache[pages] = 1
         self.needs_zero[pages] = 0
         self.guest_acc[pages] = 1
 
@@ -1025,6 +1032,7 @@ class MemoryManager:
         self.bmap[b[b >= 0]] = -1
         self.cache_block[pages] = -1
         self.dirty[pages] = 0
+        self.clean_cache[pages] = 0
         self.needs_zero[pages] = 0
         self.cache_count -= int(pages.size)
         self.buddy.free_gpfns(pages)
@@ -1102,6 +1110,7 @@ class MemoryManager:
                     self.log(f"{self.last_disk_error} [{n_err} so far]")
                 break
             self.dirty[run] = 0
+            self.clean_cache[run] = 1  # the disk holds what the page holds
             self.charge(task, self.cost.disk.io_ns(ln))
             self.cstats.disk_write_pages += ln
             self.cstats.disk_write_ios += 1
@@ -1151,6 +1160,9 @@ class MemoryManager:
             raise AssertionError("cache pages with a block that does not map to them")
         if np.any(self.dirty[~cache]):
             raise AssertionError("dirty bit on a page that is not in the page cache")
+        want = cache & (self.cache_block >= 0) & (self.dirty == 0) & (self.needs_zero == 0)
+        if not np.array_equal(self.clean_cache != 0, want):
+            raise AssertionError("clean_cache is not: cached, not dirty, not write-allocated")
 
     # ------------------------------------------------------------------ balloon
 

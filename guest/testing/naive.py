@@ -230,8 +230,8 @@ def naive_cache_scan(state, guest_acc, dirty, cache_block, hand, max_steps, max_
     return clean, dirt, hand, scanned
 
 
-def naive_cache_run(ram_pages, bmap, bcount, dirty, blocks, writes, start, stop, ept, host_acc,
-                    guest_acc, needs_zero):
+def naive_cache_run(ram_pages, bmap, bcount, dirty, clean, blocks, writes, start, stop, ept,
+                    host_acc, guest_acc, needs_zero):
     """ram_pages: list of lists of 512 Python ints (one per guest page)."""
     ops = corrupted = 0
     for i in range(start, stop):
@@ -250,6 +250,7 @@ def naive_cache_run(ram_pages, bmap, bcount, dirty, blocks, writes, start, stop,
             bcount[b] += 1
             ram_pages[g][0] = naive_stamp(FILE_STAMP_TASK, b, bcount[b])
             dirty[g] = 1
+            clean[g] = 0
         else:
             expect = naive_stamp(FILE_STAMP_TASK, b, bcount[b]) if bcount[b] else 0
             if ram_pages[g][0] != expect:

@@ -75,6 +75,23 @@ def test_a_miss_reads_around_in_runs_of_contiguous_blocks(tmp_path) -> None:
     assert t.modelled_ns >= cost.disk.io_ns(8) + cost.disk.io_ns(4)
 
 
+def test_clean_cache_marks_unmodified_copies_of_disk_blocks(tmp_path) -> None:
+    host, mm, disk = with_disk(tmp_path, 256, 64, 64)
+    t = mm.add_task(0, 1)
+    run(mm.run_file_quantum(t, blocks(1, 2), ones(2, 0)))  # read in: clean copies
+    g1, g2 = int(mm.bmap[1]), int(mm.bmap[2])
+    assert mm.clean_cache[g1] == mm.clean_cache[g2] == 1
+    run(mm.run_file_quantum(t, blocks(2, 3), ones(2)))  # written (2), write-allocated (3)
+    assert mm.clean_cache[g2] == 0 and mm.clean_cache[int(mm.bmap[3])] == 0
+    mm.check_invariants()
+    run(mm.cache_sync())  # written back: copies of the disk again
+    assert mm.clean_cache[g2] == 1 and mm.clean_cache[int(mm.bmap[3])] == 1
+    mm.guest_acc[:] = 0
+    run(mm.reclaim_cache(8, direct=False))
+    assert not mm.clean_cache.any()
+    mm.check_invariants()
+
+
 def test_cold_clean_pages_are_dropped_without_io(tmp_path) -> None:
     host, mm, disk = with_disk(tmp_path, 256, 64, 64)
     t = mm.add_task(0, 1)
@@ -354,22 +371,27 @@ def cache_case(draw):
 def test_cache_run_matches_twin(case) -> None:
     bmap, ept, needs_zero, dirty, bl, writes, bcount, ram, start = case
     npages = len(ram)
+    clean = [1 - d for d in dirty]
     a = dict(ram=np.array(ram, np.uint64).reshape(-1), bmap=np.array(bmap, np.int64),
              bcount=np.array(bcount, np.int64), dirty=np.array(dirty, np.uint8),
+             clean=np.array(clean, np.uint8),
              ept=np.array(ept, np.uint8), host_acc=np.zeros(npages, np.uint8),
              guest_acc=np.zeros(npages, np.uint8), needs_zero=np.array(needs_zero, np.uint8))
-    got = K.cache_run(a["ram"], a["bmap"], a["bcount"], a["dirty"], np.array(bl, np.int64),
+    got = K.cache_run(a["ram"], a["bmap"], a["bcount"], a["dirty"], a["clean"],
+                      np.array(bl, np.int64),
                       np.array(writes, np.uint8), start, len(bl), a["ept"], a["host_acc"],
                       a["guest_acc"], a["needs_zero"])
     r_ram = [list(p) for p in ram]
     r_bc, r_d, r_ha, r_ga, r_nz = (list(bcount), list(dirty), [0] * npages, [0] * npages,
                                    list(needs_zero))
-    want = naive_cache_run(r_ram, bmap, r_bc, r_d, bl, writes, start, len(bl), ept, r_ha,
+    r_cl = list(clean)
+    want = naive_cache_run(r_ram, bmap, r_bc, r_d, r_cl, bl, writes, start, len(bl), ept, r_ha,
                            r_ga, r_nz)
     assert tuple(int(x) for x in got) == want
     assert a["ram"].reshape(npages, 512).tolist() == r_ram
     assert (a["bcount"].tolist(), a["dirty"].tolist(), a["guest_acc"].tolist(),
-            a["host_acc"].tolist(), a["needs_zero"].tolist()) == (r_bc, r_d, r_ga, r_ha, r_nz)
+            a["host_acc"].tolist(), a["needs_zero"].tolist(),
+            a["clean"].tolist()) == (r_bc, r_d, r_ga, r_ha, r_nz, r_cl)
 
 
 
