@@ -969,14 +969,8 @@ class MemoryManager:
         rpages = g_more if write_alloc else np.concatenate(([g0], g_more)).astype(np.int64)
         ios = 0
         if rpages.size:
-            # The frames must be backed before the disk's bytes are copied in.
-            while True:
-                absent_g = rpages[self.ept[rpages] == EPT_NOT_PRESENT]
-                if absent_g.size == 0:
-                    break
-                self.charge(t, self.cost.ept_exit_cost(int(absent_g.size), 0))
-                await self.ensure_present(absent_g)
-            # No await from the check above to the copies below (see the module docstring).
+            await self._back_for_disk_read(t, rpages)
+            # No await from its last check to the copies below (see the module docstring).
             order = np.argsort(rblocks, kind="stable")
             rblocks = rblocks[order]
             rpages = rpages[order]
@@ -1014,6 +1008,18 @@ class MemoryManager:
         self.cstats.misses += 1
         self.cstats.readahead += int(more.size)
         return True
+
+    async def _back_for_disk_read(self, t: TaskMem, pages: np.ndarray) -> None:
+        """Make ``pages`` EPT-present before a disk read overwrites them whole, charging
+        ``t`` for the exits.  A page the host swapped out and reads back here is read for
+        nothing (VSwapper's stale swap read): where the host says which pages it read
+        back, that is the place to count them."""
+        while True:
+            absent = pages[self.ept[pages] == EPT_NOT_PRESENT]
+            if absent.size == 0:
+                return
+            self.charge(t, self.cost.ept_exit_cost(int(absent.size), 0))
+            await self.ensure_present(absent)
 
     def _cache_install(self, pages: np.ndarray, blocks: np.ndarray) -> None:
         """Map freshly read ``pages`` to their ``blocks``: clean copies of the disk."""
