@@ -53,7 +53,7 @@ def test_validate_resolved_is_loadable(runner: CliRunner, tmp_path: Path) -> Non
         ('[host]\nmemory = "1GiB"\n[[vm]]\nname = "a"\nmemory = "1MiB"\nmemroy = "1MiB"\n',
          "vm[0].memroy: unknown key (allowed: name, memory, features, wire, stats_interval, "
          "guest_swap, on_crash, task, min_memory, max_memory, shares, initial_balloon, "
-         "kernel_image) (did you mean 'memory'?)"),
+         "kernel_image, disk) (did you mean 'memory'?)"),
         ('[host]\nmemory = "1GB"\n[[vm]]\nname = "a"\nmemory = "1MiB"\n',
          "host.memory: '1GB' (1000000000 bytes) is not a multiple of the 4096-byte page size"),
         ('[host]\nmemory = "1GiB"\n', "vm: no VMs: add at least one [[vm]] table"),
