@@ -172,3 +172,10 @@ def test_quick_default_and_full_sweep_options():
                                                                             False)
     full = sweep("--full", "--max-log2", "16")
     assert (full["sizes_log2"], full["naive_max_log2"], full["full"]) == ([16], 16, True)
+
+
+def test_guest_cache_hit_bench_runs_both_loops_to_the_end():
+    from benchmarks.guest import bench_cache_hits
+
+    out = bench_cache_hits(64, 2000, reps=1)
+    assert out["cache_hit_accesses_per_s"] > 0 and out["cache_hit_vs_anon_time_ratio"] > 0
