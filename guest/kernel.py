@@ -258,8 +258,9 @@ class GuestKernel:
             self._make_tasks()
             self._log(f"booted: {pages} pages, kernel {self.mm.kernel_pages} pages "
                       f"(memmap {self.mm.kernel_memmap_pages}), {len(self.tasks)} tasks, "
-                      f"guest swap "
-                      f"{swap.nslots} slots, watermarks min/low/high "
+                      f"guest swap {swap.nslots} slots, "
+                      f"disk {self.mm.disk.nblocks if self.mm.disk else 0} blocks, "
+                      f"watermarks min/low/high "
                       f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}")
             machine_task = asyncio.create_task(self._machine_reader())
             try:
