@@ -53,7 +53,7 @@ QUICK = {"wss_mib": 48, "mem_mib": 36, "vm_mib": 96, "warmup_s": 6.0, "window_s"
 FULL = {"wss_mib": 192, "mem_mib": 144, "vm_mib": 384, "warmup_s": 20.0, "window_s": 30.0,
         "loop_log2": 22, "loop_repeats": 21}
 #: The workload: zipf-distributed accesses (a hot head, a long cold tail), 30 % writes.
-WORKLOAD = {"workload": "zipf", "skew": 0.9, "write_ratio": 0.3}
+WORKLOAD: dict[str, Any] = {"workload": "zipf", "skew": 0.9, "write_ratio": 0.3}
 #: The guest kernel's image in every regime (small, so that it differs little between a
 #: small and a large VM; its memmap still follows the configured size).
 KERNEL_IMAGE_MIB = 1
@@ -154,9 +154,11 @@ def run_fidelity(params: dict[str, Any], progress: Callable[[str], None] | None 
     points = []
     with tempfile.TemporaryDirectory(prefix="bl-fidelity-") as tmp:
         for i, regime in enumerate(chosen, 1):
-            say(f"[{i}/{steps}] {regime}")
-            points.append(measure_regime(regime, params, Path(tmp),
-                                         lambda m, i=i: say(f"[{i}/{steps}] {m}")))
+            def stage(msg: str, i: int = i) -> None:
+                say(f"[{i}/{steps}] {msg}")
+
+            stage(regime)
+            points.append(measure_regime(regime, params, Path(tmp), stage))
     say(f"[{steps}/{steps}] vCPU loop with and without modelled-time charging")
     times = modelled.timings(params["loop_log2"], params["loop_repeats"])
     best = {k: min(v) for k, v in times.items()}
