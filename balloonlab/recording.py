@@ -406,6 +406,8 @@ class RunSummary:
                 "oom_kills": last.oom_kills,
                 "swap_in_bytes": last.swap_in_bytes,
                 "swap_out_bytes": last.swap_out_bytes,
+                # the pathology counters at the end (cumulative over the guest's life)
+                **{k: getattr(last, k) for k in PATHOLOGY_COLUMNS},
             }
         host = self.last_host
 
