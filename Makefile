@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(VENV)/bin/balloonlab bench reclaim --full --out docs/results
 	$(VENV)/bin/balloonlab bench kernels --full --out docs/results
 	$(VENV)/bin/balloonlab bench scale --full --out docs/results
+	$(VENV)/bin/balloonlab bench fidelity --full --out docs/results
 
 clean:
 	rm -rf build $(VENV) *.egg-info

@@ -1,4 +1,5 @@
-"""``balloonlab bench reclaim|kernels|protocol|scale`` (also ``python -m balloonlab.bench ...``).
+"""``balloonlab bench reclaim|kernels|protocol|scale|fidelity``
+(also ``python -m balloonlab.bench ...``).
 
 Results go to ``--out`` (a directory: ``<name>.json``, ``<name>.md`` and, for kernels, a PNG)
 and, with ``--json``, one JSON object on stdout. Sizes take B/KiB/MiB/GiB.
@@ -272,6 +273,38 @@ def scale_cmd(full: bool, counts: tuple[int, ...] | None, sample_s: float,
     if out is not None:
         S.plot(res, out / "scale.png")
     _emit(res, out, "scale", as_json, S.markdown(res))
+
+
+@bench.command("fidelity")
+@click.option("--full", is_flag=True,
+              help="the run behind docs/results.md (192 MiB working set, 30 s windows; "
+                   "~4 min)")
+@click.option("--regime", "regimes", multiple=True,
+              type=click.Choice(["spare", "guest_swap", "host_swap", "ballooned"]),
+              help="run only these (default: all four)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for fidelity.json and fidelity.md")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def fidelity_cmd(full: bool, regimes: tuple[str, ...], out: Path | None,
+                 as_json: bool) -> None:
+    """Modelled throughput of one workload in one VM: memory to spare, guest swap, host swap
+    and ballooned to the same size, with the pathology counters; and the cost of the
+    modelled-time bookkeeping in the vCPU loop (a same-run ratio).
+
+    The default run takes about a minute and a half; --full is the run docs/results.md
+    reports."""
+    from balloonlab.launcher import LaunchError
+    from benchmarks import fidelity as F
+
+    params = dict(F.FULL if full else F.QUICK)
+    try:
+        with _progress("fidelity") as say:
+            res = F.run_fidelity(params, progress=say, regimes=regimes or None)
+    except (ValueError, RuntimeError, LaunchError) as e:
+        raise click.ClickException(str(e)) from e
+    res["full"] = full
+    res["machine"] = report.machine()
+    _emit(res, out, "fidelity", as_json, F.markdown(res))
 
 
 def main() -> None:

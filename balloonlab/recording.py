@@ -41,6 +41,7 @@ from hypervisor.units import PAGE_SIZE
 
 __all__ = [
     "DOMMEMSTAT_UNIT",
+    "PATHOLOGY_COLUMNS",
     "RATE_WINDOW",
     "SUMMARY_HEADERS",
     "TIMESERIES_COLUMNS",
@@ -117,6 +118,13 @@ class VmSnapshot:
     oom_kills: int
     #: The guest's modelled time (its tasks' clocks added, ns); None before it reports it.
     modelled_ns: int | None = None
+    #: Pathologies of host swapping (pages, cumulative; ``PATHOLOGY_COLUMNS``).
+    double_paging: int = 0
+    false_swap_reads: int = 0
+    silent_swap_writes: int = 0
+    stale_swap_reads: int = 0
+    host_swap_reads: int = 0
+    host_swap_reads_noncontig: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +201,7 @@ def snapshot_from(
                 oom_kills=_int(st, "oom_kills"),
                 modelled_ns=(None if st.get("modelled_seconds") is None
                              else round(float(st["modelled_seconds"]) * 1e9)),
+                **{k: _int(st, k) for k in PATHOLOGY_COLUMNS},
             )
         )
     return Snapshot(time=time.time() if now is None else float(now), host=host, vms=tuple(out))
@@ -397,6 +406,8 @@ class RunSummary:
                 "oom_kills": last.oom_kills,
                 "swap_in_bytes": last.swap_in_bytes,
                 "swap_out_bytes": last.swap_out_bytes,
+                # the pathology counters at the end (cumulative over the guest's life)
+                **{k: getattr(last, k) for k in PATHOLOGY_COLUMNS},
             }
         host = self.last_host
 
@@ -440,6 +451,17 @@ class RunSummary:
 # Recorder
 # --------------------------------------------------------------------------------------------
 
+#: The pathology counters of ``dommemstat`` (pages, cumulative), as ``timeseries.csv``
+#: columns and ``VmSnapshot`` fields of the same names.
+PATHOLOGY_COLUMNS: tuple[str, ...] = (
+    "double_paging",
+    "false_swap_reads",
+    "silent_swap_writes",
+    "stale_swap_reads",
+    "host_swap_reads",
+    "host_swap_reads_noncontig",
+)
+
 #: Columns of ``timeseries.csv``; pages are 4096 bytes, times UNIX seconds / seconds.
 TIMESERIES_COLUMNS: tuple[str, ...] = (
     "time",
@@ -469,6 +491,7 @@ TIMESERIES_COLUMNS: tuple[str, ...] = (
     "host_swap_slots_free",
     "modelled_seconds",
     "modelled_ops_per_s",
+    *PATHOLOGY_COLUMNS,
 )
 
 
@@ -548,6 +571,7 @@ class Recorder:
                     h.swap_slots_free,
                     "" if vm.modelled_ns is None else f"{vm.modelled_ns / 1e9:.9f}",
                     "" if (mr := self._rates.modelled.get(vm.name)) is None else f"{mr:.1f}",
+                    *(getattr(vm, k) for k in PATHOLOGY_COLUMNS),
                 ]
             )
         self._csv_file.flush()

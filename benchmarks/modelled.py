@@ -22,6 +22,19 @@ from benchmarks import kernels as K
 
 def measure(log2: int = 20, repeats: int = 21) -> dict[str, float]:
     """Fastest seconds per run of each variant: ``{"off": s, "on": s}``."""
+    times = timings(log2, repeats)
+    return {k: min(v) for k, v in times.items()}
+
+
+def paired_ratio(times: dict[str, list[float]]) -> float:
+    """The median over repeats of on/off of the two runs of one repeat (back to back, so a
+    burst of load mostly hits both): steadier than the ratio of two minima on a busy box."""
+    return float(np.median(np.array(times["on"]) / np.array(times["off"])))
+
+
+def timings(log2: int = 20, repeats: int = 21) -> dict[str, list[float]]:
+    """Seconds of every run of each variant, in repeat order: ``{"off": [...], "on": [...]}``;
+    the two variants alternate which goes first."""
     cases = {c.name: c for c in K.CASES}
     variants = {"off": cases["guest.vcpu_run[quanta]"],
                 "on": cases["guest.vcpu_run[quanta+modelled]"]}
@@ -30,7 +43,7 @@ def measure(log2: int = 20, repeats: int = 21) -> dict[str, float]:
     for c in variants.values():  # warm up: load the JIT cache outside the timing
         c.reset(ctx)  # type: ignore[misc]
         c.kernel(ctx)
-    best = {k: float("inf") for k in variants}
+    out: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(repeats):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
         for name in order:
@@ -41,8 +54,8 @@ def measure(log2: int = 20, repeats: int = 21) -> dict[str, float]:
             dt = time.perf_counter() - t0
             if res[3] != n or res[4] != 0:
                 raise AssertionError(f"{c.name}: {res} (expected {n} accesses, 0 corrupted)")
-            best[name] = min(best[name], dt)
-    return best
+            out[name].append(dt)
+    return out
 
 
 def bookkeeping_ns(repeats: int = 7, calls: int = 100_000) -> float:

@@ -9,8 +9,10 @@ event of the task's access path, with the costs of the topology's ``[cost]`` tab
 - a guest minor fault: ``minor_fault`` plus ``page_zero`` (the guest clears the new page);
 - an EPT exit the host serves (one per page, as hardware takes them): ``ept_exit`` plus
   ``ept_page`` (host backing work), plus ``page_zero`` for a page the host backs fresh (it
-  hands out zeroed frames) or one host-swap read (``host_swap_device``) for a page that had
-  contents: the guest sees host swap-in only as a longer exit;
+  hands out zeroed frames) or one host-swap read (``host_swap_device``) for a page the host
+  read back from its swap (``resume`` names them; a host that does not say leaves the guest
+  to take every page that had contents for one): the guest sees host swap-in only as a
+  longer exit;
 - a guest swap read (major fault): one I/O of one page on ``guest_swap_device``;
 - a guest swap write (reclaim): one I/O per reclaim batch, of the batch's pages.
 

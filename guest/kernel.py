@@ -172,7 +172,7 @@ class GuestKernel:
         self.driver: Channel | None = None
         self._driver_free = asyncio.Event()
         self._driver_free.set()
-        self._resumes: dict[int, asyncio.Future[None]] = {}
+        self._resumes: dict[int, asyncio.Future[np.ndarray | None]] = {}
         self.shootdowns_acked = 0
         self._oom_acks: dict[int, asyncio.Future[bool]] = {}
         self._oom_ids = 1
@@ -326,13 +326,15 @@ class GuestKernel:
             while True:
                 msg = await ch.recv()
                 if isinstance(msg, m.Shootdown):
+                    if msg.pfns is not None and self.mm is not None:
+                        self.mm.host_revoked(msg.pfn_array)
                     # Always a safe point here: see the module docstring.
                     await ch.send(m.ShootdownAck(id=msg.id))
                     self.shootdowns_acked += 1
                 elif isinstance(msg, m.Resume):
                     fut = self._resumes.pop(msg.id, None)
                     if fut is not None and not fut.done():
-                        fut.set_result(None)
+                        fut.set_result(msg.swapped_array)
                 elif isinstance(msg, m.Halt):
                     self.halt_reason = f"halt ({msg.reason or 'no reason'})"
                     break
@@ -349,13 +351,16 @@ class GuestKernel:
                     fut.set_exception(PeerClosed("machine channel closed"))
             self.stopping.set()
 
-    async def ensure_present(self, gpfns: np.ndarray) -> None:
-        """EPT fault for every not-present page of ``gpfns``; returns when all resumed."""
+    async def ensure_present(self, gpfns: np.ndarray) -> np.ndarray | None:
+        """EPT fault for every not-present page of ``gpfns``; returns when all resumed,
+        with the pages the host read back from its swap (None when it did not say)."""
         assert self.machine is not None and self.mm is not None
         ch = self.machine
         ept = self.mm.ept
         g = np.unique(np.asarray(gpfns, np.int64))
         g = g[ept[g] == EPT_NOT_PRESENT]
+        swapped: list[np.ndarray] = []
+        told = g.size == 0  # nothing to fault: nothing read back, for sure
         while g.size:
             # A halt or a closed channel may arrive at any await: no exit can be taken any
             # more, and the task's access ends here (the kernel is stopping).
@@ -365,7 +370,8 @@ class GuestKernel:
             for i in range(0, g.size, EPT_BATCH):
                 chunk = g[i:i + EPT_BATCH]
                 mid = ch.conn.new_id()
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut: asyncio.Future[np.ndarray | None] = \
+                    asyncio.get_running_loop().create_future()
                 self._resumes[mid] = fut
                 try:
                     ch.send_nowait(m.EptFault(id=mid, pfns=pfns_to_wire(
@@ -376,9 +382,15 @@ class GuestKernel:
                 futs.append(fut)
             await ch.drain()
             for fut in futs:
-                await fut
+                read = await fut
+                if read is not None:
+                    told = True
+                    swapped.append(read.astype(np.int64))
             # a shootdown may have raced with the resume: fault again
             g = g[ept[g] == EPT_NOT_PRESENT]
+        if not told:
+            return None
+        return np.concatenate(swapped) if swapped else np.empty(0, np.int64)
 
     # ------------------------------------------------------------------ scheduler
 

@@ -93,7 +93,9 @@ def kernel_reserve(npages: int, kernel_image: int | None = None) -> tuple[int, i
                          f"does not fit in {npages} pages of RAM")
     return image, memmap
 
-EnsurePresent = Callable[[np.ndarray], Awaitable[None]]
+#: ``ensure_present(gpfns)``: back these pages; returns the ones the host read back from its
+#: swap (``resume``'s ``swapped``), or None when the host does not say.
+EnsurePresent = Callable[[np.ndarray], Awaitable[np.ndarray | None]]
 
 OomNotify = Callable[[int], Awaitable[bool]]
 
@@ -355,6 +357,11 @@ class VmStats:
     ops: int = 0
     ept_exits: int = 0
     guest_faults: int = 0
+    # Pathologies of host swapping (pages; docs/architecture.md, "Pathologies").
+    double_paging: int = 0  # swapped out by the guest after the host read them back for it
+    false_swap_reads: int = 0  # read back from host swap, then overwritten whole
+    silent_swap_writes: int = 0  # clean page-cache pages the host wrote to its swap
+    stale_swap_reads: int = 0  # read back from host swap, then overwritten by a disk read
     out_of_puff: int = 0
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
@@ -410,6 +417,9 @@ class MemoryManager:
         self.buddy = BuddyAllocator(npages)
         self.guest_acc = np.zeros(npages, np.uint8)
         self.needs_zero = np.zeros(npages, np.uint8)
+        #: Page-cache hook: 1 where a page holds an unmodified copy of a disk block (set by
+        #: the page cache; counted when the host revokes the page: silent swap writes).
+        self.clean_cache = np.zeros(npages, np.uint8)
         self.rmap_task = np.full(npages, -1, np.int64)
         self.rmap_vpn = np.full(npages, -1, np.int64)
         self.tasks: dict[int, TaskMem] = {}
@@ -454,6 +464,63 @@ class MemoryManager:
         if t is not None:
             t.modelled_ns += ns
             self.stats.modelled_ns += ns
+
+    # ------------------------------------------------------------------ pathologies
+
+    def host_backed(self, t: TaskMem | None, asked: np.ndarray, overwrite: np.ndarray | None,
+                    swapped: np.ndarray | None, *, stale: bool = False) -> np.ndarray:
+        """Account for the host backing ``asked`` (EPT exits): charge ``t`` and count the
+        host swap reads of pages the guest overwrites whole (mask ``overwrite``) as false
+        reads, or stale reads when a disk read overwrites them (``stale``).  Returns the
+        mask of ``asked`` the host read back from its swap.
+
+        ``swapped`` is what the host said it read back (``ensure_present``'s answer); when
+        it does not say, a page with contents (not about to be zeroed) is taken for
+        host-swapped, the host's only way to revoke a page in use, and nothing is counted."""
+        if swapped is not None:
+            read = np.isin(asked, swapped)
+            if overwrite is not None:
+                n = int(np.count_nonzero(read & overwrite))
+                if stale:
+                    self.stats.stale_swap_reads += n
+                else:
+                    self.stats.false_swap_reads += n
+        else:
+            read = self.needs_zero[asked] == 0 if overwrite is None else ~overwrite
+        k = int(np.count_nonzero(read))
+        self.charge(t, self.cost.ept_exit_cost(int(asked.size) - k, k))
+        return read
+
+    async def back_for_overwrite(self, t: TaskMem | None, gpfns: np.ndarray, *,
+                                 stale: bool) -> None:
+        """Page-cache hook: back pages the guest is about to overwrite whole (a disk read
+        into them with ``stale``, else a zeroing or copy), counting the ones the host reads
+        back from its swap for nothing as stale or false swap reads."""
+        g = np.unique(np.asarray(gpfns, np.int64))
+        while True:
+            g = g[self.ept[g] == EPT_NOT_PRESENT]
+            if not g.size:
+                return
+            self.host_backed(t, g, np.ones(g.size, bool), await self.ensure_present(g),
+                             stale=stale)
+
+    def host_revoked(self, gpfns: np.ndarray) -> int:
+        """The host is taking these pages to its swap (``shootdown``'s ``pfns``): count the
+        clean page-cache ones (``clean_cache``) as silent swap writes.  Returns that count."""
+        g = np.asarray(gpfns, np.int64)
+        g = g[(g >= 0) & (g < self.npages)]
+        n = int(np.count_nonzero(self.clean_cache[g]))
+        self.stats.silent_swap_writes += n
+        return n
+
+    def pathology_stats(self) -> dict[int, int]:
+        """The pathology counters as stats tags (pages)."""
+        from protocol.features import StatTag as T
+
+        s = self.stats
+        return {T.DOUBLE_PAGING: s.double_paging, T.FALSE_SWAP_READS: s.false_swap_reads,
+                T.SILENT_SWAP_WRITES: s.silent_swap_writes,
+                T.STALE_SWAP_READS: s.stale_swap_reads}
 
     # ------------------------------------------------------------------ tasks
 
@@ -517,12 +584,10 @@ class MemoryManager:
         if pte <= -2:
             slot = -pte - 2
             # a major fault: fault handling, the host backing the page if it must, the read
-            cost = self.cost.minor_fault + self.cost.guest_swap_read(1)
-            if self.ept[g] == EPT_NOT_PRESENT:
-                cost += self.cost.ept_exit_cost(1, 0)
-            self.charge(t, cost)
-            while self.ept[g] == EPT_NOT_PRESENT:
-                await self.ensure_present(np.array([g], np.int64))
+            self.charge(t, self.cost.minor_fault + self.cost.guest_swap_read(1))
+            while self.ept[g] == EPT_NOT_PRESENT:  # the swap read overwrites it whole
+                one = np.array([g], np.int64)
+                self.host_backed(t, one, one == g, await self.ensure_present(one))
             # No await from the EPT check above to the copy below: the host cannot have
             # reclaimed the page in between (it waits for our shootdown_ack).
             try:
@@ -626,11 +691,10 @@ class MemoryManager:
                 if k:
                     st.ept_exits += 1
                     ahead = self._ahead[:k].copy()
-                    # A page never written is backed fresh; one with contents was taken by
-                    # host swap (the host's only way to revoke a page in use) and is read back.
-                    fresh = int(np.count_nonzero(self.needs_zero[ahead]))
-                    self.charge(t, self.cost.ept_exit_cost(fresh, k - fresh))
-                    await self.ensure_present(ahead)
+                    # Pages the guest zeroes next are overwritten whole: a host swap read
+                    # of one is a false read.
+                    over = self.needs_zero[ahead] != 0
+                    self.host_backed(t, ahead, over, await self.ensure_present(ahead))
                 dt = time.perf_counter_ns() - s
                 res.stall_ns_ept += dt
                 st.stall_ns_ept += dt
@@ -701,8 +765,9 @@ class MemoryManager:
         absent = victims[(self.ept[victims] == 0) & (self.needs_zero[victims] == 0)]
         if absent.size:
             # double paging: the host swapped these out; it must back them before we copy
-            self.charge(task, self.cost.ept_exit_cost(0, int(absent.size)))
-            await self.ensure_present(absent)
+            swapped = await self.ensure_present(absent)
+            read = self.host_backed(task, absent, None, swapped)
+            self.stats.double_paging += int(np.count_nonzero(read))
         done = 0
         zero = bytes(PAGE_SIZE)
         for g in victims.tolist():
@@ -1263,6 +1328,7 @@ class MemoryManager:
             T.ASYNC_RECLAIM: s.async_reclaim,
             T.DIRECT_RECLAIM: s.direct_reclaim,
             T.CORRUPTED_READS: s.corrupted_reads,
+            **self.pathology_stats(),
             T.OPS: s.ops,
             T.GUEST_SWAP_TOTAL: self.swap.nslots * PAGE_SIZE,
             T.GUEST_SWAP_FREE: self.swap.free_slots * PAGE_SIZE,

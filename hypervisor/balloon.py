@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from hypervisor.pathologies import guest_events
 from protocol import messages as m
 from protocol import pfn as P
 from protocol.aio import Channel, PeerClosed, PeerStalled
@@ -168,6 +169,7 @@ class BalloonBackend:
                     seen = self.stats.get(int(StatTag.OOM_KILL))
                     if kills is not None and seen is not None and kills > seen:
                         self.emit("guest_oom_kill", self.vm, kills=kills - seen, total=kills)
+                    guest_events(self.vm, self.stats, ev.stats, self.emit)
                     self.stats = dict(ev.stats)
                     self.last_update = time.time()
                     self.metrics.stats_received += 1

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from hypervisor.pathologies import GUEST_COUNTERS, noncontig_ratio
 from hypervisor.vm import Vm
 from protocol import messages as m
 from protocol.aio import Channel, PeerClosed, PeerStalled
@@ -91,6 +92,9 @@ class ControlledHost(Protocol):
 
     @property
     def policy_rounds(self) -> int: ...
+
+    @property
+    def swap_reads(self) -> tuple[int, int]: ...
 
     @property
     def policy_cpu_seconds(self) -> float: ...
@@ -288,7 +292,19 @@ class ControlServer:
                 "swap_slots_total": led.swap_slots_total, "swap_slots_free": led.slots_free,
                 "policy": h.policy_name, "run_dir": str(h.run_dir),
                 "started": h.started_at, "oom_kills": h.oom_kills,
-                "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds}
+                "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds,
+                **self.pathologies()}
+
+    def pathologies(self) -> dict[str, Any]:
+        """The host's pathology totals: its swap reads (all VMs, since it started) and the
+        guests' counters added over the VMs running now (pages)."""
+        reads, jumps = self.host.swap_reads
+        out: dict[str, Any] = {
+            "host_swap_reads": reads, "host_swap_reads_noncontig": jumps,
+            "host_swap_noncontig_ratio": noncontig_ratio(reads, jumps)}
+        for name, t in GUEST_COUNTERS.items():
+            out[name] = sum(vm.balloon.stats.get(int(t), 0) for vm in self.host.vms.values())
+        return out
 
     def list_vms(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
@@ -356,6 +372,13 @@ class ControlServer:
             "disk_read_errors": tag(StatTag.DISK_READ_ERRORS),
             "disk_write_errors": tag(StatTag.DISK_WRITE_ERRORS),
             "manual_target": vm.manual_target,
+            # Pathologies of host swapping (pages, cumulative; docs/architecture.md): the
+            # guest's four (None until it reports them) and the host's swap reads.
+            **{name: tag(t) for name, t in GUEST_COUNTERS.items()},
+            "host_swap_reads": vm.host_swap_in,
+            "host_swap_reads_noncontig": vm.host_swap_reads_noncontig,
+            "host_swap_noncontig_ratio": noncontig_ratio(vm.host_swap_in,
+                                                         vm.host_swap_reads_noncontig),
             **_modelled(st),
         }
 

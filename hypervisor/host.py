@@ -157,8 +157,11 @@ class Host:
         led = self.ledger.add_vm(vc.name, vc.pages, mem.accessed)
         vm_ref: list[Vm] = []
 
-        async def on_fault(pfns: np.ndarray) -> bool:
-            return await self.handle_fault(vm_ref[0], pfns)
+        async def on_fault(pfns: np.ndarray) -> bool | np.ndarray:
+            read: list[np.ndarray] = []
+            if not await self.memory.handle_fault(vm_ref[0], pfns, read):
+                return False
+            return np.concatenate(read) if read else np.empty(0, np.int64)
 
         async def release(g: np.ndarray) -> tuple[int, int]:
             return await self.release_pages(vm_ref[0], g)
@@ -320,6 +323,11 @@ class Host:
     @property
     def oom_kills(self) -> int:
         return self.memory.oom_kills
+
+    @property
+    def swap_reads(self) -> tuple[int, int]:
+        """Host swap reads (pages, all VMs) and those not contiguous on the swap device."""
+        return self.memory.swap_reads, self.memory.swap_reads_noncontig
 
     async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume)."""

@@ -35,6 +35,13 @@ def paired_runs(gpfns: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, in
     return [(int(g[a]), int(s[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
+def noncontiguous(slots: np.ndarray) -> int:
+    """Reads of one fault (slots in the order read) whose slot is not the previous one + 1:
+    the seeks a disk would make beyond the first."""
+    s = np.asarray(slots, dtype=np.int64)
+    return int(np.count_nonzero(np.diff(s) != 1)) if s.size > 1 else 0
+
+
 class HostSwap:
     """Slot storage for host-swapped guest pages."""
 

@@ -34,6 +34,7 @@ from protocol.aio import Channel, PeerClosed, PeerStalled
 from protocol.connection import MachineHost, State
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.features import PAGE_SIZE, PROTOCOL_VERSION
+from protocol.pfn import pfns_to_wire
 
 if TYPE_CHECKING:
     from hypervisor.vmmem import VmMemory
@@ -58,13 +59,16 @@ class ShootdownFailed(Exception):
     """The guest did not acknowledge a shootdown (hung, or broke the protocol)."""
 
 
-FaultHandler = Callable[[np.ndarray], Awaitable[bool]]
+#: ``on_fault(pfns)``: False when the VM is gone (no resume); else True, or the pages read
+#: back from host swap (``resume``'s ``swapped``).
+FaultHandler = Callable[[np.ndarray], Awaitable[bool | np.ndarray]]
 
 
 class MachineServer:
     """The machine channel of one VM.
 
-    ``on_fault(pfns) -> bool`` backs the pages (False: the VM is gone, do not resume);
+    ``on_fault(pfns)`` backs the pages (False: the VM is gone, do not resume; the pages read
+    back from host swap, when it names them, go back in ``resume``);
     ``on_boot()`` and ``on_disconnect(reason)`` tell the host about the guest's life, and
     ``on_boot_failed(reason)`` about a boot that did not complete (the guest then sees its
     connection close during boot and exits; its supervisor restarts or destroys the VM).
@@ -232,16 +236,18 @@ class MachineServer:
             try:
                 # Shielded: a fault half-way through a reclaim (victims locked, EPT cleared,
                 # shootdowns out) must run to its end even if this guest goes away.
-                ok = await asyncio.shield(self.on_fault(pfns.astype(np.int64)))
+                done = await asyncio.shield(self.on_fault(pfns.astype(np.int64)))
             except Exception as e:
                 log.exception("%s: backing ept_fault %d failed", self.vm, msg.id)
                 await self._fatal(ch, ErrorCode.INTERNAL, f"host failed to back the fault: {e}")
                 return
-            if not ok or self.channel is not ch:
+            if done is False or self.channel is not ch:
                 return
             self.faults_served += 1
+            swapped = (pfns_to_wire(done.astype(np.uint32)) if isinstance(done, np.ndarray)
+                       else None)
             try:
-                await ch.send(m.Resume(id=msg.id), timeout=SHOOTDOWN_TIMEOUT)
+                await ch.send(m.Resume(id=msg.id, swapped=swapped), timeout=SHOOTDOWN_TIMEOUT)
             except (TimeoutError, PeerClosed, ProtocolError):
                 await ch.close()
                 return
@@ -255,8 +261,9 @@ class MachineServer:
 
     # ---- host requests ------------------------------------------------------------------
 
-    async def shootdown(self, count: int) -> None:
-        """Send ``shootdown`` and wait for its ``shootdown_ack``.
+    async def shootdown(self, count: int, gpfns: np.ndarray | None = None) -> None:
+        """Send ``shootdown`` (naming ``gpfns`` when given) and wait for its
+        ``shootdown_ack``.
 
         Call only after the EPT entries were cleared. Returns at once when no guest is
         connected (no vCPU can be running, so nothing can be in flight). Raises
@@ -272,7 +279,9 @@ class MachineServer:
         if self.before_shootdown is not None:
             self.before_shootdown()
         try:
-            await ch.send(m.Shootdown(id=sid, count=count), timeout=self.shootdown_timeout)
+            pfns = None if gpfns is None else pfns_to_wire(np.asarray(gpfns, np.uint32))
+            await ch.send(m.Shootdown(id=sid, count=count, pfns=pfns),
+                          timeout=self.shootdown_timeout)
             await asyncio.wait_for(asyncio.shield(fut), self.shootdown_timeout)
         except ShootdownFailed:
             # The guest went away: no vCPU is left to touch the pages.

@@ -40,9 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from hypervisor.hostswap import HostSwap, paired_runs
+from hypervisor.hostswap import HostSwap, noncontiguous, paired_runs
 from hypervisor.kernels import LOCKED
 from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
+from hypervisor.pathologies import crossed
 from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import PunchFailed
 from protocol import pfn as P
@@ -132,6 +133,10 @@ class HostMemory:
         #: Moving average of shootdown ack latency, seconds.
         self.ack_latency = 0.0
         self.oom_kills = 0
+        #: Host swap reads (pages) and those not contiguous with the page read before them
+        #: in the same fault (all VMs; each VM keeps its own too).
+        self.swap_reads = 0
+        self.swap_reads_noncontig = 0
 
     # ---------------------------------------------------------------- lifetime
 
@@ -189,8 +194,10 @@ class HostMemory:
         cur = cur[cur >= 0]
         return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
 
-    async def handle_fault(self, vm: Vm, pfns: np.ndarray) -> bool:
+    async def handle_fault(self, vm: Vm, pfns: np.ndarray,
+                           read_back: list[np.ndarray] | None = None) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume).
+        The pages read back from host swap are appended to ``read_back`` (for ``resume``).
 
         A page host-swapped out comes back with the bytes of its slot, read before anything
         changes; when that read (or making the pages resident) fails, the VM cannot be
@@ -230,7 +237,8 @@ class HostMemory:
             if np.any(swapped):
                 assert self.swap is not None
                 try:  # every byte read before the ledger changes
-                    runs = self.swap.read(need[swapped], p2m_to_slot(cur[swapped]))
+                    slots = p2m_to_slot(cur[swapped])
+                    runs = self.swap.read(need[swapped], slots)
                 except OSError as e:
                     self._report("host_swap_error", vm, "swap_in", "hostswap.read", e,
                                  int(swapped.sum()))
@@ -254,6 +262,19 @@ class HostMemory:
             self.ledger.unlock(frames)
             self._discard(vm, slots[swapped])  # the ledger freed them in back()
             vm.host_swap_in += int(swapped.sum())
+            if np.any(swapped):
+                # Sequentiality: pages of one fault, in gpfn order, whose slot does not
+                # follow the previous page's (a seek on a disk).
+                jumps = noncontiguous(slots)
+                if crossed(vm.host_swap_reads_noncontig, vm.host_swap_reads_noncontig + jumps):
+                    self._emit("pathology", vm.name, counter="host_swap_reads_noncontig",
+                               pages=vm.host_swap_reads_noncontig + jumps, source="host",
+                               reads=vm.host_swap_in)
+                vm.host_swap_reads_noncontig += jumps
+                self.swap_reads_noncontig += jumps
+                self.swap_reads += int(swapped.sum())
+                if read_back is not None:
+                    read_back.append(need[swapped])
             vm.mem.set_present(g)  # every page of the fault is backed now
             vm.fault_pages += int(need.size)
             return True
@@ -356,9 +377,11 @@ class HostMemory:
         for v in np.unique(owners).tolist():
             fr = victims[owners == v]
             vm = self._by_index[v]
-            vm.mem.set_not_present(self.ledger.owner_gpfn[fr])
+            gp = self.ledger.owner_gpfn[fr]
+            vm.mem.set_not_present(gp)
             self._shooting[v] += 1
-            task = self._spawn(vm.machine.shootdown(int(fr.size)), f"{vm.name}-shootdown")
+            task = self._spawn(vm.machine.shootdown(int(fr.size), gp),
+                               f"{vm.name}-shootdown")
             groups.append(_Group(vm, v, fr, token, task, faulting, time.monotonic()))
         return groups
 

@@ -45,6 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hypervisor.pathologies import noncontig_ratio
 from hypervisor.units import parse_listen_address
 from protocol.features import PAGE_SIZE, StatTag
 
@@ -93,6 +94,23 @@ BALLOON_COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: The pathologies of host swapping, per domain: (name without _total, dommemstat key, help).
+PATHOLOGY_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("balloonlab_double_paging_pages", "double_paging",
+     "Pages the guest swapped out after the host read them back from its swap for that."),
+    ("balloonlab_false_swap_reads_pages", "false_swap_reads",
+     "Pages the host read back from its swap that the guest then overwrote whole."),
+    ("balloonlab_silent_swap_writes_pages", "silent_swap_writes",
+     "Clean guest page-cache pages the host wrote to its swap (their disk copy would do)."),
+    ("balloonlab_stale_swap_reads_pages", "stale_swap_reads",
+     "Pages the host read back from its swap that a guest disk read then overwrote."),
+    ("balloonlab_host_swap_reads_pages", "host_swap_reads",
+     "The VM's pages read back from host swap."),
+    ("balloonlab_host_swap_reads_noncontig_pages", "host_swap_reads_noncontig",
+     "Host swap reads whose slot did not follow the previous page's in their fault."),
+)
+
+
 class HostCollector(Collector):
     """Reads one host's state at scrape time into metric families."""
 
@@ -121,7 +139,21 @@ class HostCollector(Collector):
         host_oom = CounterMetricFamily("balloonlab_host_oom_kills",
                                        "VMs killed by the host's OOM killer.")
         host_oom.add_metric([], host.oom_kills)
-        yield from (used, free, total, swap_used, swap_total, host_oom)
+        reads, jumps = host.memory.swap_reads, host.memory.swap_reads_noncontig
+        h_reads = CounterMetricFamily("balloonlab_host_swap_reads_all_pages",
+                                      "Pages read back from host swap, all VMs.")
+        h_reads.add_metric([], reads)
+        h_jumps = CounterMetricFamily(
+            "balloonlab_host_swap_reads_noncontig_all_pages",
+            "Host swap reads not contiguous with the page read before them, all VMs.")
+        h_jumps.add_metric([], jumps)
+        yield from (used, free, total, swap_used, swap_total, host_oom, h_reads, h_jumps)
+        ratio = noncontig_ratio(reads, jumps)
+        if ratio is not None:
+            r = GaugeMetricFamily("balloonlab_host_swap_noncontig_ratio",
+                                  "Share of host swap reads not contiguous on the swap device.")
+            r.add_metric([], ratio)
+            yield r
 
         lab = ["domain"]
         libvirt_g = {key: GaugeMetricFamily(f"libvirt_domain_memory_stats_{suffix}", doc,
@@ -134,6 +166,8 @@ class HostCollector(Collector):
                                     "The VM's memory size, in bytes.", labels=lab)
         balloon_c = {fld: CounterMetricFamily(name, doc, labels=lab)
                      for name, fld, doc in BALLOON_COUNTERS}
+        patho_c = {key: CounterMetricFamily(name, doc, labels=lab)
+                   for name, key, doc in PATHOLOGY_COUNTERS}
         rejected = CounterMetricFamily("balloonlab_balloon_rejected_batches",
                                        "Balloon batches refused by the host, by error code.",
                                        labels=["domain", "code"])
@@ -167,6 +201,9 @@ class HostCollector(Collector):
             for key, cfam in libvirt_c.items():
                 if st.get(key) is not None:
                     cfam.add_metric([name], st[key])
+            for key, cfam in patho_c.items():
+                if st.get(key) is not None:
+                    cfam.add_metric([name], st[key])
             maximum.add_metric([name], vm.pages * PAGE_SIZE)
             met = vm.balloon.metrics
             for fld, cfam in balloon_c.items():
@@ -191,6 +228,7 @@ class HostCollector(Collector):
         yield from libvirt_c.values()
         yield maximum
         yield from balloon_c.values()
+        yield from patho_c.values()
         yield from (rejected, target, size, swap_in, swap_out, host_swapped, guest_oom,
                     corrupted, decisions, running)
 

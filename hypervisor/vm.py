@@ -58,6 +58,9 @@ class Vm:
     balloon_violations: int = 0
     host_swap_out: int = 0
     host_swap_in: int = 0
+    #: Of ``host_swap_in``: pages whose slot did not follow the previous page's in their
+    #: fault (decayed swap sequentiality).
+    host_swap_reads_noncontig: int = 0
     faults: int = 0
     fault_pages: int = 0
     sample_pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))

@@ -129,6 +129,12 @@ class StatTag(IntEnum):
     GUEST_SWAP_WRITE_ERRORS = 275  # guest swap writes that failed (the page stayed resident)
     GUEST_SWAP_READ_ERRORS = 276  # guest swap reads that failed (the task was killed)
     SWAP_READ_KILLS = 277  # tasks killed (as by SIGBUS) on a guest swap read error
+    # The pathologies of uncooperative host swapping (VSwapper's names), pages, cumulative;
+    # docs/architecture.md, "Pathologies".
+    DOUBLE_PAGING = 290  # guest swap-outs of pages the host had swapped (read back first)
+    FALSE_SWAP_READS = 291  # host swap reads of pages the guest then overwrote whole
+    SILENT_SWAP_WRITES = 292  # host swap writes of clean page-cache pages (fed by the cache)
+    STALE_SWAP_READS = 293  # host swap reads of pages a disk read then overwrote (the cache)
     MODELLED_NS = 278  # modelled time of the VM's tasks (sum of their clocks, guest.cost)
     KERNEL_MEMMAP_PAGES = 279  # of KERNEL_PAGES: the page descriptors of configured RAM
     # The page cache and the virtual disk (guest.mm); sent only by a guest with a disk.
@@ -160,6 +166,10 @@ STAT_UNITS: dict[StatTag, str] = {
     StatTag.GUEST_SWAP_FREE: "bytes",
     StatTag.BALLOON_PAGES: "pages",
     StatTag.REPORTED_PAGES: "pages",
+    StatTag.DOUBLE_PAGING: "pages",
+    StatTag.FALSE_SWAP_READS: "pages",
+    StatTag.SILENT_SWAP_WRITES: "pages",
+    StatTag.STALE_SWAP_READS: "pages",
     StatTag.ANON_PAGES: "pages",
     StatTag.KERNEL_PAGES: "pages",
     StatTag.KERNEL_MEMMAP_PAGES: "pages",

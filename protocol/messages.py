@@ -262,14 +262,25 @@ class EptFault(_PfnSetMixin, Message):
 class Resume(Message):
     TYPE: ClassVar[str] = "resume"
     id: U64
+    #: Extension: the pages of the fault the host read back from its swap (the rest it
+    #: backed with zeros or found present); absent when the host does not say.
+    swapped: Pfns | None = None
+
+    @property
+    def swapped_array(self) -> np.ndarray | None:
+        """``swapped`` as little-endian uint32 pfns, or None when the host did not say."""
+        return None if self.swapped is None else np.frombuffer(self.swapped, dtype="<u4")
 
 
 @message
-class Shootdown(Message):
+class Shootdown(_PfnSetMixin, Message):
     TYPE: ClassVar[str] = "shootdown"
     id: U64
     #: Extension: pages revoked (informational).
     count: U64 | None = None
+    #: Extension: which pages are revoked (informational: the guest's page cache counts
+    #: the clean ones the host is about to write to its swap).
+    pfns: Pfns | None = None
 
 
 @message

@@ -179,3 +179,41 @@ def test_guest_cache_hit_bench_runs_both_loops_to_the_end():
 
     out = bench_cache_hits(64, 2000, reps=1)
     assert out["cache_hit_accesses_per_s"] > 0 and out["cache_hit_vs_anon_time_ratio"] > 0
+
+
+@pytest.mark.parametrize("regime", ["spare", "guest_swap", "host_swap", "ballooned"])
+def test_fidelity_topologies_are_valid_and_give_the_guest_the_same_memory(regime, tmp_path):
+    from benchmarks import fidelity as F
+    from hypervisor.topology import parse_topology
+
+    p = F.QUICK
+    topo = parse_topology(F.topology_text(regime, p, "fid", tmp_path / "run"), "fid.toml")
+    vm = topo.vms[0]
+    mib = 1 << 20
+    guest = vm.pages * 4096 - vm.initial_balloon
+    if regime == "spare":
+        assert guest >= p["wss_mib"] * mib and topo.host.memory >= vm.pages * 4096
+    elif regime == "host_swap":
+        assert topo.host.memory == p["mem_mib"] * mib < guest and topo.host.swap > 0
+    else:  # guest swap or balloon: the guest itself has mem_mib
+        assert guest == p["mem_mib"] * mib and topo.host.memory >= vm.pages * 4096
+
+
+@pytest.mark.slow
+def test_fidelity_runs_regimes_and_writes_its_table(tmp_path: Path):
+    from benchmarks import fidelity as F
+
+    params = {"wss_mib": 8, "mem_mib": 6, "vm_mib": 16, "warmup_s": 1.0, "window_s": 2.0,
+              "loop_log2": 14, "loop_repeats": 1}
+    res = F.run_fidelity(params, regimes=("spare", "host_swap"))
+    assert [pt["regime"] for pt in res["points"]] == ["spare", "host_swap"]
+    for pt in res["points"]:
+        assert pt["ok"], pt
+        assert pt["modelled_throughput"] > 0 and pt["corrupted_reads"] == 0
+    spare, hswap = res["points"]
+    assert spare["delta"]["host_swap_reads"] == 0
+    assert hswap["delta"]["host_swap_reads"] > 0
+    assert hswap["modelled_throughput"] < spare["modelled_throughput"]
+    assert res["loop"]["on_accesses_per_s"] > 0 and res["loop"]["off_accesses_per_s"] > 0
+    md = F.markdown(res)
+    assert "(a) memory to spare" in md and "(c) host swap on ssd" in md

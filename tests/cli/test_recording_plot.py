@@ -373,3 +373,31 @@ def test_host_plot_keeps_a_numeric_time_axis_with_decision_ticks(tmp_path: Path,
         assert ax.xaxis.get_converter() is None
         lo, hi = ax.get_xlim()
         assert lo < 0.5 and 4.0 < hi < 10.0  # elapsed seconds of the 4.5 s recording
+
+
+def test_pathology_counters_reach_the_timeseries_and_the_summary(tmp_path: Path) -> None:
+    from balloonlab.recording import PATHOLOGY_COLUMNS
+
+    topo = load_topology(example_path("two-vms-small"))
+    base = synthetic.run(2)
+    with Recorder(tmp_path / "rec", topo) as rec:
+        for i, snap in enumerate(base):
+            counts = {k: (i + 1) * (n + 1) for n, k in enumerate(PATHOLOGY_COLUMNS)}
+            vms = tuple(dataclasses.replace(v, **counts) if v.name == "a" else v
+                        for v in snap.vms)
+            rec.tick(dataclasses.replace(snap, vms=vms))
+    assert set(PATHOLOGY_COLUMNS) <= set(TIMESERIES_COLUMNS)
+    rows = [r for r in read_timeseries(tmp_path / "rec") if r["vm"] == "a"]
+    assert [r["double_paging"] for r in rows] == [1, 2]
+    assert [r["host_swap_reads_noncontig"] for r in rows] == [6, 12]
+    b = [r for r in read_timeseries(tmp_path / "rec") if r["vm"] == "b"]
+    assert all(r[k] == 0 for r in b for k in PATHOLOGY_COLUMNS)
+    summary = json.loads((tmp_path / "rec" / "summary.json").read_text())
+    assert summary["vms"]["a"]["false_swap_reads"] == 4
+    # From dommemstat: the fields by name; absent (an old host) reads as 0.
+    st = {"double_paging": 3, "false_swap_reads": 1, "host_swap_reads": 9,
+          "host_swap_reads_noncontig": 2}
+    snap = snapshot_from(synthetic.host_info(100), synthetic.list_vms(), {"a": st}, now=1.0)
+    a = snap.vms[0]
+    assert (a.double_paging, a.false_swap_reads, a.silent_swap_writes, a.stale_swap_reads,
+            a.host_swap_reads, a.host_swap_reads_noncontig) == (3, 1, 0, 0, 9, 2)

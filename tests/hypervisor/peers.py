@@ -48,6 +48,10 @@ class GuestPeer:
         self.ch: Channel | None = None
         self.pages = 0
         self.shootdowns: list[int] = []
+        #: Per shootdown, the pages it named (None: it did not say).
+        self.shootdown_pfns: list[np.ndarray | None] = []
+        #: Per resume, the pages the host said it read back from its swap (None: not said).
+        self.resumed_swapped: list[np.ndarray | None] = []
         self.ack_shootdowns = True
         self.ack_delay = 0.0
         self.on_shootdown: Any = None  # callback run before the ack (e.g. "keep writing")
@@ -101,11 +105,13 @@ class GuestPeer:
             while True:
                 msg = await self.ch.recv()
                 if isinstance(msg, m.Resume):
+                    self.resumed_swapped.append(msg.swapped_array)
                     fut = self._resumes.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(None)
                 elif isinstance(msg, m.Shootdown):
                     self.shootdowns.append(msg.id)
+                    self.shootdown_pfns.append(None if msg.pfns is None else msg.pfn_array)
                     t = asyncio.create_task(self._ack(msg.id))
                     self._ackers.add(t)  # the loop holds tasks weakly
                     t.add_done_callback(self._ackers.discard)
