@@ -855,10 +855,10 @@ class MemoryManager:
         self.bcount = np.zeros(0, np.int64)
         self.cache_block = np.full(self.npages, -1, np.int64)
         self.dirty = np.zeros(self.npages, np.uint8)
-        #: 1 where a cache page holds an unmodified copy of its disk block (read in, or
-        #: written back since its last write): a page the host need not swap, as it could
-        #: be read from the disk again (the host-swap pathology counters read it).
-        self.clean_cache = np.zeros(self.npages, np.uint8)
+        # ``clean_cache`` (made in __init__): 1 where a cache page holds an unmodified copy
+        # of its disk block (read in, or written back since its last write), a page the
+        # host need not swap, as it could be read from the disk again: what host_revoked
+        # counts as silent swap writes. Kept here and by cache_run.
         self.cache_count = 0  # pages in PG_CACHE (those being filled included)
         self.cache_hand = 0
         self.flush_cursor = 0  # the flusher's next block
@@ -922,9 +922,9 @@ class MemoryManager:
                 if k:
                     st.ept_exits += 1
                     ahead = self._ahead[:k].copy()
-                    fresh = int(np.count_nonzero(self.needs_zero[ahead]))
-                    self.charge(t, self.cost.ept_exit_cost(fresh, k - fresh))
-                    await self.ensure_present(ahead)
+                    # a write-allocated page is zeroed next: a host swap read of it is false
+                    over = self.needs_zero[ahead] != 0
+                    self.host_backed(t, ahead, over, await self.ensure_present(ahead))
                 dt = time.perf_counter_ns() - s
                 res.stall_ns_ept += dt
                 st.stall_ns_ept += dt
@@ -1077,14 +1077,8 @@ class MemoryManager:
     async def _back_for_disk_read(self, t: TaskMem, pages: np.ndarray) -> None:
         """Make ``pages`` EPT-present before a disk read overwrites them whole, charging
         ``t`` for the exits.  A page the host swapped out and reads back here is read for
-        nothing (VSwapper's stale swap read): where the host says which pages it read
-        back, that is the place to count them."""
-        while True:
-            absent = pages[self.ept[pages] == EPT_NOT_PRESENT]
-            if absent.size == 0:
-                return
-            self.charge(t, self.cost.ept_exit_cost(int(absent.size), 0))
-            await self.ensure_present(absent)
+        nothing: VSwapper's stale swap read, counted (``back_for_overwrite``)."""
+        await self.back_for_overwrite(t, pages, stale=True)
 
     def _cache_install(self, pages: np.ndarray, blocks: np.ndarray) -> None:
         """Map freshly read ``pages`` to their ``blocks``: clean copies of the disk."""
@@ -1155,9 +1149,10 @@ class MemoryManager:
         pages = np.asarray(pages, np.int64)
         absent = pages[self.ept[pages] == EPT_NOT_PRESENT]
         if absent.size:
-            # double paging: the host swapped these out; it must back them before we copy
-            self.charge(task, self.cost.ept_exit_cost(0, int(absent.size)))
-            await self.ensure_present(absent)
+            # double paging, of file pages: the host swapped these out and must read them
+            # back before the guest writes them to its disk
+            read = self.host_backed(task, absent, None, await self.ensure_present(absent))
+            self.stats.double_paging += int(np.count_nonzero(read))
         # re-check after the await: still cached and dirty, and backed
         ok = ((self.buddy.state[pages] == PG_CACHE) & (self.cache_block[pages] >= 0)
               & (self.dirty[pages] != 0) & (self.ept[pages] != EPT_NOT_PRESENT))

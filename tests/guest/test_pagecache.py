@@ -420,3 +420,61 @@ def test_a_writer_over_the_dirty_limit_writes_back_itself(tmp_path) -> None:
     assert res.modelled_ns >= mm.cost.disk.io_ns(mm.cstats.throttled)
     res = run(mm.run_file_quantum(t, b, ones(400, 0)))
     assert res.corrupted == 0
+
+
+# ------------------------------------------------------------------ host-swap pathologies
+
+
+def _swapping(tmp_path, pages: int, disk_blocks: int):
+    from guest.mm import MemoryManager, SwapDevice
+    from tests.guest.test_pathologies import SwappingHost
+
+    host = SwappingHost(pages)
+    swap = SwapDevice(str(tmp_path / "vm.guest-swap"), 64 * PAGE)
+    mm = MemoryManager(host.ram, host.ept, host.acc, swap, ensure_present=host.ensure_present)
+    path = tmp_path / "vm.disk"
+    with open(path, "wb") as f:
+        f.truncate(disk_blocks * PAGE)
+    mm.attach_disk(DiskDevice(str(path), disk_blocks * PAGE))
+    return host, mm
+
+
+def test_silent_swap_writes_count_the_clean_cache_pages_the_host_takes(tmp_path) -> None:
+    host, mm = _swapping(tmp_path, 512, 64)
+    t = mm.add_task(0, 1)
+    run(mm.run_file_quantum(t, np.arange(32, dtype=np.int64), ones(32, 0)))  # 32 clean
+    run(mm.run_file_quantum(t, np.arange(8, dtype=np.int64), ones(8)))  # 8 of them dirtied
+    g = mm.bmap[:32].copy()
+    # what the kernel does on a shootdown naming the pages, then the host takes them
+    assert mm.host_revoked(g) == 24
+    host.swap_out(g)
+    assert mm.stats.silent_swap_writes == 24
+    res = run(mm.run_file_quantum(t, np.arange(32, dtype=np.int64), ones(32, 0)))
+    assert res.corrupted == 0
+
+
+def test_stale_swap_reads_count_host_swap_reads_a_disk_read_overwrites(tmp_path) -> None:
+    host, mm = _swapping(tmp_path, 512, 256)
+    t = mm.add_task(0, 1)
+    run(mm.run_file_quantum(t, np.arange(64, dtype=np.int64), ones(64, 0)))
+    frames = mm.bmap[:64].copy()
+    host.swap_out(frames)  # the host swaps the cache's frames out
+    mm.guest_acc[:] = 0
+    assert run(mm.reclaim_cache(64, direct=False)) == 64  # the guest drops them, clean
+    # new blocks are read into the same (free) frames: the host reads them back for nothing
+    res = run(mm.run_file_quantum(t, np.arange(100, 164, dtype=np.int64), ones(64, 0)))
+    reused = np.intersect1d(mm.bmap[100:164], frames).size
+    assert res.corrupted == 0 and reused > 0
+    assert mm.stats.stale_swap_reads == reused and mm.stats.false_swap_reads == 0
+
+
+def test_file_writeback_of_host_swapped_dirty_pages_is_double_paging(tmp_path) -> None:
+    host, mm = _swapping(tmp_path, 512, 64)
+    t = mm.add_task(0, 1)
+    run(mm.run_file_quantum(t, np.arange(16, dtype=np.int64), ones(16)))
+    host.swap_out(mm.bmap[:10])
+    mm.guest_acc[:] = 0
+    assert run(mm.reclaim_cache(16, direct=False)) == 16
+    assert mm.stats.double_paging == 10 and mm.cstats.written_back == 16
+    res = run(mm.run_file_quantum(t, np.arange(16, dtype=np.int64), ones(16, 0)))
+    assert res.corrupted == 0
