@@ -66,6 +66,10 @@ def test_fileio_beside_anon_with_guest_and_host_swap_keeps_every_block(live_host
     # coalescing: the cache reads and writes runs of contiguous blocks
     assert f["disk_read_ios"] < f["disk_read_pages"]
     assert host.stat("anon")["guest_cache_pages"] is None  # no disk, no page cache
+    # The host swaps clean cache pages (the disk holds them): silent swap writes, counted by
+    # the guest from the shootdowns that name them.
+    host.wait(lambda: (host.stat("files")["silent_swap_writes"] or 0) > 0, 120,
+              "the host to swap clean page-cache pages out")
     # The balloon takes the file VM's memory: cold cache pages are dropped (or written
     # back) to make room, and nothing read afterwards is wrong.
     host.call("set_balloon", vm="files", pages=4096)
