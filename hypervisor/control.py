@@ -99,6 +99,9 @@ class ControlledHost(Protocol):
     def run_dir(self) -> Path: ...
 
     @property
+    def forkserver_pid(self) -> int | None: ...
+
+    @property
     def vms(self) -> Mapping[str, Vm]: ...
 
     @property
@@ -288,7 +291,8 @@ class ControlServer:
                 "swap_slots_total": led.swap_slots_total, "swap_slots_free": led.slots_free,
                 "policy": h.policy_name, "run_dir": str(h.run_dir),
                 "started": h.started_at, "oom_kills": h.oom_kills,
-                "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds}
+                "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds,
+                "forkserver_pid": h.forkserver_pid}
 
     def list_vms(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
