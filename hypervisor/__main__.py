@@ -20,13 +20,10 @@ import argparse
 import asyncio
 import errno
 import logging
-import os
 import sys
 
 from hypervisor import rundir
-
-#: ``0``: exec every VM process (as ``--no-fork-server``).
-ENV_FORK_SERVER = "BALLOONLAB_FORK_SERVER"
+from hypervisor.forkclient import fork_server_enabled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fork-server", action="store_true",
                     help="exec every VM process instead of forking it from the fork server")
     args = ap.parse_args(argv)
-    fork_server = not args.no_fork_server and os.environ.get(ENV_FORK_SERVER, "1") != "0"
+    fork_server = not args.no_fork_server and fork_server_enabled()
     from hypervisor.topology import TopologyError, load_topology
     try:
         topo = load_topology(args.topology)

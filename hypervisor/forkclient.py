@@ -47,6 +47,15 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONSECUTIVE_FAILURES = 3
 #: linux/prctl.h
 PR_SET_CHILD_SUBREAPER = 36
+#: ``0`` in the environment of ``python -m hypervisor``: exec every VM process (as its
+#: ``--no-fork-server``).
+ENV_FORK_SERVER = "BALLOONLAB_FORK_SERVER"
+
+
+def fork_server_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a host started with this environment forks its VM processes."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_FORK_SERVER, "1") != "0"
 
 Emit = Callable[..., Any]
 
