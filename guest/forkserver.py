@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import array
 import atexit
+import errno
 import gc
 import json
 import os
@@ -52,6 +53,8 @@ from typing import Any
 
 #: Largest request (the environment is in it).
 MAX_MESSAGE = 1 << 20
+#: The environment variables that size the thread pools of numpy's BLAS libraries.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Seconds a forked process waits to be re-parented to the hypervisor before giving up.
 REPARENT_TIMEOUT = 10.0
 
@@ -132,19 +135,22 @@ def serve(sock: socket.socket, host_pid: int | None) -> int:
             for fd in fds:
                 os.close(fd)
             return 0
+        rid = None
         try:
             req = json.loads(data)
+            if not isinstance(req, dict):
+                raise ValueError("a request is a JSON object")
             rid = req.get("id")
             if req.get("which") not in mains or len(fds) != 1:
-                raise ValueError(f"bad request: which={req.get('which')!r}, {len(fds)} fds")
+                raise ValueError(f"which={req.get('which')!r}, {len(fds)} fds")
             pid = _fork_vm_process(mains[req["which"]], list(map(str, req["argv"])),
                                    {str(k): str(v) for k, v in dict(req["env"]).items()},
                                    fds[0], host_pid)
             _send(sock, {"id": rid, "pid": pid})
         except OSError as e:
-            _send(sock, {"id": locals().get("rid"), "errno": e.errno or 0, "error": str(e)})
+            _send(sock, {"id": rid, "errno": e.errno or 0, "error": str(e)})
         except (ValueError, KeyError, TypeError) as e:
-            _send(sock, {"id": locals().get("rid"), "errno": 22, "error": str(e)})
+            _send(sock, {"id": rid, "errno": errno.EINVAL, "error": f"bad request: {e}"})
         finally:
             for fd in fds:
                 os.close(fd)
@@ -181,7 +187,8 @@ def _fork_vm_process(main: Callable[[list[str]], int], argv: list[str], env: dic
             data += chunk
         os.waitpid(mid, 0)
         if len(data) != 8:
-            raise OSError(11, "the fork server's intermediate process died before the fork")
+            raise OSError(errno.EAGAIN, "the fork server's intermediate process died before "
+                                        "the fork")
         return int.from_bytes(data, "little")
     finally:
         os.close(r)
@@ -270,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the host's run dir (only named on the command line, which the "
                          "forked processes share: `ps` shows whose they are)")
     args = ap.parse_args(argv)
+    # A process that forks must stay one thread: numpy's BLAS would start a pool at import.
+    for var in BLAS_THREADS:
+        os.environ.setdefault(var, "1")
     from protocol.lifeline import ENV_HOST_PID, bind_to_host
 
     bind_to_host("guest.forkserver")  # first: die with the hypervisor

@@ -182,9 +182,6 @@ class ForkServer:
         # carries its own environment).
         env.pop("BALLOONLAB_FAULTS", None)
         env.pop("BALLOONLAB_FAULT_COUNTS", None)
-        # numpy's BLAS must not start a thread pool in a process that forks.
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, "1")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.python, "-m", "guest.forkserver", "--fd", str(theirs.fileno()),
