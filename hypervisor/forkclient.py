@@ -82,7 +82,16 @@ class ForkedProcess:
         self.returncode: int | None = None
         self._exited = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._pidfd: int | None = os.pidfd_open(pid)
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            # No descriptor to watch it by (EMFILE): it must not run untracked. It is our
+            # unreaped child, so the pid is still its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            raise
         self._loop.add_reader(self._pidfd, self._on_exit)
         self._on_exit()  # it may be gone already
 
