@@ -10,6 +10,7 @@ Every wait is on a condition, bounded only against a hang.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -157,3 +158,36 @@ def test_without_the_fork_server_every_vm_process_is_execd(hosts, monkeypatch):
     assert b"guest.kernel" in Path(f"/proc/{kernel}/cmdline").read_bytes()
     assert b"guest.balloon_driver" in Path(f"/proc/{driver}/cmdline").read_bytes()
     assert ppid(kernel) == h.proc.pid and ppid(driver) == h.proc.pid
+
+
+def test_fault_plans_and_counts_reach_the_forked_processes(hosts, monkeypatch, tmp_path):
+    """The environment of each request is the forked process's own: a fault plan of
+    ``protocol.syscalls`` fires in the guest kernels, and each VM process (not the server)
+    writes its call counts at exit, after its ``atexit`` handlers ran."""
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    monkeypatch.setenv("BALLOONLAB_FAULT_COUNTS", str(counts))
+    monkeypatch.setenv("BALLOONLAB_FAULTS", "guestswap.truncate@1=EIO")
+    h = hosts(two_vms("fs-faults"))
+    fs = forkserver_pid(h)
+    kernels = {v: vm_pids(h, v)[0] for v in ("a", "b")}
+    drivers = {v: vm_pids(h, v)[1] for v in ("a", "b")}
+    h.call("shutdown")
+    assert h.proc.wait(WAIT) == 0
+    def written(pid: int) -> dict | None:
+        try:
+            return json.loads((counts / f"{pid}.json").read_text())
+        except (OSError, ValueError):  # not yet, or half written
+            return None
+
+    wait_for(lambda: all(written(p) for p in kernels.values()),
+             "every guest kernel to write its counts at exit")
+    for pid in kernels.values():
+        doc = written(pid)
+        assert doc is not None and doc["pid"] == pid
+        assert doc["calls"].get("guestswap.truncate") == 1
+        assert doc["fired"] == ["guestswap.truncate@1=EIO"]
+    for pid in drivers.values():
+        doc = written(pid)  # a driver may be SIGKILLed at the grace's end: no file then
+        assert doc is None or "guestswap.truncate" not in doc["calls"]
+    assert not (counts / f"{fs}.json").exists(), "the server runs no injection point"
