@@ -220,7 +220,8 @@ class GuestKernel:
                       f"(memmap {self.mm.kernel_memmap_pages}), {len(self.tasks)} tasks, "
                       f"guest swap "
                       f"{swap.nslots} slots, watermarks min/low/high "
-                      f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}")
+                      f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}, "
+                      f"workload seed {int(self.cfg.get('seed', 1))}")
             machine_task = asyncio.create_task(self._machine_reader())
             try:
                 await self.mm.touch_kernel_memory()  # the host backs the kernel's own pages
