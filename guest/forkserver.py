@@ -24,7 +24,9 @@ hypervisor's own child as if it had been started with ``exec`` — it reaps it, 
 status, and the lifeline (``protocol.lifeline.bind_to_host``: die with the hypervisor) holds
 unchanged. The server answers with the pid only after the intermediate was reaped, so by then
 the process already belongs to the hypervisor. This is also why a fork server that dies takes
-no VM with it.
+no VM with it. The forked process runs ``main`` only after the server told it that the
+hypervisor has its pid (one byte on a pipe): if the server dies in between, the process sees
+end of file and exits, so no VM process runs that the hypervisor does not know of.
 
 In the forked process, before the module's ``main`` runs: a new session, the log on stdout
 and stderr, ``/dev/null`` on stdin, every other descriptor closed, default signal handlers,
@@ -55,6 +57,8 @@ from typing import Any
 MAX_MESSAGE = 1 << 20
 #: The environment variables that size the thread pools of numpy's BLAS libraries.
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: The descriptor on which a forked process waits for the server's go (closed before main).
+GO_FD = 3
 #: Seconds a forked process waits to be re-parented to the hypervisor before giving up.
 REPARENT_TIMEOUT = 10.0
 
@@ -143,23 +147,38 @@ def serve(sock: socket.socket, host_pid: int | None) -> int:
             rid = req.get("id")
             if req.get("which") not in mains or len(fds) != 1:
                 raise ValueError(f"which={req.get('which')!r}, {len(fds)} fds")
-            pid = _fork_vm_process(mains[req["which"]], list(map(str, req["argv"])),
-                                   {str(k): str(v) for k, v in dict(req["env"]).items()},
-                                   fds[0], host_pid)
-            _send(sock, {"id": rid, "pid": pid})
+            pid, go = _fork_vm_process(mains[req["which"]], list(map(str, req["argv"])),
+                                       {str(k): str(v) for k, v in dict(req["env"]).items()},
+                                       fds[0], host_pid)
+            try:
+                _send(sock, {"id": rid, "pid": pid})
+                os.write(go, b"1")  # handed over: it may run
+            except OSError:
+                return 0  # the host is gone; the process sees end of file and exits
+            finally:
+                os.close(go)
+            continue
         except OSError as e:
-            _send(sock, {"id": rid, "errno": e.errno or 0, "error": str(e)})
+            reply = {"id": rid, "errno": e.errno or 0, "error": str(e)}
         except (ValueError, KeyError, TypeError) as e:
-            _send(sock, {"id": rid, "errno": errno.EINVAL, "error": f"bad request: {e}"})
+            reply = {"id": rid, "errno": errno.EINVAL, "error": f"bad request: {e}"}
         finally:
             for fd in fds:
                 os.close(fd)
+        try:
+            _send(sock, reply)
+        except OSError:
+            return 0
 
 
 def _fork_vm_process(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str],
-                     logfd: int, host_pid: int | None) -> int:
-    """Fork (twice) a process running ``main(argv)``; its pid once it is the host's child."""
+                     logfd: int, host_pid: int | None) -> tuple[int, int]:
+    """Fork (twice) a process running ``main(argv)``: its pid once it is the host's child,
+    and the write end of its *go* pipe. The process waits for one byte on that pipe before
+    ``main``: the server writes it once the host has the pid, so a server that dies before
+    (end of file on the pipe) leaves no VM process the host does not know of."""
     r, w = os.pipe()
+    go_r, go_w = os.pipe()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -168,17 +187,20 @@ def _fork_vm_process(main: Callable[[list[str]], int], argv: list[str], env: dic
             code = 1
             try:
                 os.close(r)
+                os.close(go_w)
                 me = os.getpid()
                 pid = os.fork()
                 if pid == 0:
                     os.close(w)
-                    _run_child(main, argv, env, logfd, me, host_pid)  # never returns
+                    _run_child(main, argv, env, logfd, go_r, me, host_pid)  # never returns
                 os.write(w, pid.to_bytes(8, "little"))
                 code = 0
             finally:
                 os._exit(code)
         os.close(w)
         w = -1
+        os.close(go_r)
+        go_r = -1
         data = b""
         while len(data) < 8:
             chunk = os.read(r, 8 - len(data))
@@ -189,15 +211,16 @@ def _fork_vm_process(main: Callable[[list[str]], int], argv: list[str], env: dic
         if len(data) != 8:
             raise OSError(errno.EAGAIN, "the fork server's intermediate process died before "
                                         "the fork")
-        return int.from_bytes(data, "little")
+        go, go_w = go_w, -1
+        return int.from_bytes(data, "little"), go
     finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+        for fd in (r, w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _run_child(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str],
-               logfd: int, intermediate: int, host_pid: int | None) -> None:
+               logfd: int, go: int, intermediate: int, host_pid: int | None) -> None:
     code: Any = 1
     try:
         os.setsid()
@@ -205,7 +228,9 @@ def _run_child(main: Callable[[list[str]], int], argv: list[str], env: dict[str,
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
-        os.closerange(3, _max_fd())
+        if go != GO_FD:
+            os.dup2(go, GO_FD, inheritable=False)
+        os.closerange(GO_FD + 1, _max_fd())
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.environ.clear()
@@ -216,6 +241,12 @@ def _run_child(main: Callable[[list[str]], int], argv: list[str], env: dict[str,
             deadline = time.monotonic() + REPARENT_TIMEOUT
             while os.getppid() == intermediate and time.monotonic() < deadline:
                 time.sleep(0.0005)
+        # Run only once the host has this pid (see _fork_vm_process).
+        if os.read(GO_FD, 1) != b"1":
+            print(f"{main.__module__}: the fork server died before handing this process "
+                  "over; exiting", file=sys.stderr)
+            raise SystemExit(1)
+        os.close(GO_FD)
         from protocol import syscalls
 
         syscalls.reload_environment()

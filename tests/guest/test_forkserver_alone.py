@@ -4,11 +4,13 @@ processes' import graph (no user-tool library in a VM process)."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +71,38 @@ def test_the_server_answers_a_bad_request_stays_single_threaded_and_leaves_at_eo
         assert proc.wait(WAIT) == 0
         log.close()
     assert "ready in" in (tmp_path / "fs.log").read_text()
+
+
+def test_a_process_the_host_never_learned_of_exits_before_main(tmp_path: Path) -> None:
+    """The host's end is shut before the answer can reach it: the forked driver never gets
+    its go, says why in its log and exits without running ``main``; the server leaves."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guest.forkserver", "--fd", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    theirs.close()
+    log_path = tmp_path / "x.driver.log"
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        ours.settimeout(WAIT)
+        assert json.loads(ours.recv(1 << 16))["ready"] is True
+        ours.shutdown(socket.SHUT_RD)  # the server's answer now fails (EPIPE)
+        req = {"id": 1, "which": "driver", "env": _env(),
+               "argv": ["--vm", "x", "--balloon-sock", str(tmp_path / "none.sock"),
+                        "--kernel-sock", str(tmp_path / "none2.sock")]}
+        ours.sendmsg([json.dumps(req).encode()],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [logfd]))])
+        assert proc.wait(WAIT) == 0
+    finally:
+        os.close(logfd)
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + WAIT
+    while "died before handing" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = log_path.read_text()
+    assert "guest.balloon_driver: the fork server died before handing this process over" in text
+    assert "lost a peer" not in text and "negotiated" not in text  # main never ran
