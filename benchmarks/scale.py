@@ -10,7 +10,9 @@ workloads, policy ``mom``), through the project's launcher, and the benchmark me
 
 * **up**: from launching the hypervisor until every VM runs with its driver negotiated
   (and when the first VM got there);
-* **PSS** of every guest kernel, every balloon driver and the hypervisor, once all are up;
+* **PSS** of every guest kernel, every balloon driver, the hypervisor and its fork server,
+  once all are up, and what a VM costs beyond the RAM its guest touched: (kernels + drivers
+  − the kernels' shared-memory PSS, which is guest RAM + the fork server) / N;
 * **policy round**: host CPU per policy round (``host_info``'s ``policy_rounds`` and
   ``policy_cpu_seconds``) over the sampling window;
 * **control latency**: p50/p99 of ``dommemstat`` round trips on one connection, over the
@@ -79,11 +81,12 @@ def fleet_cut(n: int, host_name: str, run_dir: Path | None = None,
                    source=f"<fleet cut of {n} VMs>")
 
 
-def pss_bytes(pid: int) -> int | None:
-    """PSS of process ``pid`` in bytes (``smaps_rollup``), None when it cannot be read."""
+def pss_bytes(pid: int, field: str = "Pss") -> int | None:
+    """PSS of process ``pid`` in bytes (``smaps_rollup``), None when it cannot be read.
+    ``field`` ``Pss_Shmem``: the part in shared memory (a guest kernel's: its RAM memfd)."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
@@ -188,9 +191,13 @@ def _sample(h: launcher.Launched, sample_s: float) -> dict[str, Any]:
         info1 = c.call("host_info")
         # PSS once the workloads ran for the window: the guests have touched their sets.
         kernels = [p for v in vms if v.get("pid") and (p := pss_bytes(v["pid"])) is not None]
+        guest_ram = [p for v in vms
+                     if v.get("pid") and (p := pss_bytes(v["pid"], "Pss_Shmem")) is not None]
         drivers = [p for v in vms
                    if v.get("driver_pid") and (p := pss_bytes(v["driver_pid"])) is not None]
         host_pss = pss_bytes(int(info1["pid"]))
+        fs_pid = info1.get("forkserver_pid")
+        fs_pss = pss_bytes(int(fs_pid)) if fs_pid else None
         corrupted = sum(int(c.call("dommemstat", vm=name).get("corrupted_reads") or 0)
                         for name in names)
     finally:
@@ -200,11 +207,17 @@ def _sample(h: launcher.Launched, sample_s: float) -> dict[str, Any]:
                                                                         0.0))
     if rounds <= 0 and info1.get("policy_rounds"):  # none in the window: since the start
         rounds, cpu = int(info1["policy_rounds"]), float(info1["policy_cpu_seconds"])
+    nvm = max(len(vms), 1)
     return {
         "pss_kernel_mib": _mib_stats(kernels), "pss_driver_mib": _mib_stats(drivers),
+        "pss_guest_ram_mib": _mib_stats(guest_ram),
         "pss_host_mib": None if host_pss is None else host_pss / MIB,
-        "pss_total_mib": (sum(kernels) + sum(drivers) + (host_pss or 0)) / MIB,
-        "pss_per_vm_mib": (sum(kernels) + sum(drivers)) / MIB / max(len(vms), 1),
+        "pss_forkserver_mib": None if fs_pss is None else fs_pss / MIB,
+        "pss_total_mib": (sum(kernels) + sum(drivers) + (host_pss or 0) + (fs_pss or 0)) / MIB,
+        "pss_per_vm_mib": (sum(kernels) + sum(drivers)) / MIB / nvm,
+        # What a VM costs beyond the RAM its guest touched, the fork server's share included.
+        "pss_per_vm_beyond_ram_mib": (sum(kernels) + sum(drivers) - sum(guest_ram)
+                                      + (fs_pss or 0)) / MIB / nvm,
         "policy_rounds": rounds,
         "policy_round_ms": None if rounds <= 0 else 1e3 * cpu / rounds,
         "dommemstat_calls": len(lat),
@@ -288,11 +301,12 @@ def markdown(res: dict[str, Any]) -> str:
     for p in res["points"]:
         if not p.get("ok"):
             rows.append([p["vms"], "failed", f"{p.get('vms_up', 0)}/{p['vms']} up", "–", "–",
-                         "–", "–", "–", "–", "–", "–"])
+                         "–", "–", "–", "–", "–", "–", "–", "–"])
             continue
         rows.append([p["vms"], p["up_s"], p.get("up_vs_smallest"), p["up_per_vm_s"],
                      p["down_s"], g(p, "pss_kernel_mib", "median"),
-                     g(p, "pss_driver_mib", "median"), p["pss_host_mib"],
+                     g(p, "pss_driver_mib", "median"), p.get("pss_per_vm_beyond_ram_mib"),
+                     p["pss_host_mib"], p.get("pss_forkserver_mib"),
                      p.get("policy_round_ms"), p["dommemstat_p50_ms"], p["dommemstat_p99_ms"]])
     la = ", ".join(f"{x:.1f}" for x in res["load_average"])
     if res.get("load_average_start"):
@@ -302,7 +316,8 @@ def markdown(res: dict[str, Any]) -> str:
            f"`python -c pass` starts and exits in {res['interpreter_start_s'] * 1e3:.0f} ms. "
            f"Load average: {la} (the benchmark's own VMs add to it).", "",
            table(["VMs", "up s", "up ÷ smallest", "up s per VM", "down s",
-                  "kernel PSS MiB", "driver PSS MiB", "hypervisor PSS MiB",
+                  "kernel PSS MiB", "driver PSS MiB", "per VM beyond guest RAM MiB",
+                  "hypervisor PSS MiB", "fork server PSS MiB",
                   "policy round ms CPU", "dommemstat p50 ms", "p99 ms"], rows)]
     if res["failed"]:
         out += ["", "Failed points:", ""]
@@ -338,6 +353,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
             label="balloon driver (median per VM)")
     ax.plot(x, [p["pss_host_mib"] for p in ok], "^-", label="hypervisor")
     ax.plot(x, [p["pss_per_vm_mib"] for p in ok], "x--", label="kernel + driver per VM")
+    ax.plot(x, [p.get("pss_per_vm_beyond_ram_mib") for p in ok], "+:",
+            label="per VM beyond guest RAM, fork server share included")
     ax.set_ylabel("PSS MiB")
     ax.set_title("memory (proportional set size)")
     ax = axes[1][0]

@@ -261,7 +261,8 @@ class GuestKernel:
                       f"guest swap {swap.nslots} slots, "
                       f"disk {self.mm.disk.nblocks if self.mm.disk else 0} blocks, "
                       f"watermarks min/low/high "
-                      f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}")
+                      f"{self.mm.wmark_min}/{self.mm.wmark_low}/{self.mm.wmark_high}, "
+                      f"workload seed {int(self.cfg.get('seed', 1))}")
             machine_task = asyncio.create_task(self._machine_reader())
             try:
                 await self.mm.touch_kernel_memory()  # the host backs the kernel's own pages

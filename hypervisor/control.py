@@ -103,6 +103,9 @@ class ControlledHost(Protocol):
     def run_dir(self) -> Path: ...
 
     @property
+    def forkserver_pid(self) -> int | None: ...
+
+    @property
     def vms(self) -> Mapping[str, Vm]: ...
 
     @property
@@ -293,7 +296,7 @@ class ControlServer:
                 "policy": h.policy_name, "run_dir": str(h.run_dir),
                 "started": h.started_at, "oom_kills": h.oom_kills,
                 "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds,
-                **self.pathologies()}
+                "forkserver_pid": h.forkserver_pid, **self.pathologies()}
 
     def pathologies(self) -> dict[str, Any]:
         """The host's pathology totals: its swap reads (all VMs, since it started) and the

@@ -74,7 +74,7 @@ class Host:
 
     def __init__(self, topology: Topology, *, launch_vm_processes: bool = True,
                  run_dir: Path | None = None,
-                 vm_command: Sequence[str] | None = None) -> None:
+                 vm_command: Sequence[str] | None = None, fork_server: bool = False) -> None:
         self.topology = topology
         hc = topology.host
         self.name: str = hc.name
@@ -98,7 +98,7 @@ class Host:
         self._shutdown_started = False
         #: Starts, watches and stops the VM processes (hypervisor.supervisor).
         self.supervisor = Supervisor(self, list(vm_command) if vm_command
-                                     else [sys.executable])
+                                     else [sys.executable], fork_server=fork_server)
         self.control: Any = None
         self.qmp: Any = None  # hypervisor.qmp.QmpServer once started
         self.metrics_server: Any = None  # hypervisor.metrics.MetricsServer when enabled
@@ -117,6 +117,9 @@ class Host:
         """Create the run dir, the VMs and the servers; launch VM processes."""
         rundir.prepare_run_dir(self.run_dir)
         try:
+            if self.launch:
+                # First: the fork server loads while this host starts (supervisor.py).
+                await self.supervisor.launch_fork_server()
             if self.topology.host.metrics is not None:
                 from hypervisor.metrics import MetricsServer
                 # Bound first: a taken address fails the start before any VM exists.
@@ -271,6 +274,7 @@ class Host:
         await asyncio.sleep(0)
         await self.supervisor.stop_all(0.0)
         await self.supervisor.kill_stragglers()
+        await self.supervisor.close_fork_server()
         for vm in self.vms.values():
             vm.mem.close()
         self.memory.close()
@@ -299,6 +303,12 @@ class Host:
 
     # ================================================================== memory
     # The memory path lives in hypervisor.memory; these are its entry points here.
+
+    @property
+    def forkserver_pid(self) -> int | None:
+        """The fork server's pid while one runs (None: none now, or VM processes exec'd)."""
+        fs = self.supervisor.fork_server
+        return None if fs is None else fs.pid
 
     @property
     def ledger(self) -> FrameLedger:

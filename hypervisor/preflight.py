@@ -2,17 +2,21 @@
 anything.
 
 Every VM costs two Python processes (its guest kernel and its balloon driver) before its
-guest touches a byte, and the host itself is one more process holding its frame pool. A
-topology is refused when
+guest touches a byte, and the host itself is one more process holding its frame pool, plus
+its fork server (``guest.forkserver``), from which the VM processes are forked. A topology
+is refused when
 
 * ``VMs × PER_VM_OVERHEAD + HOST_OVERHEAD + host memory`` exceeds ``MemAvailable`` in
   ``/proc/meminfo``, or
-* ``2 × VMs + 1`` processes exceed the headroom under ``RLIMIT_NPROC`` (the limit minus the
-  tasks this user already runs; root is not bound by it).
+* ``2 × VMs + 2`` processes (``+ 1`` without the fork server) exceed the headroom under
+  ``RLIMIT_NPROC`` (the limit minus the tasks this user already runs; root is not bound by
+  it).
 
 The overheads are measured figures (proportional set size, ``Pss:`` of
-``/proc/<pid>/smaps_rollup``, of idle processes; ``balloonlab bench scale`` measures them
-again, see docs/results.md), rounded up.
+``/proc/<pid>/smaps_rollup``; ``balloonlab bench scale`` measures them again, see
+docs/results.md), rounded up. They follow how the host starts its VM processes: forked from
+the fork server (the default) or exec'd (``BALLOONLAB_FORK_SERVER=0``), where each process
+is a whole interpreter with numpy and Numba of its own.
 """
 
 from __future__ import annotations
@@ -22,19 +26,27 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypervisor.forkclient import fork_server_enabled
 from hypervisor.topology import Topology
 
-__all__ = ["HOST_OVERHEAD", "PER_VM_OVERHEAD", "Capacity", "PreflightError", "check",
-           "machine_capacity"]
+__all__ = ["EXEC_HOST_OVERHEAD", "EXEC_PER_VM_OVERHEAD", "HOST_OVERHEAD", "PER_VM_OVERHEAD",
+           "Capacity", "PreflightError", "check", "machine_capacity"]
 
 MIB = 1 << 20
-#: PSS of one VM whose guest touches a few MiB: guest kernel (72-78 MiB) + balloon driver
-#: (60-78 MiB), measured by ``balloonlab bench scale`` on 1-32 VM hosts (the most, 155 MiB,
-#: with one VM: fewer processes to share pages with), rounded up.
-PER_VM_OVERHEAD = 170 * MIB
-#: PSS of the hypervisor process itself (Python, numpy, numba, the asyncio server; measured
-#: 78-85 MiB) beside its frame pool (the topology's host memory, counted apart), rounded up.
-HOST_OVERHEAD = 100 * MIB
+#: PSS of one VM beyond the RAM its guest touches (which the host memory counts), its
+#: processes forked from the fork server: guest kernel + balloon driver measured 18-24 MiB
+#: by ``balloonlab bench scale`` on 4-32 VM hosts (up to 58 MiB with one VM, whose two
+#: processes share the server's pages with fewer; the host overhead covers that), rounded up.
+PER_VM_OVERHEAD = 40 * MIB
+#: PSS of the hypervisor (Python, numpy, numba, the asyncio server; measured 113-134 MiB)
+#: and of its fork server (50-84 MiB) beside the frame pool (the topology's host memory,
+#: counted apart), rounded up.
+HOST_OVERHEAD = 250 * MIB
+#: The same without the fork server: each VM process exec'd, a whole interpreter (guest
+#: kernel 72-78 MiB + balloon driver 60-78 MiB, 155 MiB with one VM), and the hypervisor
+#: alone (78-85 MiB).
+EXEC_PER_VM_OVERHEAD = 170 * MIB
+EXEC_HOST_OVERHEAD = 100 * MIB
 
 
 class PreflightError(ValueError):
@@ -92,23 +104,30 @@ def _mib(n: int) -> str:
     return f"{n / MIB:,.0f} MiB"
 
 
-def check(topo: Topology, capacity: Capacity | None = None) -> None:
-    """Raise :class:`PreflightError` when ``topo`` cannot fit (see the module docstring)."""
+def check(topo: Topology, capacity: Capacity | None = None, *,
+          fork_server: bool | None = None) -> None:
+    """Raise :class:`PreflightError` when ``topo`` cannot fit (see the module docstring).
+    ``fork_server`` None: as a host started from this environment would run."""
     cap = machine_capacity() if capacity is None else capacity
+    forked = fork_server_enabled() if fork_server is None else fork_server
+    per_vm, host = ((PER_VM_OVERHEAD, HOST_OVERHEAD) if forked
+                    else (EXEC_PER_VM_OVERHEAD, EXEC_HOST_OVERHEAD))
     n = len(topo.vms)
     if cap.mem_available is not None:
-        need = n * PER_VM_OVERHEAD + HOST_OVERHEAD + topo.host.memory
+        need = n * per_vm + host + topo.host.memory
         if need > cap.mem_available:
+            who = "hypervisor and fork server" if forked else "hypervisor"
             raise PreflightError(
                 f"topology {topo.source} does not fit in memory: {n} VMs × "
-                f"{_mib(PER_VM_OVERHEAD)} per VM + {_mib(HOST_OVERHEAD)} hypervisor + "
+                f"{_mib(per_vm)} per VM + {_mib(host)} {who} + "
                 f"{_mib(topo.host.memory)} host memory = {_mib(need)} > MemAvailable "
                 f"{_mib(cap.mem_available)}")
     if cap.nproc_limit is not None:
-        procs = 2 * n + 1
+        procs = 2 * n + (2 if forked else 1)
         headroom = cap.nproc_limit - cap.nproc_used
         if procs > headroom:
+            extra = "1 host + 1 fork server" if forked else "1 host"
             raise PreflightError(
-                f"topology {topo.source} needs {procs} processes (2 × {n} VMs + 1 host) but "
+                f"topology {topo.source} needs {procs} processes (2 × {n} VMs + {extra}) but "
                 f"RLIMIT_NPROC {cap.nproc_limit} leaves room for {max(headroom, 0)} "
                 f"({cap.nproc_used} tasks of this user are running)")

@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hypervisor import rundir
-from hypervisor.vm import Vm, VmState
+from hypervisor.forkclient import (
+    ForkedProcess,
+    ForkServer,
+    ForkServerUnavailable,
+    set_child_subreaper,
+)
+from hypervisor.vm import Vm, VmProcess, VmState
 from protocol import syscalls
 from protocol.lifeline import lifeline_env
 
@@ -38,19 +44,28 @@ HALT_GRACE = 3.0
 #: Backoff (seconds) between attempts to start a VM process that failed to start: doubles
 #: from the first value up to the second.
 SPAWN_BACKOFF = (0.2, 5.0)
+#: The fork server's log in the run dir.
+FORKSERVER_LOG = "forkserver.log"
+#: The module each VM process runs.
+MODULES = {"kernel": "guest.kernel", "driver": "guest.balloon_driver"}
 
 
 class Supervisor:
     """Starts, watches and stops the VM processes of one host."""
 
-    def __init__(self, host: Host, python: Sequence[str]) -> None:
+    def __init__(self, host: Host, python: Sequence[str], *, fork_server: bool = False) -> None:
         self.host = host
         #: The command that runs Python modules (``[sys.executable]``, or a test's stand-in).
         self.python = list(python)
         #: Every process ever started, so teardown can always reach it.
-        self.procs: set[asyncio.subprocess.Process] = set()
+        self.procs: set[VmProcess] = set()
         #: This host instance's generation token (from the run dir, read on first spawn).
         self.generation: str | None = None
+        #: Forks the VM processes (hypervisor.forkclient); None: each one is exec'd.
+        self.fork_server: ForkServer | None = None
+        if fork_server:
+            self.fork_server = ForkServer(self.python, host.run_dir / FORKSERVER_LOG,
+                                          host.emit, self._env)
 
     # ------------------------------------------------------------------ start and stop
 
@@ -67,6 +82,17 @@ class Supervisor:
         """Stop every VM's processes (``grace`` 0: SIGKILL at once)."""
         await asyncio.gather(*(self.stop_procs(vm, grace) for vm in self.host.vms.values()),
                              return_exceptions=True)
+
+    async def launch_fork_server(self) -> None:
+        """Start the fork server now (it loads while the host goes on starting)."""
+        if self.fork_server is not None:
+            # The VM processes it forks are re-parented to this process (forkclient).
+            set_child_subreaper()
+            await self.fork_server.launch()
+
+    async def close_fork_server(self) -> None:
+        if self.fork_server is not None:
+            await self.fork_server.close()
 
     async def kill_stragglers(self) -> None:
         """SIGKILL whatever this supervisor started and is still running."""
@@ -121,7 +147,8 @@ class Supervisor:
             vm.state = VmState.CREATED
             vm.restarts += 1
 
-    def vm_argv(self, vm: Vm, which: str) -> list[str]:
+    def vm_args(self, vm: Vm, which: str) -> list[str]:
+        """The arguments of ``which``'s ``main`` (after ``python -m MODULE``)."""
         r = self.host.run_dir
         if which == "kernel":
             from hypervisor.schedule import guest_seed
@@ -130,16 +157,20 @@ class Supervisor:
             cfg = vm.config.guest_config(seed=seed)
             if vm.config.disk:
                 cfg["disk_path"] = str(rundir.disk_path(r, vm.name))
-            return [*self.python, "-m", "guest.kernel", "--vm", vm.name,
+            return ["--vm", vm.name,
                     "--machine-sock", str(rundir.machine_sock(r, vm.name)),
                     "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
                     "--config", json.dumps(cfg)]
-        return [*self.python, "-m", "guest.balloon_driver", "--vm", vm.name,
+        return ["--vm", vm.name,
                 "--balloon-sock", str(rundir.balloon_sock(r, vm.name)),
                 "--kernel-sock", str(rundir.kernel_sock(r, vm.name)),
                 "--features", ",".join(vm.config.features), "--wire", vm.config.wire]
 
-    async def spawn_proc(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
+    def vm_argv(self, vm: Vm, which: str) -> list[str]:
+        """The command line that exec's ``which`` of ``vm``."""
+        return [*self.python, "-m", MODULES[which], *self.vm_args(vm, which)]
+
+    async def spawn_proc(self, vm: Vm, which: str) -> VmProcess:
         """Start ``which`` ("kernel" or "driver") of ``vm``, retrying while it cannot be.
 
         Opening the log or starting the process can fail for want of descriptors, memory or
@@ -164,10 +195,14 @@ class Supervisor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, SPAWN_BACKOFF[1])
 
-    async def _spawn_once(self, vm: Vm, which: str) -> asyncio.subprocess.Process:
+    async def _spawn_once(self, vm: Vm, which: str) -> VmProcess:
         syscalls.hit("spawn")
         logfd = rundir.open_log(self.host.run_dir / f"{vm.name}.{which}.log")
         try:
+            if self.fork_server is not None:
+                forked = await self._fork(vm, which, logfd)
+                if forked is not None:
+                    return forked
             task = asyncio.ensure_future(asyncio.create_subprocess_exec(
                 *self.vm_argv(vm, which), stdin=asyncio.subprocess.DEVNULL, stdout=logfd,
                 stderr=logfd, start_new_session=True, env=self._env()))
@@ -179,6 +214,22 @@ class Supervisor:
             return await asyncio.shield(task)
         finally:
             os.close(logfd)
+
+    async def _fork(self, vm: Vm, which: str, logfd: int) -> ForkedProcess | None:
+        """``which`` of ``vm`` forked by the fork server; None: exec it instead (the server
+        is down, hung or disabled, which it has reported). An OSError is the fork's own
+        failure (EAGAIN, ENOMEM), retried like a failed exec."""
+        assert self.fork_server is not None
+        task = asyncio.ensure_future(self.fork_server.spawn(which, self.vm_args(vm, which),
+                                                            self._env(), logfd))
+        # As for exec: remembered before anyone can cancel the caller (no orphan).
+        task.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() else self.procs.add(t.result()))
+        try:
+            return await asyncio.shield(task)
+        except ForkServerUnavailable as e:
+            log.warning("%s: fork server unavailable (%s); exec'ing its %s", vm.name, e, which)
+            return None
 
     def _env(self) -> dict[str, str]:
         """The VM processes' environment: ours, plus what binds them to this instance (they
@@ -282,7 +333,7 @@ class Supervisor:
             await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
 
 
-def kill(p: asyncio.subprocess.Process) -> None:
+def kill(p: VmProcess) -> None:
     """SIGKILL a VM process and its session (it is a session leader)."""
     try:
         os.killpg(p.pid, signal.SIGKILL)

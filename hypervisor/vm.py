@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hypervisor.balloon import BalloonBackend
+from hypervisor.forkclient import ForkedProcess
 from hypervisor.ledger import VmLedger
 from hypervisor.machine import MachineServer
 from hypervisor.topology import VmConfig
 from hypervisor.vmmem import VmMemory
+
+#: A VM process: exec'd (asyncio's) or forked by the fork server (same face).
+VmProcess = asyncio.subprocess.Process | ForkedProcess
 
 
 class VmState(enum.StrEnum):
@@ -51,8 +55,8 @@ class Vm:
     machine: MachineServer
     balloon: BalloonBackend
     state: VmState = VmState.CREATED
-    kernel_proc: asyncio.subprocess.Process | None = None
-    driver_proc: asyncio.subprocess.Process | None = None
+    kernel_proc: VmProcess | None = None
+    driver_proc: VmProcess | None = None
     restarts: int = 0
     driver_restarts: int = 0
     balloon_violations: int = 0

@@ -54,6 +54,7 @@ __all__ = [
     "parse_plan",
     "pread_exact",
     "pwrite_all",
+    "reload_environment",
     "sendmsg",
 ]
 
@@ -286,19 +287,35 @@ _fallocate = _make_fallocate()
 # ---------------------------------------------------------------------------- environment
 
 
+_counts_registered = False
+
+
 def _from_environment() -> None:
+    global _counts_registered
     text = os.environ.get(ENV_PLAN, "")
     if text:
         install(parse_plan(text))
     out = os.environ.get(ENV_COUNTS)
-    if out:
+    if out and not _counts_registered:
+        _counts_registered = True
+
         def dump() -> None:
+            where = os.environ.get(ENV_COUNTS)
+            if not where:
+                return
             try:
-                Path(out, f"{os.getpid()}.json").write_text(json.dumps(
+                Path(where, f"{os.getpid()}.json").write_text(json.dumps(
                     {"pid": os.getpid(), "calls": dict(_state.calls), "fired": _state.fired}))
             except OSError:
                 pass  # counting is best effort: the directory may be gone
         atexit.register(dump)
+
+
+def reload_environment() -> None:
+    """Start over from this process's environment as it is now: the plan and counters of a
+    process forked from another (``guest.forkserver``) are its own, not its parent's."""
+    clear()
+    _from_environment()
 
 
 _from_environment()

@@ -98,6 +98,11 @@ def test_one_vm_point_end_to_end(tmp_path: Path) -> None:
     assert p["ok"] and p["up_s"] > 0 and p["down_s"] > 0 and p["exit_status"] == 0
     assert p["pss_kernel_mib"]["median"] > 1 and p["pss_driver_mib"]["median"] > 1
     assert p["pss_host_mib"] > 1
+    # The VM processes are forked from the host's fork server, whose PSS counts too; the
+    # guest RAM the kernel touched is split out.
+    assert p["pss_forkserver_mib"] > 1
+    assert 0 < p["pss_guest_ram_mib"]["median"] < p["pss_kernel_mib"]["median"]
+    assert 0 < p["pss_per_vm_beyond_ram_mib"] < (p["pss_total_mib"] - p["pss_host_mib"])
     assert p["dommemstat_calls"] >= 20 and p["dommemstat_p99_ms"] >= p["dommemstat_p50_ms"] > 0
     assert p["corrupted_reads"] == 0
     assert p["policy_rounds"] >= 1 and p["policy_round_ms"] > 0  # the host's new counter

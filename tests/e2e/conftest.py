@@ -130,7 +130,11 @@ class LiveHost:
             time.sleep(0.05)
 
     def process_pids(self) -> list[int]:
+        """The hypervisor, its fork server (when one runs) and every VM process."""
         pids = [self.proc.pid]
+        fs = self.call("host_info").get("forkserver_pid")
+        if fs:
+            pids.append(int(fs))
         for v in self.call("list_vms"):
             for key in ("pid", "driver_pid"):
                 if v.get(key):

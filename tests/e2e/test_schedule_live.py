@@ -4,9 +4,6 @@ workload seed derived from the topology's seed, its name and its restart count."
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from hypervisor.schedule import guest_seed
@@ -78,7 +75,9 @@ def test_schedule_runs_each_action_in_time_order_with_an_event(live_host):
 
 def test_guest_workload_seed_derives_from_the_topology_seed(live_host):
     host = live_host(SCHEDULED.split("[[schedule]]")[0])
-    pid = next(v["pid"] for v in host.call("list_vms") if v["name"] == "a")
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    config = json.loads(argv[argv.index(b"--config") + 1])
-    assert config["seed"] == guest_seed(11, "a", 0)
+    # The guest kernel says its seed when it boots (its command line is the fork server's:
+    # forked, the --config it was given is not on it).
+    log = host.run_dir / "a.kernel.log"
+    host.wait(lambda: "booted:" in log.read_text(), 60.0, "a's boot line")
+    boot = next(line for line in log.read_text().splitlines() if "booted:" in line)
+    assert boot.endswith(f"workload seed {guest_seed(11, 'a', 0)}"), boot
