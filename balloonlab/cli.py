@@ -32,8 +32,8 @@ from typing import Any, NoReturn, TextIO, cast
 import click
 
 from balloonlab.bench import bench
-from balloonlab.experiments.commands import experiment, sweep
 from balloonlab.client import ControlClient, ControlError, HostNotRunning
+from balloonlab.experiments.commands import experiment, sweep
 from balloonlab.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
 from hypervisor.rundir import RunDirError
 from hypervisor.topology import (

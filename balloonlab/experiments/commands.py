@@ -155,13 +155,13 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
             msg = f"{d.name}: no trial matches --where {where}"
             if strict:
                 raise _Fail(msg)
-            err.print(f"skipped {msg}")
+            err.print(f"skipped {msg}", soft_wrap=True)
             continue
         problem = check_topology(ts[0])
         if problem is not None:
             if strict:
                 raise _Fail(problem)
-            err.print(f"skipped {d.name}: {problem}")
+            err.print(f"skipped {d.name}: {problem}", soft_wrap=True)
             continue
         trials += ts
         runnable.append(d)
@@ -173,16 +173,22 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
         shutil.copyfile(d.source, out / "definitions" / f"{d.name}.toml")
     done = store.finished()
     todo = [t for t in trials if t.trial_id not in done]
-    executor: Executor
+    # Local: each experiment's trials with as many at once as its size allows (a 1-VM trial
+    # fits twice on 2 cores, a 3-VM one once); dask: one cluster for everything.
+    batches: list[tuple[Executor, list[Trial]]] = []
     try:
         if scheduler is not None:
-            executor = DaskExecutor(scheduler)
+            batches.append((DaskExecutor(scheduler), todo))
         else:
-            executor = LocalExecutor(jobs or default_jobs(todo or trials))
+            for d in runnable:
+                mine = [t for t in todo if t.experiment == d.name]
+                if mine:
+                    batches.append((LocalExecutor(jobs or default_jobs(mine)), mine))
     except ExecutorError as e:
         raise _Fail(str(e)) from None
+    how = "; ".join(dict.fromkeys(ex.description for ex, _ in batches)) or "nothing to do"
     err.print(f"{len(trials)} trials ({len(trials) - len(todo)} already done in {out}); "
-              f"{executor.description}")
+              f"{how}", soft_wrap=True)
     failed: list[str] = []
     t0 = time.monotonic()
     try:
@@ -198,20 +204,22 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
                 progress.console.print(
                     f"{'ok    ' if ok else 'FAILED'} {r.get('trial_id')}"
                     + (f" ({wall:.0f} s)" if wall > 0 else "")
-                    + ("" if ok else f": {r.get('error')}"))
+                    + ("" if ok else f": {r.get('error')}"), soft_wrap=True)
                 progress.update(bar, advance=1,
                                 description=f"trials ({len(failed)} failed)" if failed
                                 else "trials")
 
-            run_trials(todo, store, executor, on_result=on_result)
+            for executor, batch in batches:
+                run_trials(batch, store, executor, on_result=on_result)
+                executor.close()
     except KeyboardInterrupt:
-        executor.close()
+        for executor, _ in batches:
+            executor.close()
         stored = len(store.finished())
         store.write_tables()
         err.print(f"interrupted: {stored} finished trials are stored in {out}; the same "
-                  "command resumes")
+                  "command resumes", soft_wrap=True)
         raise click.exceptions.Exit(130) from None
-    executor.close()
     from balloonlab.experiments.report import report
 
     csv_path, json_path = store.write_tables()

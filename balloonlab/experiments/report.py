@@ -33,7 +33,7 @@ def _label(key: Sequence[tuple[str, str]]) -> str:
     return ", ".join(f"{k}={v}" for k, v in key) or "(one variant)"
 
 
-def spread(values: Sequence[float]) -> tuple[float, float, float] | None:
+def spread(values: Sequence[Any]) -> tuple[float, float, float] | None:
     """Median, min and max (None for no values)."""
     vals = [float(v) for v in values if v is not None and not _nan(v)]
     if not vals:
@@ -86,7 +86,8 @@ def ours_value(results: Sequence[Mapping[str, Any]], ours: Mapping[str, Any]
         a_f, b_f = ours["ratio"]
         a = {r["seed"]: (r.get("metrics") or {}).get(measure) for r in ok if _matches(r, a_f)}
         b = {r["seed"]: (r.get("metrics") or {}).get(measure) for r in ok if _matches(r, b_f)}
-        ratios = [a[s] / b[s] for s in a if s in b and a[s] is not None and b[s]]
+        ratios = [float(av) / float(bv) for s in a
+                  if (av := a[s]) is not None and (bv := b.get(s))]
         s = spread(ratios)
     else:
         where = ours.get("where", {})
@@ -150,10 +151,10 @@ def _experiment_section(out: Path, rdir: Path, name: str, results: list[dict[str
     for r in results:
         groups.setdefault(group_key(r.get("params") or {}), []).append(r)
     failed = [r for r in results if r.get("status") != "ok"]
-    seeds = sorted({r.get("seed") for r in results})
-    dur = sorted({r.get("duration_s") for r in results})
-    lines.append(f"{len(results)} trials, seeds {', '.join(map(str, seeds))}, "
-                 f"{', '.join(fmt(d) + ' s' for d in dur)} each; {len(failed)} failed.")
+    seeds = sorted({int(r.get("seed") or 0) for r in results})
+    dur = sorted({float(r.get("duration_s") or 0) for r in results})
+    lines.append(f"{len(results)} trials (seeds {', '.join(map(str, seeds))}; "
+                 f"{' or '.join(f'{d:g} s' for d in dur)} each); {len(failed)} failed.")
     lines.append("")
     for r in failed:
         lines.append(f"- failed: `{r.get('trial_id')}`: {r.get('error')} "
@@ -237,9 +238,9 @@ def _plots(out: Path, rdir: Path, name: str, defn: Definition | None,
         plt.close(fig)
         made.append(p)
     if defn is not None and defn.plot.get("timeseries"):
-        p = _timeseries_plot(out, rdir, name, defn, groups, keys)
-        if p is not None:
-            made.append(p)
+        ts = _timeseries_plot(out, rdir, name, defn, groups, keys)
+        if ts is not None:
+            made.append(ts)
     return made
 
 

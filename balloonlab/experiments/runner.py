@@ -108,7 +108,7 @@ class DaskExecutor:
 
         futures = {self.client.submit(run_trial, dict(t), key=f"trial-{t['trial_id']}",
                                       pure=False, retries=1): t for t in trials}
-        for f in as_completed(futures):
+        for f in as_completed(futures, loop=self.client.loop):
             t = futures[f]
             try:
                 yield f.result()
@@ -118,7 +118,8 @@ class DaskExecutor:
                 f.release()
 
     def close(self) -> None:
-        self.client.close()
+        if self.client.status != "closed":
+            self.client.close()
 
 
 def _lost(t: Mapping[str, Any], error: str) -> dict[str, Any]:

@@ -34,7 +34,8 @@ FILE`` reads a user's own)::
     confirmed = true              # false: taken from a secondary source, not the paper itself
     note = "..."
     value = 5.8                   # optional: the number to compare ours with
-    ours = { measure = "vm.g3.modelled_seconds", ratio = [{ reporting = "off" }, { reporting = "on" }] }
+    ours = { measure = "vm.g3.modelled_seconds",
+             ratio = [{ reporting = "off" }, { reporting = "on" }] }
 
     [topology]                    # a topology (docs/topology.md) as sub-tables
     [topology.host] ...

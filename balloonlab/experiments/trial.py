@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ KEPT_FILES = ("timeseries.csv", "events.jsonl", "summary.json", "topology.toml",
               "hypervisor.out", "final.json")
 #: How long a trial's VMs may take to boot on a loaded machine.
 BOOT_TIMEOUT = 180.0
-#: Test hook: a trial whose params have this key set fails on purpose after it boots, so the
-#: tests can check that a crash is recorded and the other trials go on.
-CRASH_PARAM = "_crash"
+#: Test hook: a trial whose id contains this variable's value crashes (a RuntimeError, as a
+#: bug would) once its host is up, so the tests can check that a crash is recorded, its host
+#: stopped and its logs kept, and that the other trials go on.
+CRASH_ENV = "BALLOONLAB_TEST_CRASH_TRIAL"
 
 
 class TrialFailed(Exception):
@@ -61,7 +62,7 @@ def _host_name() -> str:
 def run_trial(trial_json: Mapping[str, Any]) -> dict[str, Any]:
     """Run one trial; returns its result row (``status`` ``ok`` or ``failed``), with the
     recording's files under ``files`` (name -> text)."""
-    from balloonlab.recording import _machine, _git_commit
+    from balloonlab.recording import _git_commit, _machine
 
     trial = Trial.from_json(trial_json)
     started = time.time()
@@ -126,8 +127,9 @@ def _run(trial: Trial, work: Path) -> tuple[dict[str, Any], str]:
             launcher.wait_ready(h, BOOT_TIMEOUT)
         except launcher.LaunchError as e:
             raise TrialFailed(str(e)) from None
-        if trial.params.get(CRASH_PARAM):
-            raise TrialFailed(f"trial crashed on purpose ({CRASH_PARAM} is set)")
+        crash = os.environ.get(CRASH_ENV)
+        if crash and crash in trial.trial_id:
+            raise RuntimeError(f"trial crashed on purpose ({CRASH_ENV}={crash})")
         client = ControlClient(h.run_dir, timeout=10.0)
         monitor = Monitor(client, events_client_factory=lambda: ControlClient(h.run_dir,
                                                                               timeout=None),
@@ -144,12 +146,14 @@ def _run(trial: Trial, work: Path) -> tuple[dict[str, Any], str]:
         finally:
             monitor.close()
             client.close()
-    finally:
+    except BaseException:
+        # Whatever went wrong: the host is stopped (its output kept for the logs) and the
+        # recording closed before the error is reported.
         if not h.stopped:
-            status = h.stop(keep_output=True)
-            if status not in (0, None) and not final:
-                recorder.close()
-                raise TrialFailed(f"the host exited with status {status}")
+            h.stop(keep_output=True)
+        recorder.close()
+        raise
+    h.stop(keep_output=True)
     summary = recorder.close()
     import json
 
@@ -170,7 +174,8 @@ def _check_gone(run_dir: Path) -> None:
 
 
 def measurements(summary: Mapping[str, Any], final: Mapping[str, Any],
-                 events: list[Mapping[str, Any]], optional_vm: tuple[str, ...] = ()) -> dict[str, Any]:
+                 events: Sequence[Mapping[str, Any]], optional_vm: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
     """The trial's figures, flat: ``host.<name>`` and ``vm.<vm>.<name>`` (spec's catalogue),
     plus the optional fields the build reports (None when it does not)."""
     out: dict[str, Any] = {}
