@@ -155,13 +155,13 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
             msg = f"{d.name}: no trial matches --where {where}"
             if strict:
                 raise _Fail(msg)
-            err.print(f"skipped {msg}", soft_wrap=True)
+            err.print(f"skipped {msg}", soft_wrap=True, markup=False)
             continue
         problem = check_topology(ts[0])
         if problem is not None:
             if strict:
                 raise _Fail(problem)
-            err.print(f"skipped {d.name}: {problem}", soft_wrap=True)
+            err.print(f"skipped {d.name}: {problem}", soft_wrap=True, markup=False)
             continue
         trials += ts
         runnable.append(d)
@@ -188,7 +188,7 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
         raise _Fail(str(e)) from None
     how = "; ".join(dict.fromkeys(ex.description for ex, _ in batches)) or "nothing to do"
     err.print(f"{len(trials)} trials ({len(trials) - len(todo)} already done in {out}); "
-              f"{how}", soft_wrap=True)
+              f"{how}", soft_wrap=True, markup=False)
     failed: list[str] = []
     t0 = time.monotonic()
     try:
@@ -204,7 +204,7 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
                 progress.console.print(
                     f"{'ok    ' if ok else 'FAILED'} {r.get('trial_id')}"
                     + (f" ({wall:.0f} s)" if wall > 0 else "")
-                    + ("" if ok else f": {r.get('error')}"), soft_wrap=True)
+                    + ("" if ok else f": {r.get('error')}"), soft_wrap=True, markup=False)
                 progress.update(bar, advance=1,
                                 description=f"trials ({len(failed)} failed)" if failed
                                 else "trials")
@@ -218,7 +218,7 @@ def _run(defs: Sequence[Definition], *, out: Path, quick: bool, scheduler: str |
         stored = len(store.finished())
         store.write_tables()
         err.print(f"interrupted: {stored} finished trials are stored in {out}; the same "
-                  "command resumes", soft_wrap=True)
+                  "command resumes", soft_wrap=True, markup=False)
         raise click.exceptions.Exit(130) from None
     from balloonlab.experiments.report import report
 

@@ -119,7 +119,7 @@ HOST_MEASURES: dict[str, str] = {
 
 _TOP_KEYS = ("experiment", "grid", "quick", "variant", "measure", "published", "topology",
              "plot")
-_EXPERIMENT_KEYS = ("name", "title", "description", "duration", "needs", "jobs_weight")
+_EXPERIMENT_KEYS = ("name", "title", "description", "duration", "needs")
 _MEASURE_KEYS = ("vm", "host", "optional_vm")
 _PUBLISHED_KEYS = ("figure", "source", "confirmed", "note", "value", "ours")
 _OURS_KEYS = ("measure", "per", "ratio", "where", "scale")
