@@ -165,12 +165,16 @@ def _experiment_section(out: Path, rdir: Path, name: str, results: list[dict[str
     if not ok:
         return lines
     cols = _columns(defn, ok)
-    lines.append("| variant | n | " + " | ".join(f"`{c}`" for c in cols) + " |")
-    lines.append("|---|---|" + "---|" * len(cols))
-    for key in sorted(groups):
-        rs = [r for r in groups[key] if r.get("status") == "ok"]
-        cells = [fmt_spread(spread([(r.get("metrics") or {}).get(c) for r in rs])) for c in cols]
-        lines.append(f"| {_label(key)} | {len(rs)} | " + " | ".join(cells) + " |")
+    # One row per measurement, one column per variant (n: its trials that finished).
+    keys = sorted(groups)
+    oks = {k: [r for r in groups[k] if r.get("status") == "ok"] for k in keys}
+    lines.append("| measurement | " + " | ".join(f"{_label(k)} (n={len(oks[k])})"
+                                                 for k in keys) + " |")
+    lines.append("|---|" + "---|" * len(keys))
+    for c in cols:
+        cells = [fmt_spread(spread([(r.get("metrics") or {}).get(c) for r in oks[k]]))
+                 for k in keys]
+        lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
     lines.append("")
     if defn is not None and defn.published:
         lines += ["| published figure | source | confirmed | published value | ours |",
