@@ -215,9 +215,10 @@ def test_report_regenerates_tables_from_stored_results(tmp_path: Path) -> None:
     assert len(csv_text) == 6 and "vm.a.modelled_throughput" in csv_text[0]
     md = (tmp_path / "report" / "report.md").read_text()
     # one column per variant; the median of 100 and 300 and the range for policy=none,
-    # 500 [400–600] for share; the failed mom trial counts in no column
-    assert "| measurement | policy=none (n=2) | policy=share (n=2) |" in md
-    assert "| `vm.a.modelled_throughput` | 200 [100–300] | 500 [400–600] |" in md
+    # 500 [400–600] for share; mom's only trial failed: a column with nothing in it
+    assert ("| measurement | policy=mom (n=0) | policy=none (n=2) | policy=share (n=2) |"
+            in md)
+    assert "| `vm.a.modelled_throughput` | – | 200 [100–300] | 500 [400–600] |" in md
     assert "failed: `t-mom-1`: boom" in md
     assert (tmp_path / "report" / "policies-side-by-side.png").stat().st_size > 0
     # Ours for the shipped comparison (swap-outs of none over share, per seed): 1.0 each.
