@@ -116,8 +116,10 @@ def _run(trial: Trial, work: Path) -> tuple[dict[str, Any], str]:
         raise TrialFailed(str(e)) from None
     recorder = Recorder(work, topo)
     try:
+        # A worker killed mid-trial (a dask cluster shutting down, a lost node) takes its
+        # host with it instead of leaving it running.
         h = launcher.launch(topo, topo_file=(work / "topology.toml").resolve(),
-                            output=work / "hypervisor.out")
+                            output=work / "hypervisor.out", die_with_parent=True)
     except launcher.LaunchError as e:
         recorder.close()
         raise TrialFailed(str(e)) from None

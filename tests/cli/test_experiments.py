@@ -311,3 +311,43 @@ def test_dask_local_cluster_gives_the_local_executors_modelled_figures(tmp_path:
         assert ma["vm.a.corrupted_reads"] == mb["vm.a.corrupted_reads"] == 0
         # the recording came back from the worker and was stored beside the result
         assert (remote / "trials" / tid / "timeseries.csv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_trial_host_dies_with_its_killed_caller(tmp_path: Path) -> None:
+    # A dask worker killed mid-trial must not leave its host running: the trial launches
+    # with die_with_parent, so SIGKILL of the caller brings the host (and its VMs) down.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hypervisor.rundir import default_run_dir, pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from dataclasses import replace
+        from balloonlab import launcher
+        from hypervisor.topology import example_path, load_topology
+        topo = load_topology(example_path("two-vms-small"))
+        topo = replace(topo, host=replace(topo.host, name=sys.argv[1]))
+        h = launcher.launch(topo, output=sys.argv[2], die_with_parent=True)
+        launcher.wait_ready(h, 180)
+        print(h.pid, flush=True)
+        time.sleep(600)
+    """), f"pdeath{os.getpid() % 10000}", str(tmp_path / "host.out")],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    host_pid = int(child.stdout.readline())
+    run_dir = default_run_dir(f"pdeath{os.getpid() % 10000}")
+    assert pid_alive(host_pid) and run_dir.exists()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 60  # generous: the host shuts its VMs down in order
+    while pid_alive(host_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(host_pid), "the host outlived its killed caller"
+    while run_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not run_dir.exists()
