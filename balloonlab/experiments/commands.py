@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -59,6 +60,15 @@ def experiment() -> None:
 @experiment.command("list")
 def list_() -> None:
     """The shipped experiments, their trial counts and whether this build can run them."""
+    try:
+        _list()
+    except BrokenPipeError:  # `balloonlab experiment list | head`: end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _list() -> None:
     for path in list_definitions():
         try:
             d = load_definition(path)
