@@ -33,6 +33,7 @@ import click
 
 from balloonlab.bench import bench
 from balloonlab.client import ControlClient, ControlError, HostNotRunning
+from balloonlab.experiments.commands import experiment, sweep
 from balloonlab.recording import SUMMARY_HEADERS, Recorder, RecordingError, summary_table_rows
 from hypervisor.rundir import RunDirError
 from hypervisor.topology import (
@@ -937,6 +938,8 @@ class _PipeGuard:
 
 
 cli.add_command(bench, "bench")
+cli.add_command(experiment, "experiment")
+cli.add_command(sweep, "sweep")
 
 
 def main(argv: list[str] | None = None) -> None:

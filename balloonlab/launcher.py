@@ -105,11 +105,31 @@ class Launched:
         return self.proc.returncode
 
 
+def _pdeathsig_setter() -> Callable[[], None]:
+    """A function for ``preexec_fn``: in the child before exec, ask for SIGTERM when the
+    thread that started it dies (Linux ``PR_SET_PDEATHSIG``), so a host never outlives a
+    killed caller. prctl is looked up here, in the parent: the child of a threaded parent
+    should do no more than the call itself."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return set_pdeathsig
+
+
 def launch(topo: Topology, *, topo_file: Path | None = None, output: Path | None = None,
            env: Mapping[str, str] | None = None, python: Sequence[str] | None = None,
-           log_level: str | None = None) -> Launched:
+           log_level: str | None = None, die_with_parent: bool = False) -> Launched:
     """Start ``python -m hypervisor`` for ``topo`` (read from ``topo_file``, or from a
-    temporary copy of ``topo.to_toml()``); does not wait for it."""
+    temporary copy of ``topo.to_toml()``); does not wait for it.
+
+    ``die_with_parent``: the host gets SIGTERM (and shuts down in order) when the calling
+    thread dies, even by SIGKILL: for callers that may be killed without warning, such as
+    an experiment trial on a dask worker that the cluster kills."""
     run_dir = run_dir_of(topo)
     if rundir.is_live(run_dir):
         raise LaunchError(f"host {topo.host.name!r} is already running in {run_dir}; stop it "
@@ -131,6 +151,7 @@ def launch(topo: Topology, *, topo_file: Path | None = None, output: Path | None
             # then shuts the host down in order instead of everything dying at once.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd,
                                     stderr=out_fd, start_new_session=True, close_fds=True,
+                                    preexec_fn=_pdeathsig_setter() if die_with_parent else None,
                                     env=None if env is None else dict(env))
         except OSError as e:
             if own:

@@ -93,6 +93,9 @@ class SharePolicy(Policy):
         "swap_debt": True,
         "stall_backoff": 10.0,
         "pressure_deflate_factor": 0.5,
+        # False: no guest-protection rules (GuestGuard), shares and the tax alone decide, as
+        # in ESX (which has none); for experiments that reproduce the paper.
+        "guest_guard": True,
     }
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
@@ -129,6 +132,7 @@ class SharePolicy(Policy):
             deflate_factor=self.param_float("pressure_deflate_factor"),
         )
         self._activity: dict[str, _Activity] = {}
+        self.guest_guard = self.param_bool("guest_guard")
 
     # -- active memory estimate ---------------------------------------------------------
 
@@ -193,7 +197,8 @@ class SharePolicy(Policy):
         decisions: list[Decision] = []
         free_vms: list[VmSample] = []
         for vm in by_name.values():
-            handled, forced = self.guard.react(now, vm, history)
+            handled, forced = (self.guard.react(now, vm, history) if self.guest_guard
+                               else (False, None))
             if handled:
                 if forced is not None:
                     decisions.append(forced)

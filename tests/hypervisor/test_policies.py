@@ -373,6 +373,20 @@ def test_guest_pressure_halves_the_balloon(cls: type[Policy]) -> None:
     assert d2.target_pages == 150 and "swap_in 0 -> 8192 B" in d2.reason
 
 
+def test_share_without_guest_guard_ignores_guest_pressure() -> None:
+    # ESX has no guest-pressure rule: with guest_guard off, a pressured VM is priced like any
+    # other; the host has 40 % free (above high_free) so the rule gives back, no halving.
+    policy = SharePolicy({"guest_guard": False})
+    prev = ballooned(400, time=99.0, alloc_stalls=3, swap_in=4096)
+    now_ = ballooned(400, alloc_stalls=5, swap_in=4096)
+    decisions = policy.decide(host(4000), [now_], [(host(4000, t=99.0), [prev])])
+    assert all(not d.reason.startswith("guest pressure") for d in decisions)
+    assert one(decisions).target_pages > 200
+    # ...and with the guard (the default) the same samples halve the balloon.
+    guarded = one(SharePolicy().decide(host(4000), [now_], [(host(4000, t=99.0), [prev])]))
+    assert guarded.target_pages == 200
+
+
 def test_guest_pressure_deflate_respects_max_pages() -> None:
     # max_pages 700 -> balloon >= 300: halving 400 gives 200, clamped to 300.
     prev = ballooned(400, time=99.0, max_pages=700)
