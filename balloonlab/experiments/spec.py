@@ -525,14 +525,27 @@ def shipped(name: str) -> Definition:
     return load_definition(names[name])
 
 
+def build_has(need: str) -> bool:
+    """Whether this build has ``need`` (one of :data:`KNOWN_NEEDS`)."""
+    if need == "fileio":
+        from hypervisor.topology import WORKLOADS
+
+        return "fileio" in WORKLOADS
+    if need == "pathology_counters":
+        import importlib.util
+
+        return importlib.util.find_spec("hypervisor.pathologies") is not None
+    return False
+
+
 def check_topology(trial: Trial) -> str | None:
-    """None when this build accepts the trial's topology, else one line saying why not (and
-    what the definition needs, when it declared it)."""
+    """None when this build accepts the trial's topology, else one line saying why not: the
+    needs the build lacks, when the definition declared some, or the loader's complaint."""
     try:
         trial.topology()
     except TopologyError as e:
         first = str(e).splitlines()[0]
-        if trial.needs:
+        if trial.needs and not all(build_has(n) for n in trial.needs):
             return (f"{trial.experiment} needs the {' and '.join(trial.needs)} "
                     f"{'workload' if 'fileio' in trial.needs else 'feature'}, which this build "
                     f"does not have ({first})")

@@ -22,6 +22,8 @@ from balloonlab.experiments.report import ours_value, report
 from balloonlab.experiments.runner import ResultStore, tidy_rows
 from balloonlab.experiments.spec import (
     SpecError,
+    build_has,
+    check_topology,
     list_definitions,
     load_definition,
     parse_definition,
@@ -155,11 +157,32 @@ def test_where_filters_trials(tmp_path: Path) -> None:
     assert d.trials(where={"touch": "1MiB"}) == []
 
 
-def test_experiment_needing_fileio_says_so() -> None:
-    r = CliRunner().invoke(cli, ["experiment", "run", "esx-balloon-overhead", "--quick"])
+def test_definition_whose_topology_is_wrong_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    # It declares it needs `fileio`, which this build has, and its fileio task has no files:
+    # the loader's complaint is the line, not a missing workload.
+    assert build_has("fileio") and build_has("pathology_counters")
+    assert not build_has("time_travel")
+    text = TINY.replace('duration = "30s"\n', 'duration = "30s"\nneeds = ["fileio"]\n', 1)
+    text = text.replace('workload = "idle"', 'workload = "fileio"', 1)
+    assert 'needs = ["fileio"]' in text and 'workload = "fileio"' in text
+    r = CliRunner().invoke(cli, ["sweep", str(_write(tmp_path, text)), "--quick",
+                                 "--out", str(tmp_path / "out")])
     assert r.exit_code == 1
-    assert "needs the fileio workload" in r.output
+    assert "vm[0].task[0].size: a fileio task's data is files x file_size" in r.output
+    assert "does not have" not in r.output
     assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1, r.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_shipped_esx_balloon_overhead_runs_on_this_build() -> None:
+    d = load_definition(next(p for p in list_definitions()
+                             if p.stem == "esx-balloon-overhead"))
+    trials = d.trials(quick=True)
+    assert len(trials) == 4
+    for t in trials:
+        assert check_topology(t) is None, t
+        vm = t.topology().vms[0]
+        assert vm.disk and [task.workload for task in vm.tasks] == ["fileio"]
 
 
 def test_unknown_experiment_is_one_line() -> None:
