@@ -468,6 +468,31 @@ def test_stale_swap_reads_count_host_swap_reads_a_disk_read_overwrites(tmp_path)
     assert mm.stats.stale_swap_reads == reused and mm.stats.false_swap_reads == 0
 
 
+def test_the_balloon_takes_the_same_cache_without_silent_writes_or_stale_reads(
+        tmp_path) -> None:
+    # The pressure of the two tests above, applied through the balloon: the guest drops its
+    # clean cache pages itself (no I/O), the balloon takes the frames and the host releases
+    # them without keeping anything; new blocks read later land in fresh frames.
+    from tests.guest.test_pathologies import balloon_inflate
+
+    host, mm = _swapping(tmp_path, 512, 256)
+    t = mm.add_task(0, 1)
+    run(mm.run_file_quantum(t, np.arange(64, dtype=np.int64), ones(64, 0)))  # 64 clean
+    run(mm.run_file_quantum(t, np.arange(8, dtype=np.int64), ones(8)))  # 8 dirtied
+    mm.guest_acc[:] = 0
+    assert run(mm.balloon_reclaim(mm.buddy.free_pages + 64)) > 0
+    runs = balloon_inflate(host, mm, mm.buddy.free_pages)
+    assert mm.cache_count < 64  # the balloon's memory came out of the cache
+    mm.balloon_free(runs)  # deflate: the frames come back empty
+    res = run(mm.run_file_quantum(t, np.arange(100, 164, dtype=np.int64), ones(64, 0)))
+    again = run(mm.run_file_quantum(t, np.arange(64, dtype=np.int64), ones(64, 0)))
+    assert res.corrupted == 0 and again.corrupted == 0  # the 8 written blocks read back
+    assert host.reads == 0
+    assert mm.stats.silent_swap_writes == 0 and mm.stats.stale_swap_reads == 0
+    assert mm.stats.false_swap_reads == 0 and mm.stats.double_paging == 0
+    mm.check_invariants()
+
+
 def test_file_writeback_of_host_swapped_dirty_pages_is_double_paging(tmp_path) -> None:
     host, mm = _swapping(tmp_path, 512, 64)
     t = mm.add_task(0, 1)
