@@ -13,6 +13,11 @@ event of the task's access path, with the costs of the topology's ``[cost]`` tab
   read back from its swap (``resume`` names them; a host that does not say leaves the guest
   to take every page that had contents for one): the guest sees host swap-in only as a
   longer exit;
+- the host's swap-out writes an EPT exit waited for: when the host had no free frame for
+  the exit, it reclaimed (wrote victims to its swap) before answering, and ``resume`` says
+  how many pages in how many writes (``evicted``, ``evicted_ios``): charged as those writes on
+  ``host_swap_device`` (:meth:`CostModel.host_swap_writes`), as a vCPU waits for host direct
+  reclaim;
 - a guest swap read (major fault): one I/O of one page on ``guest_swap_device``;
 - a guest swap write (reclaim): one I/O per reclaim batch, of the batch's pages.
 
@@ -73,6 +78,12 @@ class CostModel:
         pages = fresh + host_swapped
         return (pages * (self.ept_exit + self.ept_page) + fresh * self.page_zero
                 + host_swapped * self.host_swap.io_ns(1))
+
+    def host_swap_writes(self, pages: int, ios: int) -> int:
+        """``ios`` host swap writes of ``pages`` pages in all (the runs a reclaim wrote)."""
+        if pages <= 0:
+            return 0
+        return self.host_swap.io_ns(pages) + (max(1, ios) - 1) * self.host_swap.latency_ns
 
     def guest_swap_read(self, pages: int = 1) -> int:
         """A guest swap-in: one read I/O per page (no readahead)."""

@@ -333,6 +333,8 @@ class GuestKernel:
                     await ch.send(m.ShootdownAck(id=msg.id))
                     self.shootdowns_acked += 1
                 elif isinstance(msg, m.Resume):
+                    if msg.evicted and self.mm is not None:
+                        self.mm.note_host_evicted(msg.evicted, msg.evicted_ios or 1)
                     fut = self._resumes.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg.swapped_array)

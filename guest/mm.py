@@ -362,6 +362,7 @@ class VmStats:
     false_swap_reads: int = 0  # read back from host swap, then overwritten whole
     silent_swap_writes: int = 0  # clean page-cache pages the host wrote to its swap
     stale_swap_reads: int = 0  # read back from host swap, then overwritten by a disk read
+    host_evicted_waited: int = 0  # pages the host wrote to its swap while our exits waited
     out_of_puff: int = 0
     stall_ns_ept: int = 0
     stall_ns_guest: int = 0
@@ -424,6 +425,9 @@ class MemoryManager:
         self.rmap_vpn = np.full(npages, -1, np.int64)
         self.tasks: dict[int, TaskMem] = {}
         self.stats = VmStats()
+        #: Host swap writes (pages, I/Os) that EPT exits waited for, not yet charged: the
+        #: kernel adds ``resume``'s ``evicted``; :meth:`host_backed` charges them.
+        self.host_evicted = [0, 0]
         self.clock_hand = 0
         self.kswapd_active = False
         self._victims = np.empty(max(KSWAPD_BATCH, BALLOON_RECLAIM_BATCH), np.int64)
@@ -489,7 +493,18 @@ class MemoryManager:
             read = self.needs_zero[asked] == 0 if overwrite is None else ~overwrite
         k = int(np.count_nonzero(read))
         self.charge(t, self.cost.ept_exit_cost(int(asked.size) - k, k))
+        pages, ios = self.host_evicted
+        if pages:  # the exits waited for the host to write victims to its swap
+            self.host_evicted = [0, 0]
+            self.stats.host_evicted_waited += pages
+            self.charge(t, self.cost.host_swap_writes(pages, ios))
         return read
+
+    def note_host_evicted(self, pages: int, ios: int) -> None:
+        """``resume`` said the host wrote ``pages`` pages in ``ios`` writes to its swap
+        before it could back the exit: charged with the exit (:meth:`host_backed`)."""
+        self.host_evicted[0] += int(pages)
+        self.host_evicted[1] += int(ios)
 
     async def back_for_overwrite(self, t: TaskMem | None, gpfns: np.ndarray, *,
                                  stale: bool) -> None:

@@ -46,7 +46,7 @@ from hypervisor import rundir
 from hypervisor.balloon import BalloonBackend
 from hypervisor.hostswap import HostSwap
 from hypervisor.ledger import FrameLedger
-from hypervisor.machine import MachineServer
+from hypervisor.machine import Backed, MachineServer
 from hypervisor.memory import HostMemory
 from hypervisor.policies import load_policy
 from hypervisor.policies.base import Decision, HostSample, Policy, VmSample
@@ -160,11 +160,12 @@ class Host:
         led = self.ledger.add_vm(vc.name, vc.pages, mem.accessed)
         vm_ref: list[Vm] = []
 
-        async def on_fault(pfns: np.ndarray) -> bool | np.ndarray:
+        async def on_fault(pfns: np.ndarray) -> bool | Backed:
             read: list[np.ndarray] = []
-            if not await self.memory.handle_fault(vm_ref[0], pfns, read):
+            evicted = [0, 0]  # [pages, ios] written to host swap while the fault waited
+            if not await self.memory.handle_fault(vm_ref[0], pfns, read, evicted):
                 return False
-            return np.concatenate(read) if read else np.empty(0, np.int64)
+            return Backed(np.concatenate(read) if read else np.empty(0, np.int64), *evicted)
 
         async def release(g: np.ndarray) -> tuple[int, int]:
             return await self.release_pages(vm_ref[0], g)

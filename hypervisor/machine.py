@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -59,9 +59,17 @@ class ShootdownFailed(Exception):
     """The guest did not acknowledge a shootdown (hung, or broke the protocol)."""
 
 
-#: ``on_fault(pfns)``: False when the VM is gone (no resume); else True, or the pages read
-#: back from host swap (``resume``'s ``swapped``).
-FaultHandler = Callable[[np.ndarray], Awaitable[bool | np.ndarray]]
+class Backed(NamedTuple):
+    """What the host did for one fault, as ``resume`` tells the guest."""
+
+    swapped: np.ndarray  #: pages read back from host swap
+    evicted: int = 0  #: pages written to host swap to make room, while the fault waited
+    evicted_ios: int = 0  #: in this many writes
+
+
+#: ``on_fault(pfns)``: False when the VM is gone (no resume); else True, the pages read
+#: back from host swap (``resume``'s ``swapped``), or a :class:`Backed`.
+FaultHandler = Callable[[np.ndarray], Awaitable[bool | np.ndarray | Backed]]
 
 
 class MachineServer:
@@ -244,10 +252,15 @@ class MachineServer:
             if done is False or self.channel is not ch:
                 return
             self.faults_served += 1
+            evicted = ios = 0
+            if isinstance(done, Backed):
+                done, evicted, ios = done
             swapped = (pfns_to_wire(done.astype(np.uint32)) if isinstance(done, np.ndarray)
                        else None)
+            resume = m.Resume(id=msg.id, swapped=swapped, evicted=evicted or None,
+                              evicted_ios=ios or None)
             try:
-                await ch.send(m.Resume(id=msg.id, swapped=swapped), timeout=SHOOTDOWN_TIMEOUT)
+                await ch.send(resume, timeout=SHOOTDOWN_TIMEOUT)
             except (TimeoutError, PeerClosed, ProtocolError):
                 await ch.close()
                 return

@@ -102,6 +102,8 @@ class _Group:
     task: asyncio.Task[None]
     faulting: Vm | None
     sent: float  # time.monotonic() of the shootdown
+    #: ``[pages, write I/Os]`` the fault that started the reclaim waits for (or None).
+    waited: list[int] | None = None
     settled: bool = False
 
 
@@ -195,9 +197,12 @@ class HostMemory:
         return bool(cur.size) and bool(np.any(self.ledger.state[cur] == LOCKED))
 
     async def handle_fault(self, vm: Vm, pfns: np.ndarray,
-                           read_back: list[np.ndarray] | None = None) -> bool:
+                           read_back: list[np.ndarray] | None = None,
+                           evicted: list[int] | None = None) -> bool:
         """Back the pages of an EPT fault. False when the VM died on the way (no resume).
-        The pages read back from host swap are appended to ``read_back`` (for ``resume``).
+        The pages read back from host swap are appended to ``read_back`` (for ``resume``);
+        ``evicted`` (``[pages, ios]``) gains the host swap writes of the reclaims the fault
+        waited for (``resume``'s ``evicted``: the guest charges them to the faulting task).
 
         A page host-swapped out comes back with the bytes of its slot, read before anything
         changes; when that read (or making the pages resident) fails, the VM cannot be
@@ -207,77 +212,83 @@ class HostMemory:
         g = np.unique(pfns)
         led = vm.led  # a restart under a wait gives the VM a new one: this fault is stale
         async with self.lock:
-            while True:  # until nothing changed under a wait
-                if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED, VmState.CRASHED) or \
-                        vm.led is not led or led.index not in self.ledger.vms:
-                    return False
-                if self._in_flight(vm, g):
-                    await self.changed.wait()  # its reclaim ends it: look again
-                    continue
-                need = g[vm.led.p2m[g] < 0]
-                if need.size > self.ledger.frames_free:
-                    await self._reclaim(int(need.size), faulting=vm)
-                    continue  # the lock was let go while shootdowns ran: look again
-                break
-            vm.faults += 1
-            if need.size == 0:
-                # Already backed (another vCPU's exit got there first): make sure the EPT
-                # says so, then just resume.
-                vm.mem.set_present(g)
-                return True
-            viol = need[vm.led.balloon[need] != 0]
-            if viol.size:
-                # A guest bug: it touched pages it gave to the balloon. Back them anyway.
-                vm.balloon_violations += int(viol.size)
-                self._emit("balloon_violation", vm.name, pages=int(viol.size),
-                           first=int(viol[0]))
-            cur = led.p2m[need]
-            swapped = cur <= -2
-            runs: list[tuple[int, bytes]] = []
-            if np.any(swapped):
-                assert self.swap is not None
-                try:  # every byte read before the ledger changes
-                    slots = p2m_to_slot(cur[swapped])
-                    runs = self.swap.read(need[swapped], slots)
-                except OSError as e:
-                    self._report("host_swap_error", vm, "swap_in", "hostswap.read", e,
-                                 int(swapped.sum()))
-                    self.crash_vm(vm, f"host swap read failed: {e}")
-                    return False
-            frames, slots = self.ledger.back(led.index, need)
-            try:
-                if runs:
-                    point = "memfd.write"
-                    assert self.swap is not None
-                    self.swap.install(vm.mem, runs)
-                if not np.all(swapped):
-                    point = "memfd.populate"
-                    vm.mem.populate(need[~swapped])
-            except OSError as e:
-                # The pages cannot be made resident: the VM's memory is incomplete.
-                self._report("host_memory_error", vm, "fault", point, e, int(need.size))
-                self._discard(vm, slots[swapped])
-                self.crash_vm(vm, f"backing a fault failed: {e}")
+            return await self._back_fault(vm, g, led, read_back, evicted)
+
+    async def _back_fault(self, vm: Vm, g: np.ndarray, led: Any,
+                          read_back: list[np.ndarray] | None,
+                          evicted: list[int] | None) -> bool:
+        """:meth:`handle_fault`'s body (lock held)."""
+        while True:  # until nothing changed under a wait
+            if vm.state in (VmState.DESTROYED, VmState.OOM_KILLED, VmState.CRASHED) or \
+                    vm.led is not led or led.index not in self.ledger.vms:
                 return False
-            self.ledger.unlock(frames)
-            self._discard(vm, slots[swapped])  # the ledger freed them in back()
-            vm.host_swap_in += int(swapped.sum())
-            if np.any(swapped):
-                # Sequentiality: pages of one fault, in gpfn order, whose slot does not
-                # follow the previous page's (a seek on a disk).
-                jumps = noncontiguous(slots)
-                if crossed(vm.host_swap_reads_noncontig, vm.host_swap_reads_noncontig + jumps):
-                    self._emit("pathology", vm.name, counter="host_swap_reads_noncontig",
-                               pages=vm.host_swap_reads_noncontig + jumps, source="host",
-                               reads=vm.host_swap_in)
-                vm.host_swap_reads_noncontig += jumps
-                self.swap_reads_noncontig += jumps
-                self.swap_reads += int(swapped.sum())
-                if read_back is not None:
-                    read_back.append(need[swapped])
-            vm.mem.set_present(g)  # every page of the fault is backed now
-            vm.fault_pages += int(need.size)
+            if self._in_flight(vm, g):
+                await self.changed.wait()  # its reclaim ends it: look again
+                continue
+            need = g[vm.led.p2m[g] < 0]
+            if need.size > self.ledger.frames_free:
+                await self._reclaim(int(need.size), faulting=vm, waited=evicted)
+                continue  # the lock was let go while shootdowns ran: look again
+            break
+        vm.faults += 1
+        if need.size == 0:
+            # Already backed (another vCPU's exit got there first): make sure the EPT
+            # says so, then just resume.
+            vm.mem.set_present(g)
             return True
+        viol = need[vm.led.balloon[need] != 0]
+        if viol.size:
+            # A guest bug: it touched pages it gave to the balloon. Back them anyway.
+            vm.balloon_violations += int(viol.size)
+            self._emit("balloon_violation", vm.name, pages=int(viol.size),
+                       first=int(viol[0]))
+        cur = led.p2m[need]
+        swapped = cur <= -2
+        runs: list[tuple[int, bytes]] = []
+        if np.any(swapped):
+            assert self.swap is not None
+            try:  # every byte read before the ledger changes
+                slots = p2m_to_slot(cur[swapped])
+                runs = self.swap.read(need[swapped], slots)
+            except OSError as e:
+                self._report("host_swap_error", vm, "swap_in", "hostswap.read", e,
+                             int(swapped.sum()))
+                self.crash_vm(vm, f"host swap read failed: {e}")
+                return False
+        frames, slots = self.ledger.back(led.index, need)
+        try:
+            if runs:
+                point = "memfd.write"
+                assert self.swap is not None
+                self.swap.install(vm.mem, runs)
+            if not np.all(swapped):
+                point = "memfd.populate"
+                vm.mem.populate(need[~swapped])
+        except OSError as e:
+            # The pages cannot be made resident: the VM's memory is incomplete.
+            self._report("host_memory_error", vm, "fault", point, e, int(need.size))
+            self._discard(vm, slots[swapped])
+            self.crash_vm(vm, f"backing a fault failed: {e}")
+            return False
+        self.ledger.unlock(frames)
+        self._discard(vm, slots[swapped])  # the ledger freed them in back()
+        vm.host_swap_in += int(swapped.sum())
+        if np.any(swapped):
+            # Sequentiality: pages of one fault, in gpfn order, whose slot does not
+            # follow the previous page's (a seek on a disk).
+            jumps = noncontiguous(slots)
+            if crossed(vm.host_swap_reads_noncontig, vm.host_swap_reads_noncontig + jumps):
+                self._emit("pathology", vm.name, counter="host_swap_reads_noncontig",
+                           pages=vm.host_swap_reads_noncontig + jumps, source="host",
+                           reads=vm.host_swap_in)
+            vm.host_swap_reads_noncontig += jumps
+            self.swap_reads_noncontig += jumps
+            self.swap_reads += int(swapped.sum())
+            if read_back is not None:
+                read_back.append(need[swapped])
+        vm.mem.set_present(g)  # every page of the fault is backed now
+        vm.fault_pages += int(need.size)
+        return True
 
     # ---------------------------------------------------------------- reclaim
 
@@ -297,7 +308,8 @@ class HostMemory:
             if cancelled:
                 raise asyncio.CancelledError
 
-    async def _reclaim(self, wanted: int, faulting: Vm | None) -> None:
+    async def _reclaim(self, wanted: int, faulting: Vm | None,
+                       waited: list[int] | None = None) -> None:
         """Make ``wanted`` frames free (lock held; let go while shootdowns run).
 
         A pass clock-scans for victims among the VMs with no shootdown outstanding, clears
@@ -338,7 +350,7 @@ class HostMemory:
                 busy = [idx for idx, n in self._shooting.items() if n]
                 victims = self.ledger.pick_victims(want, exclude=busy)
                 if victims.size:
-                    pending.extend(self._shoot(victims, faulting))
+                    pending.extend(self._shoot(victims, faulting, waited))
                     patient = True
                 elif pending:
                     await self._settle_some(pending, None)  # only slow guests hold frames
@@ -367,7 +379,8 @@ class HostMemory:
             self._settle(g)
         return bool(done)
 
-    def _shoot(self, victims: np.ndarray, faulting: Vm | None) -> list[_Group]:
+    def _shoot(self, victims: np.ndarray, faulting: Vm | None,
+               waited: list[int] | None = None) -> list[_Group]:
         """Clear the victims' EPT entries and send one shootdown per VM (lock held)."""
         owners = self.ledger.owner_vm[victims]
         self._reclaim_seq += 1
@@ -382,7 +395,7 @@ class HostMemory:
             self._shooting[v] += 1
             task = self._spawn(vm.machine.shootdown(int(fr.size), gp),
                                f"{vm.name}-shootdown")
-            groups.append(_Group(vm, v, fr, token, task, faulting, time.monotonic()))
+            groups.append(_Group(vm, v, fr, token, task, faulting, time.monotonic(), waited))
         return groups
 
     async def _settle_later(self, g: _Group) -> None:
@@ -423,7 +436,7 @@ class HostMemory:
                 self.crash_vm(vm, f"shootdown failed: {err}")
             live = self._take(g.frames, g.token)
             if live.size:
-                self._swap_out(vm, live, g.faulting)
+                self._swap_out(vm, live, g.faulting, g.waited)
         if not revert:  # (a revert runs at teardown, without the lock)
             self.changed.notify_all()
 
@@ -435,7 +448,8 @@ class HostMemory:
         self.inflight[frames[ours]] = 0
         return live
 
-    def _swap_out(self, vm: Vm, frames: np.ndarray, faulting: Vm | None) -> None:
+    def _swap_out(self, vm: Vm, frames: np.ndarray, faulting: Vm | None,
+                  waited: list[int] | None = None) -> None:
         """Write-then-commit: per run, copy to the slots, punch the RAM, and only then
         point the P2M at the slots. Whatever is not done when a call fails stays resident,
         present and the VM's; its reserved slots go back (lock held)."""
@@ -449,7 +463,7 @@ class HostMemory:
             vm.mem.set_present(gp)
             return
         assert self.swap is not None  # slots exist only with a swap file
-        done = 0
+        done = ios = 0
         failed: tuple[str, OSError] | None = None
         for g, s, n in paired_runs(gp, slots):
             point = "memfd.read"
@@ -457,6 +471,7 @@ class HostMemory:
                 data = vm.mem.read_pages(g, n)
                 point = "hostswap.write"
                 self.swap.write(data, s)
+                ios += 1
                 point = "memfd.punch"
                 vm.mem.punch(np.arange(g, g + n, dtype=np.int64))
             except OSError as e:
@@ -466,6 +481,9 @@ class HostMemory:
         if done:
             self.ledger.swap_out(frames[:done], slots[:done])
             vm.host_swap_out += done
+            if waited is not None:  # the fault that asked waits for these writes
+                waited[0] += done
+                waited[1] += ios
             self._write_errors = 0
             self._emit("host_swap_out", vm.name, pages=done,
                        faulting=None if faulting is None else faulting.name)

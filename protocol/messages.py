@@ -265,6 +265,11 @@ class Resume(Message):
     #: Extension: the pages of the fault the host read back from its swap (the rest it
     #: backed with zeros or found present); absent when the host does not say.
     swapped: Pfns | None = None
+    #: Extension: pages the host wrote to its swap, in ``evicted_ios`` writes, to find
+    #: frames for this fault while it waited (host direct reclaim); absent when none or
+    #: when the host does not say.
+    evicted: U64 | None = None
+    evicted_ios: U64 | None = None
 
     @property
     def swapped_array(self) -> np.ndarray | None:

@@ -230,6 +230,31 @@ def test_modelled_time_charges_the_host_swap_reads_the_host_reports(tmp_path) ->
     assert b.modelled_ns == want
 
 
+def test_host_swap_writes_an_exit_waited_for_are_charged_to_its_task(tmp_path) -> None:
+    """``resume``'s ``evicted``: the host wrote victims to its swap before it could back
+    the exit; the task whose exit it was pays those writes, once."""
+    host, mm = make(tmp_path)
+    c = mm.cost
+    dev = c.host_swap
+    # The formula: one latency per write, the pages at the device's bandwidth.
+    assert c.host_swap_writes(0, 0) == 0
+    assert c.host_swap_writes(16, 1) == dev.io_ns(16)
+    assert c.host_swap_writes(16, 3) == dev.io_ns(16) + 2 * dev.latency_ns
+    assert c.host_swap_writes(16, 0) == dev.io_ns(16)  # a host that says no count: one
+
+    plain = asyncio.run(write_all(mm, 0, 32)).modelled_ns
+
+    async def waited():
+        mm.note_host_evicted(40, 2)  # as the kernel does on such a resume
+        return await write_all(mm, 1, 32, seed=2)
+
+    t = asyncio.run(waited())
+    assert t.modelled_ns == plain + c.host_swap_writes(40, 2)
+    assert mm.stats.host_evicted_waited == 40 and mm.host_evicted == [0, 0]
+    again = asyncio.run(write_all(mm, 2, 32, seed=3))  # charged once, not again
+    assert again.modelled_ns == plain
+
+
 # -------------------------------------------------------------------------- page-cache hooks
 
 

@@ -52,6 +52,8 @@ class GuestPeer:
         self.shootdown_pfns: list[np.ndarray | None] = []
         #: Per resume, the pages the host said it read back from its swap (None: not said).
         self.resumed_swapped: list[np.ndarray | None] = []
+        #: (evicted, evicted_ios) of every resume: host swap writes the fault waited for.
+        self.resumed_evicted: list[tuple[int | None, int | None]] = []
         self.ack_shootdowns = True
         self.ack_delay = 0.0
         self.on_shootdown: Any = None  # callback run before the ack (e.g. "keep writing")
@@ -106,6 +108,7 @@ class GuestPeer:
                 msg = await self.ch.recv()
                 if isinstance(msg, m.Resume):
                     self.resumed_swapped.append(msg.swapped_array)
+                    self.resumed_evicted.append((msg.evicted, msg.evicted_ios))
                     fut = self._resumes.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(None)

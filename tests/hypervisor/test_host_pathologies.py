@@ -36,6 +36,14 @@ def test_host_swap_reads_sequential_then_decayed_and_what_the_guest_is_told():
             await lab.quiesce()
             va = host.vms["a"]
             assert va.led.swapped == 16
+            # B's faults waited for the host to write A's 16 pages to its swap, and their
+            # resumes say so (pages, writes): the guest charges those writes to the task.
+            assert a.resumed_evicted and all(e == (None, None) for e in a.resumed_evicted)
+            ev_pages = sum(p or 0 for p, _ in b.resumed_evicted)
+            ev_ios = sum(n or 0 for _, n in b.resumed_evicted)
+            assert ev_pages == va.host_swap_out == 16
+            assert 1 <= ev_ios <= ev_pages
+            assert all((p is None) == (n is None) for p, n in b.resumed_evicted)
             # The shootdown named the pages it revoked (for the guest's page cache).
             named = np.concatenate([p for p in a.shootdown_pfns if p is not None])
             assert sorted(named.tolist()) == list(range(16))
