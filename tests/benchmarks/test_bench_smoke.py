@@ -136,6 +136,7 @@ def test_reclaim_cli_writes_schema(tmp_path: Path):
     # the inflate and deflate: the trial then flags it and leaves the refault unmeasured.
     unmeasured = ranges["refault_s"] is None
     assert not unmeasured or ranges["refault_overlapped_phases"], ranges
+    assert unmeasured == (ranges["refault_unmeasured"] is not None)
     for key in RECLAIM_KEYS:
         if unmeasured and key == "refault_gib_s":
             assert out[key] is None
@@ -145,6 +146,7 @@ def test_reclaim_cli_writes_schema(tmp_path: Path):
         t = out["scenarios"][sc]["trials"][0]
         assert t["target_pages"] > 0 and t["corrupted_reads"] == 0
         assert t["refault_s"] is None or t["refault_pages"] > 0, t
+        assert (t["refault_s"] is None) == isinstance(t["refault_unmeasured"], str), t
     assert json.loads((tmp_path / "reclaim.json").read_text())["benchmark"] == "reclaim"
 
 

@@ -245,8 +245,13 @@ def test_a_vm_comes_back_after_descriptor_exhaustion_with_an_event(tmp_path):
             with contextlib.suppress(BlockingIOError, OSError):
                 s.connect(str(run_dir / "control.sock"))
             conns.append(s)
-        os.kill(a_kernel, signal.SIGKILL)
         log = run_dir / "hypervisor.log"
+        # Connections wait in the backlog until the host accepts them, which a loaded
+        # machine may delay: kill only once the host has run out of descriptors (it refuses
+        # a connection, and says so).
+        wait_for(lambda: "connection_refused" in log.read_text(errors="replace"),
+                 "the host to run out of descriptors")
+        os.kill(a_kernel, signal.SIGKILL)
         wait_for(lambda: "vm_spawn_failed" in log.read_text(errors="replace"),
                  "the failed restart to be logged as an event")
         for s in conns:
