@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(VENV)/bin/balloonlab bench reclaim --full --out docs/results
 	$(VENV)/bin/balloonlab bench kernels --full --out docs/results
 	$(VENV)/bin/balloonlab bench scale --full --out docs/results
+	$(VENV)/bin/balloonlab bench concurrent --vms 8 --vm-size 128MiB --repeat 3 --out docs/results
 	$(VENV)/bin/balloonlab bench fidelity --full --out docs/results
 
 clean:

@@ -1,4 +1,4 @@
-"""``balloonlab bench reclaim|kernels|protocol|scale|fidelity``
+"""``balloonlab bench reclaim|kernels|protocol|scale|concurrent|fidelity``
 (also ``python -m balloonlab.bench ...``).
 
 Results go to ``--out`` (a directory: ``<name>.json``, ``<name>.md`` and, for kernels, a PNG)
@@ -239,6 +239,32 @@ def _counts(_ctx: Any, _param: Any, value: str | None) -> tuple[int, ...] | None
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"VM counts must be at least 1, got {value!r}")
     return counts
+
+
+@bench.command("concurrent")
+@click.option("--vms", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="VMs inflating at once")
+@click.option("--vm-size", "vm_size", default="128MiB", show_default=True, callback=_size,
+              help="each VM's memory")
+@click.option("--repeat", default=2, show_default=True, type=click.IntRange(1, 100),
+              help="trials, each on a fresh host")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for concurrent.json and concurrent.md")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def concurrent_cmd(vms: int, vm_size: int, repeat: int, out: Path | None,
+                   as_json: bool) -> None:
+    """Aggregate inflate of several VMs ballooning at once against the same-run punch
+    limits of the same total size (about a minute at the defaults)."""
+    from benchmarks import concurrent as C
+    from benchmarks.reclaim import BenchError
+
+    try:
+        with _progress("concurrent") as say:
+            res = C.run_concurrent(vms, vm_size, repeat, progress=say)
+    except (ValueError, BenchError) as e:
+        raise click.ClickException(str(e)) from e
+    res["machine"] = report.machine()
+    _emit(res, out, "concurrent", as_json, C.markdown(res))
 
 
 @bench.command("scale")

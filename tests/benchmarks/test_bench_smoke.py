@@ -230,6 +230,29 @@ def test_fidelity_runs_regimes_and_writes_its_table(tmp_path: Path):
     assert "(a) memory to spare" in md and "(c) host swap on ssd" in md
 
 
+@pytest.mark.slow
+def test_concurrent_cli_inflates_every_vm_and_writes_schema(tmp_path: Path):
+    res = CliRunner().invoke(bench, ["concurrent", "--vms", "2", "--vm-size", "32MiB",
+                                     "--repeat", "1", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert "[3/3] 2 VMs of 32 MiB: trial 1/1" in res.stderr
+    assert out["benchmark"] == "concurrent" and out["vms"] == 2
+    t = out["trials"][0]
+    assert sorted(t["targets"]) == ["v0", "v1"] and all(v > 0 for v in t["targets"].values())
+    assert t["target_pages"] == sum(t["targets"].values()) and t["corrupted_reads"] == 0
+    for key in ("aggregate_gib_s", "limit_punch_gib_s", "limit_mapped_punch_gib_s",
+                "ratio_to_limit", "ratio_to_mapped_limit"):
+        assert out[key] > 0, key
+    assert json.loads((tmp_path / "concurrent.json").read_text())["vms"] == 2
+    assert "aggregate / punch limit" in (tmp_path / "concurrent.md").read_text()
+
+
+def test_concurrent_cli_rejects_a_bad_size():
+    res = CliRunner().invoke(bench, ["concurrent", "--vm-size", "8MiB"])
+    assert res.exit_code != 0 and "at least 16 MiB" in res.output
+
+
 def test_reclaim_summary_skips_unmeasured_refaults():
     from benchmarks.reclaim import summarise_trials
 
