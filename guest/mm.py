@@ -670,15 +670,27 @@ class MemoryManager:
     async def run_quantum(self, t: TaskMem, vpns: np.ndarray, writes: np.ndarray) -> QuantumResult:
         """Run one quantum of ``t``'s access stream, handling guest faults (with fault-around)
         and EPT exits (batched with look-ahead) until the stream is done or ``t`` is killed."""
+        return await self._drive(
+            t, t.pt, vpns,
+            lambda i, n: K.vcpu_run(self.ram, t.pt, t.wcount, vpns, writes, i, n, self.ept,
+                                    self.host_acc, self.guest_acc, self.needs_zero, t.tid),
+            lambda i: self._fault_around(t, vpns, i), lambda: self.last_swap_error)
+
+    async def _drive(self, t: TaskMem, table: np.ndarray, idx: np.ndarray,
+                     step: Callable[[int, int], tuple[int, int, int, int, int]],
+                     fill: Callable[[int], Awaitable[bool]],
+                     error: Callable[[], str]) -> QuantumResult:
+        """The vCPU loop of one quantum, anon or file: ``step(i, n)`` runs the Numba loop
+        from ``i`` to its next exit; a guest fault (``table[idx[i]]`` not mapped) is
+        ``fill(i)`` (False: the task is killed, ``error()`` says why); an EPT exit backs the
+        not-present pages of ``idx[i:]``'s look-ahead in one ``ensure_present``."""
         res = QuantumResult()
         sigbus = t.sigbus
-        i, n = 0, len(vpns)
+        i, n = 0, len(idx)
         st = self.stats
         clock0 = t.modelled_ns
         while i < n:
-            code, i, _arg, ops, corrupted = K.vcpu_run(
-                self.ram, t.pt, t.wcount, vpns, writes, i, n, self.ept, self.host_acc,
-                self.guest_acc, self.needs_zero, t.tid)
+            code, i, _arg, ops, corrupted = step(i, n)
             res.ops += ops
             st.ops += ops
             t.accesses += ops
@@ -691,23 +703,23 @@ class MemoryManager:
             s = time.perf_counter_ns()
             if code == K.EXIT_GUEST_FAULT:
                 st.guest_faults += 1
-                ok = await self._fault_around(t, vpns, i)
+                ok = await fill(i)
                 dt = time.perf_counter_ns() - s
                 res.stall_ns_guest += dt
                 st.stall_ns_guest += dt
                 if not ok:
                     res.killed = True
                     if t.sigbus != sigbus:
-                        res.sigbus = self.last_swap_error
+                        res.sigbus = error()
                     break
             else:
-                k = K.lookahead_not_present(t.pt, vpns, i, n, self.ept, self._mark,
+                k = K.lookahead_not_present(table, idx, i, n, self.ept, self._mark,
                                             self._ahead)
                 if k:
                     st.ept_exits += 1
                     ahead = self._ahead[:k].copy()
-                    # Pages the guest zeroes next are overwritten whole: a host swap read
-                    # of one is a false read.
+                    # Pages the guest zeroes next (a fresh anon page, a write-allocated cache
+                    # page) are overwritten whole: a host swap read of one is a false read.
                     over = self.needs_zero[ahead] != 0
                     self.host_backed(t, ahead, over, await self.ensure_present(ahead))
                 dt = time.perf_counter_ns() - s
@@ -902,50 +914,16 @@ class MemoryManager:
         blocks = np.ascontiguousarray(blocks, np.int64)
         if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= self.disk.nblocks):
             raise IndexError(f"task {t.tid}: blocks outside the disk's {self.disk.nblocks}")
-        res = QuantumResult()
-        sigbus = t.sigbus
-        i, n = 0, len(blocks)
-        st = self.stats
         clock0 = t.modelled_ns
-        while i < n:
-            code, i, _arg, ops, corrupted = K.cache_run(
-                self.ram, self.bmap, self.bcount, self.dirty, self.clean_cache, blocks, writes,
-                i, n, self.ept, self.host_acc, self.guest_acc, self.needs_zero)
-            res.ops += ops
-            st.ops += ops
-            t.accesses += ops
-            self.charge(t, self.cost.accesses(ops))
-            res.corrupted += corrupted
-            st.corrupted_reads += corrupted
-            if code == K.EXIT_DONE:
-                break
-            s = time.perf_counter_ns()
-            if code == K.EXIT_GUEST_FAULT:
-                st.guest_faults += 1
-                ok = await self._cache_fill(t, blocks, writes, i)
-                dt = time.perf_counter_ns() - s
-                res.stall_ns_guest += dt
-                st.stall_ns_guest += dt
-                if not ok:
-                    res.killed = True
-                    if t.sigbus != sigbus:
-                        res.sigbus = self.last_disk_error
-                    break
-            else:
-                k = K.lookahead_not_present(self.bmap, blocks, i, n, self.ept, self._mark,
-                                            self._ahead)
-                if k:
-                    st.ept_exits += 1
-                    ahead = self._ahead[:k].copy()
-                    # a write-allocated page is zeroed next: a host swap read of it is false
-                    over = self.needs_zero[ahead] != 0
-                    self.host_backed(t, ahead, over, await self.ensure_present(ahead))
-                dt = time.perf_counter_ns() - s
-                res.stall_ns_ept += dt
-                st.stall_ns_ept += dt
+        res = await self._drive(
+            t, self.bmap, blocks,
+            lambda i, n: K.cache_run(self.ram, self.bmap, self.bcount, self.dirty,
+                                     self.clean_cache, blocks, writes, i, n, self.ept,
+                                     self.host_acc, self.guest_acc, self.needs_zero),
+            lambda i: self._cache_fill(t, blocks, writes, i), lambda: self.last_disk_error)
         if not res.killed:
-            await self.balance_dirty(t)
-        res.modelled_ns = t.modelled_ns - clock0
+            await self.balance_dirty(t)  # a writer over the dirty limit writes back itself
+            res.modelled_ns = t.modelled_ns - clock0
         return res
 
     def _dirty_thresholds(self) -> tuple[int, int]:
