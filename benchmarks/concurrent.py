@@ -29,11 +29,12 @@ from typing import Any
 from balloonlab import launcher
 from balloonlab.client import ControlClient
 from benchmarks import references
-from benchmarks.reclaim import GIB, MIB, POLL_S, BenchError, _task
+from benchmarks.reclaim import GIB, MIB, POLL_S, BenchError
 from hypervisor.topology import (
     DEFAULT_MIN_MEMORY_FRACTION,
     DEFAULT_SHARES,
     HostConfig,
+    TaskConfig,
     Topology,
     VmConfig,
 )
@@ -54,7 +55,8 @@ def topology(vms: int, vm_bytes: int, host_name: str, run_dir: Path) -> Topology
         name=f"v{i}", memory=memory,
         features=("must_tell_host", "stats", "deflate_on_oom", "ranges"), wire="ranges",
         stats_interval=0.2, guest_swap=16 * MIB, on_crash="destroy",
-        tasks=(_task("idle", int(memory * TOUCH_FRACTION), hold=1.0),),
+        tasks=(TaskConfig(workload="idle", size=int(memory * TOUCH_FRACTION) // MIB * MIB,
+                          hold=1.0),),
         min_memory=int(memory * DEFAULT_MIN_MEMORY_FRACTION) // MIB * MIB,
         max_memory=memory, shares=DEFAULT_SHARES, initial_balloon=0) for i in range(vms))
     host = HostConfig(name=host_name, memory=host_mem // MIB * MIB, swap=0, policy="none",

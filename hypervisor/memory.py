@@ -42,7 +42,7 @@ import numpy as np
 
 from hypervisor.hostswap import HostSwap, noncontiguous, paired_runs
 from hypervisor.kernels import LOCKED
-from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, p2m_to_slot
+from hypervisor.ledger import FrameLedger, LedgerError, OutOfSwap, VmLedger, p2m_to_slot
 from hypervisor.pathologies import crossed
 from hypervisor.vm import Vm, VmState
 from hypervisor.vmmem import PunchFailed
@@ -214,7 +214,7 @@ class HostMemory:
         async with self.lock:
             return await self._back_fault(vm, g, led, read_back, evicted)
 
-    async def _back_fault(self, vm: Vm, g: np.ndarray, led: Any,
+    async def _back_fault(self, vm: Vm, g: np.ndarray, led: VmLedger,
                           read_back: list[np.ndarray] | None,
                           evicted: list[int] | None) -> bool:
         """:meth:`handle_fault`'s body (lock held)."""

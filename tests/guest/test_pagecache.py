@@ -121,12 +121,18 @@ def test_dirty_pages_are_written_back_coalesced_then_dropped(tmp_path) -> None:
     assert int(first) == naive_stamp(K.FILE_STAMP_TASK, 8, 1)
 
 
-def test_reclaim_takes_inactive_file_pages_before_anon(tmp_path) -> None:
-    host, mm, disk = with_disk(tmp_path, 512, 256, 64)
+def _anon_100_and_file_40(tmp_path):
+    """A guest whose anon task wrote 100 pages and whose file task read 40 clean blocks."""
+    _host, mm, _disk = with_disk(tmp_path, 512, 256, 64)
     anon = mm.add_task(0, 100)
     f = mm.add_task(1, 1)
     run(mm.run_quantum(anon, np.arange(100, dtype=np.int64), ones(100)))
     run(mm.run_file_quantum(f, np.arange(40, dtype=np.int64), ones(40, 0)))
+    return mm
+
+
+def test_reclaim_takes_inactive_file_pages_before_anon(tmp_path) -> None:
+    mm = _anon_100_and_file_40(tmp_path)
     mm.guest_acc[:] = 0  # everything cold: file pages must still go first
     got = run(mm.reclaim(32, direct=False))
     assert got == 32 and mm.stats.swap_out == 0 and mm.cstats.dropped_clean == 32
@@ -136,11 +142,7 @@ def test_reclaim_takes_inactive_file_pages_before_anon(tmp_path) -> None:
 
 
 def test_hot_file_pages_survive_a_pass_and_anon_goes_instead(tmp_path) -> None:
-    host, mm, disk = with_disk(tmp_path, 512, 256, 64)
-    anon = mm.add_task(0, 100)
-    f = mm.add_task(1, 1)
-    run(mm.run_quantum(anon, np.arange(100, dtype=np.int64), ones(100)))
-    run(mm.run_file_quantum(f, np.arange(40, dtype=np.int64), ones(40, 0)))
+    mm = _anon_100_and_file_40(tmp_path)
     mm.guest_acc[:] = 0
     mm.guest_acc[mm.bmap[:40]] = 1  # the file pages were just used: they are active
     got = run(mm.reclaim(16, direct=False))

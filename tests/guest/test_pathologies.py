@@ -9,7 +9,6 @@ bytes, wiping the page), gives them back on ``ensure_present`` and says which it
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 
 import numpy as np
@@ -18,20 +17,17 @@ from guest.mm import MemoryManager, SwapDevice
 from guest.workloads import Workload, WorkloadSpec
 from hypervisor.pathologies import crossed, guest_events
 from protocol.features import StatTag
+from tests.guest.test_mm import MiniHost
 
 PAGE = 4096
 
 
-class SwappingHost:
+class SwappingHost(MiniHost):
+    """:class:`MiniHost` that zeroes what it backs fresh, says which pages it read back from
+    its "swap" and releases ballooned pages."""
+
     def __init__(self, pages: int) -> None:
-        self.pages = pages
-        self.fd = os.memfd_create("ram")
-        os.ftruncate(self.fd, pages * PAGE)
-        self.map = mmap.mmap(self.fd, pages * PAGE)
-        self.ram = np.frombuffer(self.map, np.uint64)
-        self.ept = np.zeros(pages, np.uint8)
-        self.acc = np.zeros(pages, np.uint8)
-        self.held: dict[int, bytes] = {}
+        super().__init__(pages)
         self.reads = 0  # pages read back from "host swap"
 
     async def ensure_present(self, gpfns: np.ndarray) -> np.ndarray:
@@ -50,15 +46,10 @@ class SwappingHost:
         return np.array(read, np.int64)
 
     def swap_out(self, gpfns: np.ndarray) -> int:
-        """Host swap-out at a safe point: copy the bytes away, wipe the page."""
-        n = 0
-        for g in np.asarray(gpfns).tolist():
-            if self.ept[g]:
-                self.ept[g] = 0
-                self.held[g] = os.pread(self.fd, PAGE, g * PAGE)
-                os.pwrite(self.fd, b"\xee" * PAGE, g * PAGE)
-                n += 1
-        return n
+        """Host swap-out at a safe point (:meth:`MiniHost.host_take`); the pages taken."""
+        before = int(self.ept.sum())
+        self.host_take(gpfns)
+        return before - int(self.ept.sum())
 
     def release(self, gpfns: np.ndarray) -> None:
         """A balloon inflate: the pages are dropped, nothing is kept."""

@@ -85,6 +85,17 @@ async def wait_for(ch: Channel, pred, what: str, limit: float = 90.0) -> dict[in
         await asyncio.sleep(0.05)
 
 
+async def revoke_at_random(peer, pages: int, seed: int) -> int:
+    """The host swaps guest pages behind the guest's back: 20 shootdowns of 200 random
+    pages each, 20 ms apart. The pages it took."""
+    rng = np.random.default_rng(seed)
+    taken = 0
+    for _ in range(20):
+        taken += await peer.revoke(rng.integers(0, pages, 200))
+        await asyncio.sleep(0.02)
+    return taken
+
+
 def test_boots_runs_under_guest_and_host_swap_and_halts(tmp_path) -> None:
     pages = 2048  # 8 MiB of RAM, a 10 MiB working set, 16 MiB of guest swap
     cfg = config(pages, 4096, [{"workload": "zipf", "size": 2560 * PAGE, "skew": 0.6,
@@ -99,11 +110,7 @@ def test_boots_runs_under_guest_and_host_swap_and_halts(tmp_path) -> None:
             await wait_for(ch, lambda s: s[T.SWAP_OUT] > 0 and s[T.OPS] > 200_000,
                            "guest swapping")
             # now the host swaps guest pages behind its back, with shootdowns
-            rng = np.random.default_rng(1)
-            taken = 0
-            for _ in range(20):
-                taken += await peer.revoke(rng.integers(0, pages, 200))
-                await asyncio.sleep(0.02)
+            taken = await revoke_at_random(peer, pages, seed=1)
             base = (await meminfo(ch))[T.OPS]
             st = await wait_for(ch, lambda s: s[T.OPS] > base + 200_000, "more work")
             assert taken > 0
@@ -402,11 +409,7 @@ def test_fileio_through_the_page_cache_under_host_swap(tmp_path) -> None:
             await wait_for(ch, lambda s: s.get(T.DISK_WRITE_PAGES, 0) > 0
                            and s.get(T.CACHE_DROPPED_CLEAN, 0) + s.get(T.CACHE_WRITTEN_BACK, 0)
                            > 0, "the cache to fill, write back and be reclaimed")
-            rng = np.random.default_rng(2)
-            taken = 0
-            for _ in range(20):
-                taken += await peer.revoke(rng.integers(0, pages, 200))
-                await asyncio.sleep(0.02)
+            taken = await revoke_at_random(peer, pages, seed=2)
             base = (await meminfo(ch))[T.OPS]
             st = await wait_for(ch, lambda s: s[T.OPS] > base + 100_000, "more work")
             assert taken > 0
