@@ -535,6 +535,13 @@ def _warm_up_kernels() -> None:
     idx, _hint = kernels.map_alloc(state, 2, 0)
     kernels.map_count(state, 1)
     kernels.map_free(state, idx)
+    # The release path of an inflate, on a one-page P2M that backs nothing (no-op).
+    p2m = np.full(1, -1, dtype=np.int64)
+    runs = np.array([[0, 1]], dtype=np.int64)
+    owner_vm, owner_gpfn = np.zeros(8, dtype=np.int32), np.zeros(8, dtype=np.int64)
+    kernels.runs_first_locked(p2m, runs, state)
+    kernels.release_runs(p2m, runs, state, owner_vm, owner_gpfn, state.copy(),
+                         owner_vm.copy(), owner_gpfn.copy(), 0)
 
 
 async def run_host(topology: Topology, **kwargs: Any) -> None:
