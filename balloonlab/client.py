@@ -11,7 +11,7 @@ when the host refuses a call and :class:`HostNotRunning` when nothing listens on
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,35 @@ class ControlClient:
                 raise ControlError(msg.code, msg.message)
             if isinstance(msg, m.Error):
                 raise ControlError(msg.code, msg.message)
+
+    def call_many(self, calls: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Send every ``(method, params)`` of ``calls`` at once, then collect the answers:
+        one round trip for all of them (e.g. a balloon target for each of many VMs, all
+        set at the same moment). Returns the values in order; when any call failed, every
+        answer is read first (the connection stays usable) and the first failure, in
+        ``calls`` order, is raised as :class:`ControlError`."""
+        conn = self._ch.conn
+        ids = [conn.new_id() for _ in calls]
+        for cid, (method, params) in zip(ids, calls):
+            self._ch.send(m.Call(id=cid, method=method, params=params or None))
+        answers: dict[int, Any] = {}
+        while len(answers) < len(ids):
+            try:
+                msg = self._ch.recv()
+            except PeerClosed as e:
+                raise HostNotRunning(f"the host closed the control connection ({e})") from e
+            except TimeoutError as e:
+                raise TimeoutError(f"no answer to {len(ids) - len(answers)} of "
+                                   f"{len(ids)} calls from {self.path}") from e
+            if isinstance(msg, (m.Result, m.Error)) and msg.id in ids:
+                answers[msg.id] = msg
+            elif isinstance(msg, m.Error):
+                raise ControlError(msg.code, msg.message)
+        for cid in ids:
+            a = answers[cid]
+            if isinstance(a, m.Error):
+                raise ControlError(a.code, a.message)
+        return [answers[cid].value for cid in ids]
 
     def events(self, follow: bool = False) -> Iterator[dict[str, Any]]:
         """Past events; with ``follow``, then every new one as it happens (blocks)."""

@@ -97,6 +97,9 @@ class ControlledHost(Protocol):
     def swap_reads(self) -> tuple[int, int]: ...
 
     @property
+    def releases(self) -> tuple[int, int]: ...
+
+    @property
     def policy_cpu_seconds(self) -> float: ...
 
     @property
@@ -296,7 +299,8 @@ class ControlServer:
                 "policy": h.policy_name, "run_dir": str(h.run_dir),
                 "started": h.started_at, "oom_kills": h.oom_kills,
                 "policy_rounds": h.policy_rounds, "policy_cpu_seconds": h.policy_cpu_seconds,
-                "forkserver_pid": h.forkserver_pid, **self.pathologies()}
+                "forkserver_pid": h.forkserver_pid, "release_rounds": h.releases[0],
+                "release_batches": h.releases[1], **self.pathologies()}
 
     def pathologies(self) -> dict[str, Any]:
         """The host's pathology totals: its swap reads (all VMs, since it started) and the

@@ -336,6 +336,11 @@ class Host:
         return self.memory.oom_kills
 
     @property
+    def releases(self) -> tuple[int, int]:
+        """Balloon release rounds (lock holds) and the batches they released."""
+        return self.memory.release_rounds, self.memory.release_batches
+
+    @property
     def swap_reads(self) -> tuple[int, int]:
         """Host swap reads (pages, all VMs) and those not contiguous on the swap device."""
         return self.memory.swap_reads, self.memory.swap_reads_noncontig

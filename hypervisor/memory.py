@@ -10,8 +10,9 @@ else here is memory bookkeeping and the system calls that move pages.
 
 Every change to the ledger, the EPTs and the memfds happens under one asyncio lock
 (``lock``), and nothing awaits while holding it but a wait on ``changed`` (which lets it
-go), so each operation is atomic with respect to the others and
-``frames_in_use == Σ resident pages`` holds whenever the lock is free.
+go) and a release's punches on worker threads (which keep it), so each operation is atomic
+with respect to the others and ``frames_in_use == Σ resident pages`` holds whenever the
+lock is free.
 
 The one wait that is not the host's own, a reclaim's shootdown (a guest has up to
 ``SHOOTDOWN_TIMEOUT`` to answer), runs in a task per VM: the victims stay LOCKED in the
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -63,6 +66,12 @@ MAX_PATIENCE = 2.0
 MAX_SWAP_WRITE_ERRORS = 3
 #: Attempts at punching a stopped VM's RAM before the failure is reported.
 FREE_PUNCH_TRIES = 3
+#: A release batch of at least this many pages (16 MiB: milliseconds of punching) is
+#: punched on a worker thread, the event loop serving meanwhile; smaller ones inline (a
+#: thread hand-off would cost more than it frees).
+OFFLOAD_PAGES = 4096
+#: Worker threads punching at once (each a different VM's memfd).
+PUNCH_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Errors that mean the swap file's disk has no room left.
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -89,6 +98,24 @@ def _batch_runs(runs: np.ndarray) -> np.ndarray:
     if a.ndim == 1:
         return P.coalesce_runs(P.pfns_to_runs(a.astype(np.int64)))
     return P.coalesce_runs(a)
+
+
+@dataclass(eq=False)
+class _Release:
+    """One balloon batch waiting to be released, and its caller's answer."""
+
+    vm: Vm
+    runs: np.ndarray
+    done: asyncio.Future[tuple[int, int]]
+
+
+def _punch(rel: _Release) -> int | PunchFailed:
+    """Punch a batch's runs (on a worker thread or inline): the call count, or the failure
+    (returned, so that every batch of a round is settled)."""
+    try:
+        return rel.vm.mem.punch_runs(rel.runs)
+    except PunchFailed as e:
+        return e
 
 
 @dataclass(eq=False)
@@ -139,6 +166,15 @@ class HostMemory:
         #: in the same fault (all VMs; each VM keeps its own too).
         self.swap_reads = 0
         self.swap_reads_noncontig = 0
+        #: Balloon batches waiting to be released, their releaser task, and whether it
+        #: waits on ``changed`` (for a reclaim holding pages of every batch left).
+        self._releases: list[_Release] = []
+        self._releaser: asyncio.Task[None] | None = None
+        self._releaser_waiting = False
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: Release rounds (one hold of the lock each) and the batches they released.
+        self.release_rounds = 0
+        self.release_batches = 0
 
     # ---------------------------------------------------------------- lifetime
 
@@ -148,6 +184,9 @@ class HostMemory:
         self.swap = HostSwap(path if slots else None, slots)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.swap is not None:
             self.swap.close()
 
@@ -561,35 +600,141 @@ class HostMemory:
         reclaim; a batch the ledger refuses changes nothing. Returns (frames freed, punch
         calls).
 
+        Batches of several VMs that wait at the same time are released together, under
+        one hold of the lock: each VM's punches of at least :data:`OFFLOAD_PAGES` run on a
+        worker thread of their own (one file per VM, so they proceed in parallel in the
+        kernel), while the event loop goes on serving everything that does not need the
+        lock. The caller being cancelled never stops a release half-way.
+
         When a punch fails part-way, the runs already punched are freed (they were the
         guest's free pages: nothing is lost), the others stay backed and present, a
         ``host_memory_error`` names the call and the batch is refused."""
-        r = _batch_runs(runs)
-        async with self.lock:
-            while True:
-                if vm.led.index not in self.ledger.vms:
-                    raise LedgerError(f"VM {vm.name!r} is not running")
-                if self.ledger.first_locked(vm.led.index, r) < 0:  # checks the runs, too
-                    break
-                await self.changed.wait()  # a reclaim holds some: let it finish
-            P.set_runs(vm.mem.ept, r, EPT_NOT_PRESENT)  # first: no access can follow
-            try:
-                calls = vm.mem.punch_runs(r)
-            except PunchFailed as e:
-                done = int(np.searchsorted(np.cumsum(r[:, 1]), e.punched.size, side="right"))
-                _, slots = self.ledger.release_runs(vm.led.index, r[:done])
-                self._discard(vm, slots)
-                rest = P.runs_to_pfns(r[done:]).astype(np.int64)  # the error path only
-                kept = rest[vm.led.p2m[rest] >= 0]
-                vm.mem.set_present(kept)
-                self._report("host_memory_error", vm, "release", "memfd.punch", e,
-                             int(kept.size))
+        rel = _Release(vm, _batch_runs(runs), asyncio.get_running_loop().create_future())
+        # Read by whoever awaits it; consumed here too, so a caller cancelled meanwhile
+        # leaves no "exception never retrieved" behind.
+        rel.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._releases.append(rel)
+        if self._releaser is None or self._releaser.done():
+            self._releaser = self._spawn(self._run_releases(), "release")
+        elif self._releaser_waiting:
+            async with self.lock:  # the releaser waits on `changed`: wake it for this one
                 self.changed.notify_all()
-                raise LedgerError(f"VM {vm.name!r}: releasing pages failed: {e}") from e
-            freed, slots = self.ledger.release_runs(vm.led.index, r)
+        return await asyncio.shield(rel.done)
+
+    async def _run_releases(self) -> None:
+        """Release every queued batch (see :meth:`release_pages`), one batch per VM per
+        round, until none is left."""
+        try:
+            while self._releases:
+                # The lock is let go between rounds: faults and reclaims queued for it get
+                # their turn (the lock is FIFO) while batches keep arriving.
+                async with self.lock:
+                    ready = self._ready_releases()
+                    if ready:
+                        await self._release_round(ready)
+                    elif self._releases:  # a reclaim holds pages of each: wait for it
+                        self._releaser_waiting = True
+                        try:
+                            await self.changed.wait()
+                        finally:
+                            self._releaser_waiting = False
+        except BaseException as e:
+            # Cancelled (the host is stopping) or a bug: nobody will release what is still
+            # queued, and its callers must not wait for ever.
+            why = "the host is stopping" if isinstance(e, asyncio.CancelledError) else \
+                f"the releaser failed: {e!r}"
+            for rel in self._releases:
+                if not rel.done.done():
+                    rel.done.set_exception(LedgerError(why))
+            self._releases = []
+            raise
+
+    @property
+    def releases_queued(self) -> int:
+        """Balloon batches waiting for their release round."""
+        return len(self._releases)
+
+    def _ready_releases(self) -> list[_Release]:
+        """Take from the queue the batches that can be released now (lock held): the
+        first of each VM's, when its runs are valid and no page of them is in flight. A
+        batch the ledger refuses is answered at once."""
+        ready: list[_Release] = []
+        later: list[_Release] = []
+        for rel in self._releases:
+            if any(r.vm is rel.vm for r in ready) or any(r.vm is rel.vm for r in later):
+                later.append(rel)  # a VM's batches are released in order, one per round
+                continue
+            led = rel.vm.led.index
+            try:
+                if led not in self.ledger.vms:
+                    raise LedgerError(f"VM {rel.vm.name!r} is not running")
+                # first_locked checks the runs, too
+                (ready if self.ledger.first_locked(led, rel.runs) < 0 else later).append(rel)
+            except LedgerError as e:
+                rel.done.set_exception(e)
+        self._releases = later
+        return ready
+
+    async def _release_round(self, ready: list[_Release]) -> None:
+        """Punch and free ``ready`` (lock held, runs checked, at most one per VM)."""
+        loop = asyncio.get_running_loop()
+        self.release_rounds += 1
+        self.release_batches += len(ready)
+        for rel in ready:
+            P.set_runs(rel.vm.mem.ept, rel.runs, EPT_NOT_PRESENT)  # first: no access can follow
+        punched: list[asyncio.Future[Any] | None] = [None] * len(ready)
+        for i, rel in enumerate(ready):
+            if int(rel.runs[:, 1].sum()) >= OFFLOAD_PAGES:
+                try:
+                    punched[i] = loop.run_in_executor(self._punchers(), _punch, rel)
+                except RuntimeError as e:  # no thread could be started: punch it here
+                    log.warning("%s: punching on the event loop: %s", rel.vm.name, e)
+        results = [fut if fut is not None else _punch(rel) for fut, rel in zip(punched, ready)]
+        offloaded = [f for f in punched if f is not None]
+        # The ledger must follow the memfds whatever happens to this task: wait out the
+        # threads even when cancelled, then settle every batch, then let a cancel through.
+        cancelled = False
+        while offloaded and not all(f.done() for f in offloaded):
+            try:
+                await asyncio.shield(asyncio.wait(offloaded))
+            except asyncio.CancelledError:
+                cancelled = True
+        for rel, res in zip(ready, results):
+            try:
+                out = res.result() if isinstance(res, asyncio.Future) else res
+                self._settle_release(rel, out)
+            except Exception as e:  # a bug, not a failed system call (that is PunchFailed)
+                log.exception("%s: releasing a batch failed", rel.vm.name)
+                if not rel.done.done():
+                    rel.done.set_exception(e)
+        self.changed.notify_all()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _settle_release(self, rel: _Release, out: int | PunchFailed) -> None:
+        """Free what a batch's punch released; answer its caller."""
+        vm, r = rel.vm, rel.runs
+        if isinstance(out, PunchFailed):
+            done = int(np.searchsorted(np.cumsum(r[:, 1]), out.punched.size, side="right"))
+            _, slots = self.ledger.release_runs(vm.led.index, r[:done])
             self._discard(vm, slots)
-            self.changed.notify_all()
-            return freed, calls
+            rest = P.runs_to_pfns(r[done:]).astype(np.int64)  # the error path only
+            kept = rest[vm.led.p2m[rest] >= 0]
+            vm.mem.set_present(kept)
+            self._report("host_memory_error", vm, "release", "memfd.punch", out,
+                         int(kept.size))
+            rel.done.set_exception(
+                LedgerError(f"VM {vm.name!r}: releasing pages failed: {out}"))
+            return
+        freed, slots = self.ledger.release_runs(vm.led.index, r)
+        self._discard(vm, slots)
+        rel.done.set_result((freed, out))
+
+    def _punchers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=PUNCH_THREADS, thread_name_prefix="punch")
+        return self._pool
 
     # ---------------------------------------------------------------- checks
 

@@ -31,6 +31,7 @@ import errno as _errno
 import json
 import os
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ class _State:
 
 
 _state = _State()
+_count_lock = threading.Lock()
 
 
 def install(injections: Iterable[Injection] | str) -> None:
@@ -186,13 +188,14 @@ def fired() -> list[str]:
 
 def hit(point: str) -> None:
     """Count one call of ``point``; raise :class:`InjectedFault` when the plan says so."""
-    _state.calls[point] += 1
+    with _count_lock:  # the host punches on worker threads too
+        _state.calls[point] += 1
+        n = _state.calls[point]
     for inj in _state.plan.get(point, ()):
-        if inj.matches(_state.calls[point]):
-            _state.fired.append(f"{point}@{_state.calls[point]}="
-                                f"{_errno.errorcode.get(inj.errno, inj.errno)}")
+        if inj.matches(n):
+            _state.fired.append(f"{point}@{n}={_errno.errorcode.get(inj.errno, inj.errno)}")
             raise InjectedFault(inj.errno, f"{os.strerror(inj.errno)} (injected at {point}, "
-                                f"call {_state.calls[point]})")
+                                f"call {n})")
 
 
 def _retrying(point: str) -> None:

@@ -373,6 +373,16 @@ class Lab:
             self.host.check_conservation()
 
 
+async def check_stamps(lab: Lab, touched: dict[str, list[int]]) -> None:
+    """Every page of every running VM still holds the stamp its guest wrote."""
+    for name, pages in touched.items():
+        if lab.host.vms[name].state != "running":
+            continue
+        g = lab.guests[name]
+        bad = [p for p in pages if await g.read(p, 16) != g.stamp(p)]
+        assert not bad, f"VM {name}: {len(bad)} pages read back wrong, first {bad[:5]}"
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 

@@ -59,6 +59,32 @@ def test_host_info_list_vms_dommemstat():
     run(main())
 
 
+def test_call_many_sends_every_call_in_one_round_trip():
+    """Values come back in the calls' order; a failed call is raised once every answer is
+    read, so the connection stays in step for the next call."""
+    async def main():
+        async with Lab(topo(64, 0, {"a": 32, "b": 16})) as lab:
+            def client_side():
+                with ControlClient(lab.run_dir) as c:
+                    ok = c.call_many([("set_balloon", {"vm": "a", "pages": 8}),
+                                      ("set_balloon", {"vm": "b", "pages": 4}),
+                                      ("host_info", {})])
+                    with pytest.raises(ControlError) as err:
+                        c.call_many([("set_balloon", {"vm": "a", "pages": 2}),
+                                     ("set_balloon", {"vm": "nosuch", "pages": 1}),
+                                     ("set_balloon", {"vm": "b", "pages": 3})])
+                    after = c.call("list_vms")
+                    return ok, err.value, after
+
+            ok, err, after = await asyncio.to_thread(client_side)
+            assert ok[0]["target_pages"] == 8 and ok[1]["target_pages"] == 4
+            assert ok[2]["name"] == "t"
+            assert "nosuch" in str(err)
+            # the calls around the failed one were answered and applied
+            assert {v["name"]: v["target_pages"] for v in after} == {"a": 2, "b": 3}
+    run(main())
+
+
 def test_setmem_and_set_balloon_push_config_to_the_driver():
     async def main():
         async with Lab(topo(64, 0, {"a": 32})) as lab:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hv_peers import Lab, run, topo
+from hv_peers import Lab, check_stamps, run, topo
 
 from protocol import syscalls
 from protocol.aio import PeerClosed
@@ -27,16 +27,6 @@ def _no_plan():
     syscalls.clear()
     yield
     syscalls.clear()
-
-
-async def check_stamps(lab: Lab, touched: dict[str, list[int]]) -> None:
-    """Every page of every running VM still holds the stamp its guest wrote."""
-    for name, pages in touched.items():
-        if lab.host.vms[name].state != "running":
-            continue
-        g = lab.guests[name]
-        bad = [p for p in pages if await g.read(p, 16) != g.stamp(p)]
-        assert not bad, f"VM {name}: {len(bad)} pages read back wrong, first {bad[:5]}"
 
 
 def assert_no_leak(lab: Lab) -> None:

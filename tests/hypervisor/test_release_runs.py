@@ -4,13 +4,18 @@ touched) and costs the batch, not the VM (real host, real sockets, in-test peers
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import tracemalloc
 
 import numpy as np
-from hv_peers import Lab, run, topo
+from hv_peers import Lab, check_stamps, run, topo
 
+from hypervisor.memory import OFFLOAD_PAGES
 from protocol import messages as m
 from protocol import pfn as P
+from protocol import syscalls
 
 
 def test_one_punch_per_contiguous_run_of_the_batch_backed_or_not():
@@ -69,4 +74,110 @@ def test_a_batch_costs_the_batch_not_the_vm():
             assert vm.mem.resident_pages() == 0
             assert peak < 512 * 1024, f"{peak} bytes allocated to inflate 120 pages"
             await lab.quiesce()
+    run(main())
+
+
+# ------------------------------------------------------------------ several VMs at once
+
+BIG = OFFLOAD_PAGES + 512  # a batch punched on a worker thread
+
+
+async def _queued(lab: Lab, n: int) -> None:
+    """Wait until ``n`` batches wait for their release round (the test holds the lock)."""
+    while lab.host.memory.releases_queued < n:
+        await asyncio.sleep(0.005)
+
+
+def _spy_threads(vm) -> list[int]:
+    """Record the thread each punch of ``vm`` runs on (the real punch runs)."""
+    seen: list[int] = []
+    punch = vm.mem.punch_runs
+
+    def spy(runs):
+        seen.append(threading.get_ident())
+        return punch(runs)
+    vm.mem.punch_runs = spy
+    return seen
+
+
+def test_batches_of_several_vms_are_released_in_one_round_on_worker_threads():
+    """Three VMs' inflates waiting at once are released together, in one hold of the
+    memory lock; batches this large are punched off the event loop's thread."""
+    names = ("a", "b", "c")
+
+    async def main():
+        async with Lab(topo(3 * BIG, 0, {n: BIG for n in names})) as lab:
+            guests = {n: await lab.guest(n) for n in names}
+            drivers = {n: await lab.driver(n) for n in names}
+            for g in guests.values():
+                await g.touch(np.arange(BIG), stamp=False)
+            await lab.quiesce()
+            threads = {n: _spy_threads(lab.host.vms[n]) for n in names}
+            rounds, batches = lab.host.releases
+            async with lab.host.mm_lock:  # nothing is released until all three wait
+                tasks = [asyncio.create_task(drivers[n].inflate(np.arange(BIG))) for n in names]
+                await _queued(lab, 3)
+            acks = await asyncio.gather(*tasks)
+            assert all(a.ok for a in acks), acks
+            assert lab.host.releases == (rounds + 1, batches + 3)
+            loop_thread = threading.get_ident()
+            for n in names:
+                vm = lab.host.vms[n]
+                assert len(threads[n]) == 1 and threads[n][0] != loop_thread
+                assert vm.mem.resident_pages() == 0 and vm.led.backed == 0
+                assert not guests[n].ept.any()
+            assert lab.host.ledger.frames_free == lab.host.ledger.frames_total
+            await lab.quiesce()
+    run(main())
+
+
+def test_a_cancelled_caller_never_stops_a_release_half_way():
+    """The caller of a release is cancelled while its batch waits for the lock: the batch is
+    still released whole, and frames, EPT and memfd agree."""
+    async def main():
+        async with Lab(topo(BIG, 0, {"a": BIG})) as lab:
+            g = await lab.guest("a")
+            await g.touch(np.arange(BIG), stamp=False)
+            await lab.quiesce()
+            vm = lab.host.vms["a"]
+            async with lab.host.mm_lock:
+                task = asyncio.create_task(
+                    lab.host.release_pages(vm, np.array([[0, BIG]], dtype=np.int64)))
+                await _queued(lab, 1)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await lab.quiesce()  # conservation: frames in use == resident pages
+            assert vm.led.backed == 0 and vm.mem.resident_pages() == 0
+            assert not g.ept.any()
+    run(main())
+
+
+def test_a_failed_punch_in_a_shared_round_refuses_only_its_batch():
+    """Two VMs' batches in one round, the first punch call fails (whichever VM's it is):
+    that batch is refused with its pages kept, the other is released, nothing is lost."""
+    async def main():
+        async with Lab(topo(2 * BIG, 0, {"a": BIG, "b": BIG})) as lab:
+            guests = {n: await lab.guest(n) for n in "ab"}
+            drivers = {n: await lab.driver(n) for n in "ab"}
+            for g in guests.values():
+                await g.touch(np.arange(BIG))
+            await lab.quiesce()
+            syscalls.install("memfd.punch@1=EIO")
+            try:
+                async with lab.host.mm_lock:
+                    tasks = [asyncio.create_task(drivers[n].inflate(np.arange(BIG)))
+                             for n in "ab"]
+                    await _queued(lab, 2)
+                acks = dict(zip("ab", await asyncio.gather(*tasks)))
+            finally:
+                syscalls.clear()
+            failed = [n for n, a in acks.items() if not a.ok]
+            assert len(failed) == 1, acks
+            bad, good = failed[0], "b" if failed[0] == "a" else "a"
+            assert lab.host.vms[good].mem.resident_pages() == 0
+            assert lab.host.vms[bad].mem.resident_pages() == BIG
+            assert guests[bad].ept.all()
+            await lab.quiesce()
+            await check_stamps(lab, {bad: list(range(BIG))})
     run(main())
