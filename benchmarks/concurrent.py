@@ -29,7 +29,7 @@ from typing import Any
 from balloonlab import launcher
 from balloonlab.client import ControlClient
 from benchmarks import references
-from benchmarks.reclaim import GIB, MIB, POLL_S, BenchError
+from benchmarks.reclaim import GIB, MIB, POLL_S, BenchError, freed_since
 from hypervisor.topology import (
     DEFAULT_MIN_MEMORY_FRACTION,
     DEFAULT_SHARES,
@@ -105,12 +105,12 @@ def run_trial(vms: int, vm_bytes: int, workdir: Path, trial: int) -> dict[str, A
         def stat(name: str) -> dict[str, Any]:
             return c.call("dommemstat", vm=name)
 
-        touched = int(pages * 0.85 * 0.95)
+        goal = int(pages * 0.85 * 0.95)
         _wait(c, "every guest to touch its memory",
-              lambda _v: all(stat(n)["backed_pages"] >= touched for n in names))
+              lambda _v: all(stat(n)["backed_pages"] >= goal for n in names))
+        touched = time.time()
         _wait(c, "every guest to free its memory",
-              lambda _v: all((stat(n)["unused"] or 0) // PAGE_SIZE >= pages * 0.35
-                             for n in names))
+              lambda _v: all(freed_since(stat(n), touched, pages) for n in names))
         time.sleep(0.5)  # one more stats interval: settled `unused`
         targets = {}
         for n in names:

@@ -205,6 +205,14 @@ class Host:
             time.sleep(POLL_S)
 
 
+def freed_since(s: dict[str, Any], since: float, pages: int) -> bool:
+    """Has the guest freed its task's memory (35 % of ``pages`` unused), by stats taken
+    after ``since`` (UNIX time)? Stats from before the touch ended still show the memory
+    free that the task has not touched yet: a target computed from them is far too small."""
+    return (s.get("last_update") is not None and s["last_update"] > since
+            and s["unused"] is not None and s["unused"] // PAGE_SIZE >= pages * 0.35)
+
+
 def run_trial(plan: Plan, workdir: Path, trial: int) -> dict[str, Any]:
     """One fresh host, one inflate, one deflate, one refault. Returns the measured phases."""
     pages = plan.pages
@@ -215,9 +223,9 @@ def run_trial(plan: Plan, workdir: Path, trial: int) -> dict[str, Any]:
         # the touch took, then ends: both waits are on conditions, bounded against a hang.)
         _, s = h.wait("the guest to touch its memory",
                       lambda s: s["backed_pages"] >= touched_goal * 0.95)
+        touched = time.time()
         _, s = h.wait("the task's memory to be freed",
-                      lambda s: s["unused"] is not None
-                      and s["unused"] // PAGE_SIZE >= pages * 0.35)
+                      lambda s: freed_since(s, touched, pages))
         time.sleep(0.5)  # one more stats interval: a settled `unused`
         s = h.stat()
         unused = (s["unused"] or 0) // PAGE_SIZE
