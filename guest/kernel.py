@@ -446,7 +446,7 @@ class GuestKernel:
                     # spinning the loop on tiny quanta
                     need = min(QUANTUM, max(1.0, rate * RATE_BATCH))
                     if n < need:
-                        due = min(due, now + (need - t.tokens) / rate if rate > 0 else due)
+                        due = min(due, now + (need - t.tokens) / rate)  # rate > 0
                         continue
                 else:
                     n = QUANTUM

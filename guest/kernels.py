@@ -422,6 +422,33 @@ def stamp(task, vpn, count):
     return x
 
 
+@njit(cache=True, inline="always")
+def _touch_present(ram, g, needs_zero, guest_acc, host_acc):
+    """The start of an access to present page ``g``: lazy zeroing of a freshly allocated
+    page (after the EPT check, so only present memory is written), then the accessed bits
+    (tested first: the host clears its bits, and writing them unchanged would dirty the
+    shared cache line). Returns the index of the page's first word in ``ram``."""
+    base = g * PAGE_WORDS
+    if needs_zero[g] != 0:
+        ram[base:base + PAGE_WORDS] = 0
+        needs_zero[g] = 0
+    if guest_acc[g] == 0:
+        guest_acc[g] = 1
+    if host_acc[g] == 0:
+        host_acc[g] = 1
+    return base
+
+
+@njit(cache=True, inline="always")
+def _read_is_wrong(ram, base, task, key, count):
+    """A checked read: 1 when the page's first word is not the stamp of the ``count``-th
+    write to ``key`` (0 when never written), else 0."""
+    expect = np.uint64(0)
+    if count != 0:
+        expect = stamp(task, key, count)
+    return 1 if ram[base] != expect else 0
+
+
 @njit(cache=True)
 def vcpu_run(ram, pt, wcount, vpns, writes, start, stop, ept, host_acc, guest_acc, needs_zero,
              task):
@@ -441,25 +468,13 @@ def vcpu_run(ram, pt, wcount, vpns, writes, start, stop, ept, host_acc, guest_ac
             return EXIT_GUEST_FAULT, i, v, ops, corrupted
         if ept[g] == EPT_NOT_PRESENT:
             return EXIT_EPT, i, g, ops, corrupted
-        base = g * PAGE_WORDS
-        if needs_zero[g] != 0:
-            ram[base:base + PAGE_WORDS] = 0
-            needs_zero[g] = 0
-        if guest_acc[g] == 0:
-            guest_acc[g] = 1
-        if host_acc[g] == 0:  # test first: the host clears these, avoid dirtying the line
-            host_acc[g] = 1
+        base = _touch_present(ram, g, needs_zero, guest_acc, host_acc)
         if writes[i]:
             c = wcount[v] + 1
             wcount[v] = c
             ram[base] = stamp(task, v, c)
         else:
-            c = wcount[v]
-            expect = np.uint64(0)
-            if c != 0:
-                expect = stamp(task, v, c)
-            if ram[base] != expect:
-                corrupted += 1
+            corrupted += _read_is_wrong(ram, base, task, v, wcount[v])
         ops += 1
         i += 1
     return EXIT_DONE, i, 0, ops, corrupted
@@ -554,14 +569,8 @@ def cache_run(ram, bmap, bcount, dirty, clean, blocks, writes, start, stop, ept,
             return EXIT_GUEST_FAULT, i, b, ops, corrupted
         if ept[g] == EPT_NOT_PRESENT:
             return EXIT_EPT, i, g, ops, corrupted
-        base = g * PAGE_WORDS
-        if needs_zero[g] != 0:  # write-allocated: the write covers the whole page
-            ram[base:base + PAGE_WORDS] = 0
-            needs_zero[g] = 0
-        if guest_acc[g] == 0:
-            guest_acc[g] = 1
-        if host_acc[g] == 0:
-            host_acc[g] = 1
+        # (a write-allocated page is zeroed too: the write covers the whole page)
+        base = _touch_present(ram, g, needs_zero, guest_acc, host_acc)
         if writes[i]:
             c = bcount[b] + 1
             bcount[b] = c
@@ -569,12 +578,7 @@ def cache_run(ram, bmap, bcount, dirty, clean, blocks, writes, start, stop, ept,
             dirty[g] = 1
             clean[g] = 0
         else:
-            c = bcount[b]
-            expect = np.uint64(0)
-            if c != 0:
-                expect = stamp(FILE_STAMP_TASK, b, c)
-            if ram[base] != expect:
-                corrupted += 1
+            corrupted += _read_is_wrong(ram, base, FILE_STAMP_TASK, b, bcount[b])
         ops += 1
         i += 1
     return EXIT_DONE, i, 0, ops, corrupted

@@ -660,10 +660,12 @@ class HostMemory:
         batch the ledger refuses is answered at once."""
         ready: list[_Release] = []
         later: list[_Release] = []
+        seen: set[int] = set()  # VMs with a batch taken or kept back in this pass
         for rel in self._releases:
-            if any(r.vm is rel.vm for r in ready) or any(r.vm is rel.vm for r in later):
+            if id(rel.vm) in seen:
                 later.append(rel)  # a VM's batches are released in order, one per round
                 continue
+            seen.add(id(rel.vm))
             led = rel.vm.led.index
             try:
                 if led not in self.ledger.vms:
